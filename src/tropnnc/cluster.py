@@ -1,0 +1,732 @@
+"""Clustering kernels: weighted spherical k-means (with eigenvector refinement), k-means, Ward.
+
+Everything runs in *Gram space* so that the cost of a Lloyd step does not depend on the
+dimension of the points (later layers have 25,088-dim units) nor on the number of clusters:
+
+* a centroid is a coefficient vector over the points, u_k = sum_{i: a(i)=k} alpha_i x_i;
+* T[k, j] = <x_j, u_k> = sum_{i: a(i)=k} alpha_i G[i, j] is one sparse-dense product
+  (a one-hot (K, n) matrix carrying alpha, times G): a column scatter, O(n^2) per restart;
+* ||u_k||^2 = sum_{i: a(i)=k} alpha_i T[k, i].
+
+Restarts are batched (restart r owns rows r*K .. r*K+K-1 of the scatter) and chunked when the
+(R, K, n) score tensor would exceed ``_MEMORY_BUDGET_BYTES``. The only Python loops are over
+k-means++ seeding steps, Lloyd / refinement / power iterations and memory chunks of restarts.
+
+Randomness: every random number comes from the ``torch.Generator`` argument, drawn up front as
+one (restarts, k) float64 uniform matrix (row r drives restart r's seeding by inverse-CDF
+sampling). Restart r therefore depends only on the first (r + 1) * k draws, so a run with more
+restarts contains the runs with fewer ones and can only reach a lower or equal objective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Clustering",
+    "cosine_residual",
+    "kmeans",
+    "spherical_kmeans",
+    "ward",
+    "ward_threshold",
+]
+
+_MEMORY_BUDGET_BYTES = 1 << 30  # soft cap for one batch of (restarts, K, n) / pair temporaries
+_POWER_MAX_ITER = 100  # power iterations per refinement step
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Result of a clustering: labels, centroids and the objective restarts were compared by."""
+
+    assignment: Tensor  # (n,) long in [0, K), every cluster non-empty
+    centroids: Tensor  # (K, d): unit rows (spherical) or weighted means (Euclidean)
+    objective: float  # spherical: sum_i r_i; Euclidean: weighted inertia
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _as_matrix(x: Tensor, name: str) -> Tensor:
+    """Check that ``x`` is a finite floating (n, d) matrix."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite")
+    return x
+
+
+def _as_weights(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """Weights as a non-negative finite (n,) tensor in ``like``'s dtype (ones when None)."""
+    if weights is None:
+        return torch.ones(n, dtype=like.dtype, device=like.device)
+    if not isinstance(weights, Tensor):
+        weights = torch.as_tensor(weights)
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    w = weights.to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and non-negative")
+    return w
+
+
+def _check_k(k: int) -> int:
+    """Validate the number of clusters."""
+    if isinstance(k, bool) or int(k) != k:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def _check_counts(restarts: int, iters: int, refine: int = 0) -> None:
+    """Validate iteration counts."""
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0, got {refine}")
+
+
+def _check_gram(gram: Tensor, x: Tensor) -> Tensor:
+    """Validate a precomputed Gram matrix for the rows of ``x``; cast to ``x``'s dtype."""
+    n = x.shape[0]
+    if not isinstance(gram, Tensor) or gram.shape != (n, n):
+        shape = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+        raise ValueError(f"gram must have shape ({n}, {n}), got {shape}")
+    return gram.to(dtype=x.dtype, device=x.device)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+# --------------------------------------------------------------------------------------------
+# Gram-space primitives
+# --------------------------------------------------------------------------------------------
+
+
+def _cluster_sum(values: Tensor, a: Tensor, k: int) -> Tensor:
+    """Per-restart cluster sums: out[r, c] = sum_{i: a[r, i] = c} values[r, i]."""
+    out = values.new_zeros(a.shape[0], k)  # (R, K)
+    return out.scatter_add_(1, a, values)
+
+
+def _cluster_counts(a: Tensor, k: int) -> Tensor:
+    """Per-restart cluster sizes, (R, K) long."""
+    out = torch.zeros(a.shape[0], k, dtype=torch.long, device=a.device)  # (R, K)
+    return out.scatter_add_(1, a, torch.ones_like(a))
+
+
+def _gather(values: Tensor, a: Tensor) -> Tensor:
+    """Broadcast per-cluster values (R, K) back to the units: (R, n)."""
+    return values.gather(1, a)
+
+
+def _one_hot_coeffs(a: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """Sparse (R*K, n) matrix with alpha[r, i] at (r*K + a[r, i], i): rows are centroids."""
+    r, n = a.shape
+    rows = (a + k * torch.arange(r, device=a.device)[:, None]).reshape(-1)  # (R*n,)
+    cols = torch.arange(n, device=a.device).repeat(r)  # (R*n,)
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), alpha.reshape(-1), (r * k, n), check_invariants=False
+    )
+
+
+def _scatter_columns(gram: Tensor, a: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """T[r, c, j] = <x_j, u_{r,c}> = sum_{i: a[r,i]=c} alpha[r, i] G[i, j]; (R, K, n), O(R n^2)."""
+    r, n = a.shape
+    return torch.sparse.mm(_one_hot_coeffs(a, alpha, k), gram).view(r, k, n)  # (R, K, n)
+
+
+def _combine(points: Tensor, a: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """Centroids in point space: U[c] = sum_{i: a[i]=c} alpha_i x_i, (K, d), O(n d)."""
+    coeffs = _one_hot_coeffs(a[None], alpha[None].to(points.dtype), k)  # (K, n) sparse
+    return torch.sparse.mm(coeffs, points)  # (K, d)
+
+
+def _representatives(a: Tensor, k: int) -> Tensor:
+    """A deterministic member per cluster (the largest index), (R, K) long; -1 when empty."""
+    idx = torch.arange(a.shape[1], device=a.device).expand_as(a)  # (R, n)
+    rep = torch.full((a.shape[0], k), -1, dtype=torch.long, device=a.device)  # (R, K)
+    return rep.scatter_reduce_(1, a, idx, reduce="amax")
+
+
+def _restart_chunks(r: int, bytes_per_restart: int) -> list[slice]:
+    """Split restarts into contiguous chunks whose temporaries fit the memory budget."""
+    size = max(1, _MEMORY_BUDGET_BYTES // max(1, bytes_per_restart))
+    return [slice(s, min(r, s + size)) for s in range(0, r, size)]
+
+
+# --------------------------------------------------------------------------------------------
+# residuals and empty-cluster repair
+# --------------------------------------------------------------------------------------------
+
+
+def _spherical_residual(cos: Tensor, weights: Tensor) -> Tensor:
+    """r_i = m_i sin(theta_i), or m_i when cos(theta_i) < 0 (share clipped); float64."""
+    c = cos.double()
+    w = weights.double()
+    sin = torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+    return torch.where(c >= 0, w * sin, w.expand_as(c))
+
+
+def _euclidean_residual(neg_dist2: Tensor, weights: Tensor) -> Tensor:
+    """r_i = w_i ||x_i - c||^2 from the score -||x_i - c||^2; float64."""
+    return weights.double() * torch.clamp(-neg_dist2.double(), min=0.0)
+
+
+def cosine_residual(
+    directions: Tensor, weights: Tensor, assignment: Tensor, centroids: Tensor
+) -> Tensor:
+    """Per-unit residual r_i = m_i sin(angle(d_i, u_{a(i)})) (m_i if the cosine is negative).
+
+    Computed directly in point space (gathers centroids[assignment], (n, d)): cosines in the
+    inputs' dtype, the rest in float64. The spherical objective is the sum of these (spec P5
+    with all shares clipped at 0).
+    """
+    d = _as_matrix(directions, "directions")
+    u = _as_matrix(centroids, "centroids")
+    w = _as_weights(weights, d.shape[0], d)
+    if assignment.shape != (d.shape[0],):
+        raise ValueError(
+            f"assignment must have shape ({d.shape[0]},), got {tuple(assignment.shape)}"
+        )
+    if u.shape[1] != d.shape[1]:
+        raise ValueError(
+            f"centroids must have {d.shape[1]} columns like directions, got {u.shape[1]}"
+        )
+    cos = torch.einsum("ij,ij->i", d, u.to(d.dtype)[assignment.long()])  # (n,)
+    return _spherical_residual(cos, w)
+
+
+def _repair_empty(a: Tensor, own: Tensor, residual: Tensor, k: int) -> Tensor:
+    """Re-seed empty clusters with the units of largest residual, vectorised over restarts.
+
+    Each non-empty cluster keeps an anchor (its best-scoring member, ties to the largest
+    index) that is never moved, so donors always keep >= 1 member; the moved units are
+    distinct and come from clusters with >= 2 members.
+    """
+    counts = _cluster_counts(a, k)  # (R, K)
+    empty = counts == 0
+    if not bool(empty.any()):
+        return a
+    r, n = a.shape
+    idx = torch.arange(n, device=a.device).expand(r, n)  # (R, n)
+    best = torch.full((r, k), -math.inf, dtype=own.dtype, device=own.device)  # (R, K)
+    best = best.scatter_reduce_(1, a, own, reduce="amax")
+    is_best = own == _gather(best, a)  # (R, n)
+    anchor = torch.full((r, k), -1, dtype=torch.long, device=a.device)  # (R, K)
+    anchor = anchor.scatter_reduce_(1, a, torch.where(is_best, idx, -1), reduce="amax")
+    key = residual.masked_fill(_gather(anchor, a) == idx, -math.inf)  # (R, n)
+    n_empty = int(empty.sum(dim=1).max())
+    top = key.topk(n_empty, dim=1).indices  # (R, E) best candidates first
+    rank = empty.long().cumsum(dim=1) - 1  # (R, K) rank of each empty cluster
+    rr, kk = empty.nonzero(as_tuple=True)
+    units = top[rr, rank[rr, kk]]
+    a = a.clone()
+    a[rr, units] = kk
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# k-means++ seeding
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_rows(p: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling of one index per row of p (R, n) >= 0 with uniforms u (R,)."""
+    cdf = p.cumsum(dim=1)  # (R, n)
+    target = (u * cdf[:, -1])[:, None]  # (R, 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (R,)
+    n = p.shape[1]
+    pos = torch.arange(n, device=p.device).expand_as(p)
+    last = torch.where(p > 0, pos, -1).amax(dim=1)  # guard against rounding past the end
+    return torch.minimum(idx, last)
+
+
+def _kpp_seeds(
+    weights: Tensor, k: int, uniforms: Tensor, dissimilarity: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Batched k-means++ seeding: (R, k) distinct seed indices.
+
+    First seed ~ weights; next ones ~ weights * current min dissimilarity; when that is 0 for
+    every unchosen unit (or all weights are 0), uniform over the unchosen units.
+    ``dissimilarity(idx)`` maps (R,) seed indices to (R, n) non-negative float64 values.
+    """
+    r = uniforms.shape[0]
+    n = weights.shape[0]
+    w = weights.double().expand(r, n)  # (R, n)
+    rows = torch.arange(r, device=weights.device)
+    chosen = torch.zeros(r, n, dtype=torch.bool, device=weights.device)  # (R, n)
+    seeds = torch.empty(r, k, dtype=torch.long, device=weights.device)  # (R, k)
+    mind: Tensor | None = None
+    for t in range(k):
+        p = w if mind is None else w * mind
+        p = p.masked_fill(chosen, 0.0)
+        fallback = (p.sum(dim=1) <= 0)[:, None]
+        p = torch.where(fallback, (~chosen).double(), p)
+        idx = _sample_rows(p, uniforms[:, t])
+        seeds[:, t] = idx
+        chosen[rows, idx] = True
+        if t + 1 < k:
+            dis = dissimilarity(idx)
+            mind = dis if mind is None else torch.minimum(mind, dis)
+    return seeds
+
+
+# --------------------------------------------------------------------------------------------
+# spherical k-means in Gram space
+# --------------------------------------------------------------------------------------------
+
+
+def _spherical_step(
+    gram: Tensor, a: Tensor, alpha: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Centroids u = normalize(sum alpha_i d_i) of assignment a (R, n) and one reassignment.
+
+    Returns (alpha, own, new_a, new_own), all (R, n): the coefficients actually used (a
+    cluster whose sum vanishes, e.g. all weights 0, falls back to one member's direction), the
+    cosine of each unit to its own centroid, the argmax-cosine assignment (ties keep the
+    current cluster) and its cosine. Empty clusters score -inf.
+    """
+    r, n = a.shape
+    eps = _eps(gram.dtype)
+    out_alpha = alpha.clone()
+    own = gram.new_empty(r, n)
+    new_a = torch.empty_like(a)
+    new_own = gram.new_empty(r, n)
+    diag = gram.diagonal()
+    for sl in _restart_chunks(r, 2 * k * n * gram.element_size()):
+        ac, al = a[sl], alpha[sl]
+        t = _scatter_columns(gram, ac, al, k)  # (c, K, n) unnormalised <d_j, u_k>
+        counts = _cluster_counts(ac, k)  # (c, K)
+        n2 = _cluster_sum(al * t.gather(1, ac[:, None]).squeeze(1), ac, k)  # (c, K) ||u||^2
+        scale = _cluster_sum(al.abs(), ac, k)
+        deg = (counts > 0) & ~(n2 > (64 * eps * scale) ** 2)
+        if bool(deg.any()):
+            rep = _representatives(ac, k)  # (c, K)
+            idx = torch.arange(n, device=a.device)
+            al = torch.where(_gather(deg, ac), (idx == _gather(rep, ac)).to(al.dtype), al)
+            rr, kk = deg.nonzero(as_tuple=True)
+            t[rr, kk] = gram[rep[rr, kk]]
+            n2 = n2.clone()
+            n2[rr, kk] = diag[rep[rr, kk]]
+        t.div_(n2.clamp_min(torch.finfo(gram.dtype).tiny).sqrt()[..., None])
+        t.masked_fill_((counts == 0)[..., None], -math.inf)
+        out_alpha[sl] = al
+        own[sl] = t.gather(1, ac[:, None]).squeeze(1)
+        best, arg = t.max(dim=1)
+        stay = own[sl] >= best  # ties keep the current cluster (no churn between equals)
+        new_a[sl] = torch.where(stay, ac, arg)
+        new_own[sl] = torch.where(stay, own[sl], best)
+        del t
+    return out_alpha, own, new_a, new_own
+
+
+def _spherical_seed_assignment(gram: Tensor, seeds: Tensor, weights: Tensor) -> Tensor:
+    """Assign every unit to its most similar seed direction; repair empty clusters."""
+    r, k = seeds.shape
+    n = gram.shape[0]
+    a = torch.empty(r, n, dtype=torch.long, device=gram.device)  # (R, n)
+    own = gram.new_empty(r, n)
+    for sl in _restart_chunks(r, k * n * gram.element_size()):
+        s = gram[seeds[sl]]  # (c, K, n)
+        best, arg = s.max(dim=1)
+        a[sl], own[sl] = arg, best
+    return _repair_empty(a, own, _spherical_residual(own, weights), k)
+
+
+def _lloyd(
+    step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]],
+    residual: Callable[[Tensor], Tensor],
+    a: Tensor,
+    k: int,
+    iters: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched Lloyd iterations until no restart's assignment changes (or ``iters`` steps).
+
+    Returns (a, alpha, own) for the final assignment: its centroid coefficients and each
+    unit's score against its own centroid.
+    """
+    for it in range(iters + 1):
+        alpha, own, new_a, new_own = step(a)
+        if it == iters:
+            break
+        new_a = _repair_empty(new_a, new_own, residual(new_own), k)
+        if torch.equal(new_a, a):
+            break
+        a = new_a
+    return a, alpha, own
+
+
+def _block_operator(gram: Tensor, a: Tensor, k: int) -> Tensor:
+    """Sparse (R*n, R*n) block-diagonal G * [a_i == a_l] of all restarts (within-cluster pairs).
+
+    Holds sum_k |C_k|^2 entries per restart, so a matvec costs that much (tiny when K is
+    large, n^2 when K = 1).
+    """
+    r, n = a.shape
+    flat = (a + k * torch.arange(r, device=a.device)[:, None]).reshape(-1)  # (R*n,)
+    order = torch.argsort(flat, stable=True)  # global units sorted by cluster
+    sizes = torch.bincount(flat, minlength=r * k)  # (R*K,)
+    starts = sizes.cumsum(0) - sizes
+    cl = flat[order]
+    s = sizes[cl]  # (R*n,) size of each sorted unit's cluster
+    rows = order.repeat_interleave(s)  # (P,)
+    block_start = starts[cl].repeat_interleave(s)  # (P,)
+    pos = torch.arange(rows.shape[0], device=a.device) - (s.cumsum(0) - s).repeat_interleave(s)
+    cols = order[block_start + pos]  # (P,)
+    vals = gram[rows % n, cols % n]  # (P,)
+    op = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), vals, (r * n, r * n), check_invariants=False
+    )
+    return op.coalesce()
+
+
+def _top_eigen_coeffs(gram: Tensor, a: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per cluster, the top eigenvector of sum_{i in C_k} m_i^2 d_i d_i^T in Gram coefficients.
+
+    Power iteration alpha <- m^2 * ((G*M) alpha) from alpha = m (the Lloyd centroid), with
+    M the same-cluster mask, normalised per cluster to ||u_k|| = 1; sign such that
+    sum_{i in C_k} m_i <d_i, u_k> > 0. Returns (alpha, cos), (R, n): the coefficients and each
+    unit's cosine to its own cluster's eigenvector.
+    """
+    r, n = a.shape
+    dtype = gram.dtype
+    eps = _eps(dtype)
+    tiny = torch.finfo(dtype).tiny
+    tol = max(1e-13, 16 * eps)
+    m = weights.to(dtype)
+    m2 = m * m
+    out_alpha = gram.new_empty(r, n)
+    out_cos = gram.new_empty(r, n)
+    pairs = (_cluster_counts(a, k) ** 2).sum(dim=1)  # (R,) entries of each restart's blocks
+    per_restart = int(pairs.max()) * (16 + gram.element_size())
+    for sl in _restart_chunks(r, per_restart):
+        ac = a[sl]
+        c = ac.shape[0]
+        op = _block_operator(gram, ac, k)
+
+        def matvec(x: Tensor, op: Tensor = op, c: int = c) -> Tensor:
+            return torch.sparse.mm(op, x.reshape(-1, 1)).view(c, n)  # (c, n)
+
+        alpha = m.expand(c, n).clone()  # (c, n)
+        y = matvec(alpha)
+        n2 = _cluster_sum(alpha * y, ac, k)  # (c, K)
+        deg = ~(n2 > (64 * eps * _cluster_sum(alpha.abs(), ac, k)) ** 2)
+        if bool(deg.any()):
+            rep = _representatives(ac, k)
+            idx = torch.arange(n, device=a.device)
+            alpha = torch.where(_gather(deg, ac), (idx == _gather(rep, ac)).to(dtype), alpha)
+            y = matvec(alpha)
+            n2 = _cluster_sum(alpha * y, ac, k)
+        inv = _gather(n2.clamp_min(tiny).rsqrt(), ac)
+        alpha, y = alpha * inv, y * inv
+        lam_floor = (64 * eps * _cluster_sum(m2.expand(c, n), ac, k)) ** 2  # (c, K)
+        # A cluster is frozen once converged, so its result does not depend on the others
+        # (nor on which restarts share the batch).
+        done = _cluster_counts(ac, k) == 0  # (c, K)
+        for _ in range(_POWER_MAX_ITER):
+            nxt = m2 * y  # (c, n) coefficients of B u
+            y_nxt = matvec(nxt)
+            n2 = _cluster_sum(nxt * y_nxt, ac, k)  # ||B u||^2
+            inner = _cluster_sum(nxt * y, ac, k)  # <B u, u>
+            bad = ~(n2 > lam_floor)  # B u ~ 0 (all weights 0): keep u
+            inv_k = torch.where(bad, 0.0, n2.clamp_min(tiny).rsqrt())
+            keep = _gather(bad | done, ac)
+            inv = _gather(inv_k, ac)
+            alpha = torch.where(keep, alpha, nxt * inv)
+            y = torch.where(keep, y, y_nxt * inv)
+            done |= bad | (1.0 - inner * inv_k <= tol)
+            if bool(done.all()):
+                break
+        sign = _cluster_sum(m * y, ac, k)  # sum_i m_i <d_i, u_k>
+        flip = _gather(sign < 0, ac)
+        out_alpha[sl] = torch.where(flip, -alpha, alpha)
+        out_cos[sl] = torch.where(flip, -y, y)
+    return out_alpha, out_cos
+
+
+def _refine(
+    gram: Tensor,
+    weights: Tensor,
+    k: int,
+    a: Tensor,
+    alpha: Tensor,
+    objective: Tensor,
+    steps: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-1 K-subspaces refinement of every restart, keeping each restart's best state.
+
+    Alternates u_k = top eigenvector of the cluster's weighted scatter and argmax-cosine
+    reassignment; a restart stops when its assignment no longer changes or its objective
+    (evaluated for (assignment, eigenvectors)) stops decreasing.
+    """
+    best_a, best_alpha, best_obj = a.clone(), alpha.clone(), objective.clone()
+    cur = a.clone()
+    active = torch.arange(a.shape[0], device=a.device)
+    for _ in range(steps):
+        ca = cur[active]
+        coef, cos = _top_eigen_coeffs(gram, ca, weights, k)
+        obj = _spherical_residual(cos, weights).sum(dim=1)
+        better = obj < best_obj[active]
+        upd = active[better]
+        best_obj[upd] = obj[better]
+        best_a[upd] = ca[better]
+        best_alpha[upd] = coef[better]
+        active, ca, coef = active[better], ca[better], coef[better]
+        if active.numel() == 0:
+            break
+        _, _, new_a, new_own = _spherical_step(gram, ca, coef, k)
+        new_a = _repair_empty(new_a, new_own, _spherical_residual(new_own, weights), k)
+        moved = (new_a != ca).any(dim=1)
+        active = active[moved]
+        cur[active] = new_a[moved]
+        if active.numel() == 0:
+            break
+    return best_a, best_alpha, best_obj
+
+
+def spherical_kmeans(
+    directions: Tensor,
+    weights: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    restarts: int = 4,
+    iters: int = 100,
+    refine: int = 0,
+    gram: Tensor | None = None,
+) -> Clustering:
+    """Weighted spherical k-means of unit directions (spec section 4, steps 2 and refinement).
+
+    Seeding: k-means++ on 1 - cos (first seed ~ weights). Lloyd: assign argmax cos, update
+    u_k = normalize(sum_{i in C_k} m_i d_i). Empty clusters take the units of largest residual.
+    Restarts are compared by sum_i r_i, r_i = m_i sin(theta_i) (m_i if cos < 0): the P5
+    certificate without rho and output norms. ``refine`` > 0 adds eigenvector/reassignment
+    rounds that keep the best state, so it never returns a worse objective. ``gram`` may be
+    the precomputed directions @ directions.T. k >= n: every unit its own cluster.
+    """
+    d = _as_matrix(directions, "directions")
+    n = d.shape[0]
+    w = _as_weights(weights, n, d)
+    k = _check_k(k)
+    _check_counts(restarts, iters, refine)
+    if gram is not None:
+        gram = _check_gram(gram, d)
+    if k >= n:
+        return Clustering(torch.arange(n, device=d.device), d.clone(), 0.0)
+    g = d @ d.T if gram is None else gram  # (n, n)
+    if bool(((g.diagonal() - 1).abs() > 1e-3).any()):
+        raise ValueError("directions must have unit-norm rows")
+
+    uniforms = torch.rand(
+        restarts, k, generator=generator, dtype=torch.float64, device=generator.device
+    ).to(d.device)  # (R, k)
+    zero_tol = 16 * _eps(g.dtype)
+
+    def dissimilarity(idx: Tensor) -> Tensor:
+        dis = (1.0 - g[idx]).double()  # (R, n)
+        return dis.masked_fill(dis <= zero_tol, 0.0)
+
+    seeds = _kpp_seeds(w, k, uniforms, dissimilarity)
+    a = _spherical_seed_assignment(g, seeds, w)
+    alpha0 = w.expand(restarts, n)
+    a, alpha, own = _lloyd(
+        lambda x: _spherical_step(g, x, alpha0, k),
+        lambda c: _spherical_residual(c, w),
+        a,
+        k,
+        iters,
+    )
+    obj = _spherical_residual(own, w).sum(dim=1)  # (R,) float64
+    if refine > 0:
+        a, alpha, obj = _refine(g, w, k, a, alpha, obj, refine)
+    best = int(torch.argmin(obj))
+    u = _combine(d, a[best], alpha[best], k)  # (K, d)
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
+    return Clustering(a[best].clone(), u, float(obj[best]))
+
+
+# --------------------------------------------------------------------------------------------
+# Euclidean k-means in Gram space
+# --------------------------------------------------------------------------------------------
+
+
+def _euclidean_coeffs(a: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Coefficients alpha = w (1 inside clusters of total weight 0) and cluster totals W."""
+    r, n = a.shape
+    alpha = weights.expand(r, n)
+    total = _cluster_sum(alpha, a, k)  # (R, K)
+    zero = (_cluster_counts(a, k) > 0) & (total <= 0)
+    if bool(zero.any()):
+        alpha = torch.where(_gather(zero, a), torch.ones_like(alpha), alpha)
+        total = _cluster_sum(alpha, a, k)
+    return alpha, total
+
+
+def _euclidean_step(
+    gram: Tensor, a: Tensor, weights: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Weighted means of assignment a (R, n) and one reassignment by nearest centroid.
+
+    Scores are -||x_j - c_k||^2 = 2 T[k, j] / W_k - G_jj - Q_k / W_k^2 with
+    Q_k = sum_{i, l in C_k} w_i w_l G_il. Returns (alpha, own, new_a, new_own) like
+    :func:`_spherical_step`.
+    """
+    r, n = a.shape
+    alpha, total = _euclidean_coeffs(a, weights, k)
+    own = gram.new_empty(r, n)
+    new_a = torch.empty_like(a)
+    new_own = gram.new_empty(r, n)
+    diag = gram.diagonal()
+    for sl in _restart_chunks(r, 2 * k * n * gram.element_size()):
+        ac, al = a[sl], alpha[sl]
+        t = _scatter_columns(gram, ac, al, k)  # (c, K, n)
+        q = _cluster_sum(al * t.gather(1, ac[:, None]).squeeze(1), ac, k)  # (c, K)
+        wk = total[sl].clamp_min(torch.finfo(gram.dtype).tiny)
+        t.mul_((2.0 / wk)[..., None]).sub_(diag).sub_((q / (wk * wk))[..., None])
+        t.masked_fill_((_cluster_counts(ac, k) == 0)[..., None], -math.inf)
+        own[sl] = t.gather(1, ac[:, None]).squeeze(1)
+        best, arg = t.max(dim=1)
+        stay = own[sl] >= best  # ties keep the current cluster (no churn between equals)
+        new_a[sl] = torch.where(stay, ac, arg)
+        new_own[sl] = torch.where(stay, own[sl], best)
+        del t
+    return alpha, own, new_a, new_own
+
+
+def kmeans(
+    points: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    restarts: int = 4,
+    iters: int = 100,
+    weights: Tensor | None = None,
+    gram: Tensor | None = None,
+) -> Clustering:
+    """(Weighted) Euclidean k-means: k-means++ (D^2) seeding, Lloyd, best of ``restarts``.
+
+    Objective = sum_i w_i ||x_i - c_{a(i)}||^2 (inertia). Empty clusters take the points of
+    largest weighted squared distance. Works in Gram space on the centred points (a given
+    ``gram`` = points @ points.T is double-centred; distances are translation invariant).
+    Centroids are the weighted means (plain means inside clusters of total weight 0).
+    """
+    x = _as_matrix(points, "points")
+    n = x.shape[0]
+    w = _as_weights(weights, n, x)
+    k = _check_k(k)
+    _check_counts(restarts, iters)
+    if gram is None:
+        xc = x - x.mean(dim=0, keepdim=True)
+        g = xc @ xc.T  # (n, n)
+    else:
+        g = _check_gram(gram, x)
+        row = g.mean(dim=1)
+        g = g - row[:, None] - row[None, :] + row.mean()  # (n, n) double-centred
+    if k >= n:
+        return Clustering(torch.arange(n, device=x.device), x.clone(), 0.0)
+
+    uniforms = torch.rand(
+        restarts, k, generator=generator, dtype=torch.float64, device=generator.device
+    ).to(x.device)  # (R, k)
+    diag = g.diagonal()
+    eps16 = 16 * _eps(g.dtype)
+
+    def dissimilarity(idx: Tensor) -> Tensor:
+        dis = (diag[None, :] + diag[idx][:, None] - 2 * g[idx]).double()  # (R, n)
+        floor = eps16 * (diag[None, :] + diag[idx][:, None]).abs().double()
+        return dis.masked_fill(dis <= floor, 0.0)
+
+    seeds = _kpp_seeds(w, k, uniforms, dissimilarity)
+    a = torch.empty(restarts, n, dtype=torch.long, device=x.device)  # (R, n)
+    own = g.new_empty(restarts, n)
+    for sl in _restart_chunks(restarts, k * n * g.element_size()):
+        s = seeds[sl]
+        score = 2 * g[s] - diag[s][..., None] - diag  # (c, K, n) = -||x_j - x_s||^2
+        best, arg = score.max(dim=1)
+        a[sl], own[sl] = arg, best
+    a = _repair_empty(a, own, _euclidean_residual(own, w), k)
+    a, alpha, own = _lloyd(
+        lambda z: _euclidean_step(g, z, w, k),
+        lambda s: _euclidean_residual(s, w),
+        a,
+        k,
+        iters,
+    )
+    obj = _euclidean_residual(own, w).sum(dim=1)  # (R,) float64
+    best = int(torch.argmin(obj))
+    al = alpha[best]
+    total = _cluster_sum(al[None], a[best][None], k)[0]  # (K,)
+    centers = _combine(x, a[best], al, k) / total[:, None]  # (K, d)
+    return Clustering(a[best].clone(), centers, float(obj[best]))
+
+
+# --------------------------------------------------------------------------------------------
+# Ward
+# --------------------------------------------------------------------------------------------
+
+
+def _ward_linkage(points: Tensor):
+    """scipy Ward linkage matrix of the rows of ``points`` (float64 numpy)."""
+    from scipy.cluster.hierarchy import linkage
+
+    x = _as_matrix(points, "points")
+    return linkage(x.detach().double().cpu().numpy(), method="ward")
+
+
+def _relabel(labels, device: torch.device) -> Tensor:
+    """Map arbitrary labels to 0..K-1 (ordered by label value) as a long tensor."""
+    import numpy as np
+
+    _, inverse = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.long, device=device)
+
+
+def ward(points: Tensor, k: int) -> Tensor:
+    """Ward agglomerative clustering into exactly k clusters: (n,) long labels 0..k-1.
+
+    The tree is cut after n - k merges (scipy ``cut_tree``), so ties in merge heights (e.g.
+    duplicate points) cannot change the count. k >= n: identity labels.
+    """
+    from scipy.cluster.hierarchy import cut_tree
+
+    x = _as_matrix(points, "points")
+    k = _check_k(k)
+    n = x.shape[0]
+    if k >= n:
+        return torch.arange(n, device=x.device)
+    labels = _relabel(cut_tree(_ward_linkage(x), n_clusters=k), x.device)
+    if int(labels.max()) + 1 != k:  # defensive: cut_tree must give exactly k clusters
+        raise RuntimeError(f"Ward cut produced {int(labels.max()) + 1} clusters, wanted {k}")
+    return labels
+
+
+def ward_threshold(points: Tensor, threshold: float) -> Tensor:
+    """Ward clustering cut at linkage distance ``threshold`` (scipy fcluster 'distance').
+
+    Returns (n,) long labels relabelled to 0..K-1.
+    """
+    from scipy.cluster.hierarchy import fcluster
+
+    x = _as_matrix(points, "points")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be finite and >= 0, got {threshold}")
+    n = x.shape[0]
+    if n <= 1:
+        return torch.zeros(n, dtype=torch.long, device=x.device)
+    return _relabel(fcluster(_ward_linkage(x), t=threshold, criterion="distance"), x.device)
