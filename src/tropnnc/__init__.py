@@ -1,0 +1,8 @@
+"""tropnnc: data-free structured compression of ReLU networks with tropical geometry."""
+
+from .api import BlockReport, CompressionResult, compress
+from .methods import methods
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockReport", "CompressionResult", "__version__", "compress", "methods"]

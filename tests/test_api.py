@@ -1,0 +1,193 @@
+"""The public compress API on whole networks: surgery, counts, discovery, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import tropnnc
+from tropnnc import zoo
+
+METHODS = tropnnc.methods()
+MULTI = [m for m in METHODS if m != "zonotope-kmeans"]
+
+
+def lenet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return zoo.build("lenet-300-100")
+
+
+class Functional(nn.Module):
+    """A non-Sequential network using functional ReLU, flatten and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 20)
+        self.b = nn.Linear(20, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        x = F.relu(self.a(x))
+        x = F.dropout(torch.relu(self.b(x)), 0.1, self.training)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("method", MULTI)
+def test_keep_one_is_identity(method):
+    model = lenet()
+    result = tropnnc.compress(model, 1.0, method)
+    x = torch.rand(64, 1, 28, 28)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+    assert [b.units_after for b in result.blocks] == [300, 100]
+
+
+@pytest.mark.parametrize("method", MULTI)
+def test_param_counts_match_hand_computation(method):
+    result = tropnnc.compress(lenet(), 0.5, method)
+    expected = (784 * 150 + 150) + (150 * 50 + 50) + (50 * 10 + 10)
+    assert result.params_after == expected
+    assert sum(p.numel() for p in result.model.parameters()) == expected
+    assert result.params_before == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    assert result.macs_after == 784 * 150 + 150 * 50 + 50 * 10
+    assert result.model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_input_model_is_never_modified():
+    model = lenet()
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    tropnnc.compress(model, 0.3)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_same_seed_identical_weights_different_seed_differs():
+    a = tropnnc.compress(lenet(), 0.2, seed=3).model.state_dict()
+    b = tropnnc.compress(lenet(), 0.2, seed=3).model.state_dict()
+    c = tropnnc.compress(lenet(), 0.2, seed=4).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_discovery_on_functional_model_and_output_layer_untouched():
+    model = Functional()
+    result = tropnnc.compress(model, 0.5)
+    assert [(b.layer, b.units_after) for b in result.blocks] == [("a", 10), ("b", 8)]
+    assert result.model.head.out_features == 3 and result.model.head.in_features == 8
+    assert any(s.layer == "head" and "output layer" in s.reason for s in result.skipped)
+
+
+def test_keep_width_and_mapping():
+    result = tropnnc.compress(lenet(), {"1": 40})
+    assert [(b.layer, b.units_after) for b in result.blocks] == [("1", 40)]
+    assert result.model[3].in_features == 40 and result.model[3].out_features == 100
+    result = tropnnc.compress(lenet(), 7)
+    assert [b.units_after for b in result.blocks] == [7, 7]
+
+
+def test_report_certificates_and_table():
+    result = tropnnc.compress(lenet(), 0.5, radius=2.0)
+    assert all(b.certificate > 0 and b.certificate <= b.certificate_sum for b in result.blocks)
+    assert "1" in result.table() and "parameters" in result.table()
+    d = result.to_dict()
+    assert d["method"] == "tropnnc" and len(d["blocks"]) == 2
+
+
+def test_single_output_network_with_zonotope_kmeans():
+    torch.manual_seed(0)
+    model = zoo.build("e1-mlp", hidden=50)
+    result = tropnnc.compress(model, 0.2, "zonotope-kmeans")
+    assert result.blocks[0].units_after == 10
+    x = torch.rand(5, 1, 28, 28)
+    assert result.model(x).shape == (5, 1)
+
+
+@pytest.mark.parametrize("keep,match", [(0.0, "must be in \\(0, 1\\]"),
+                                        (-0.5, "must be in \\(0, 1\\]"),
+                                        (1.5, "must be in \\(0, 1\\]"),
+                                        (301, "between 1 and the layer's"),
+                                        (0, "between 1 and the layer's"),
+                                        ({"nope": 0.5}, "not compressible blocks: nope")])
+def test_bad_keep(keep, match):
+    with pytest.raises(ValueError, match=match):
+        tropnnc.compress(lenet(), keep)
+
+
+def test_bad_keep_type():
+    with pytest.raises(TypeError, match="must be a float fraction"):
+        tropnnc.compress(lenet(), "half")
+
+
+def test_unknown_method_lists_valid():
+    with pytest.raises(ValueError, match="valid methods: cup, l1, neural-path-kmeans"):
+        tropnnc.compress(lenet(), 0.5, "magic")
+
+
+def test_no_compressible_block():
+    with pytest.raises(ValueError, match="no compressible block.*output layer"):
+        tropnnc.compress(nn.Sequential(nn.Linear(4, 2)), 0.5)
+
+
+def test_nan_weights_rejected():
+    model = lenet()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1.weight .*NaN or inf"):
+        tropnnc.compress(model, 0.5)
+
+
+def test_zonotope_kmeans_on_multi_output_network():
+    with pytest.raises(ValueError, match="single-output blocks only.*10 outputs|100 outputs"):
+        tropnnc.compress(lenet(), 0.5, "zonotope-kmeans")
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        tropnnc.compress({"weight": torch.zeros(2)}, 0.5)
+
+
+def test_non_relu_activation_skipped_or_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 2))
+    result = tropnnc.compress(model, 0.5)
+    assert [b.layer for b in result.blocks] == ["2"]
+    assert any("1 (GELU) after 0 is not a ReLU" in s.reason for s in result.skipped)
+    with pytest.raises(ValueError, match="strict=True.*GELU"):
+        tropnnc.compress(model, 0.5, strict=True)
+
+
+def test_macs_agree_with_flop_counter():
+    for name in ("lenet-300-100", "e2-cnn", "vgg-small"):
+        torch.manual_seed(0)
+        model = zoo.build(name).eval()
+        result = tropnnc.compress(model, 0.5)
+        x = torch.zeros((1,) + model.input_shape)
+        for net, macs in ((model, result.macs_before), (result.model, result.macs_after)):
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                net(x)
+            assert counter.get_total_flops() == 2 * macs, name
+
+
+def test_conv_network_compresses_and_keep_one_identity():
+    torch.manual_seed(0)
+    model = zoo.build("vgg-small").eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+    x = torch.rand(4, 1, 28, 28)
+    same = tropnnc.compress(model, 1.0)
+    torch.testing.assert_close(same.model(x), model(x), rtol=1e-4, atol=1e-5)
+    half = tropnnc.compress(model, 0.5)
+    assert len(half.blocks) == 9  # 7 conv -> conv, the last conv -> FC, the FC hidden
+    assert half.model(x).shape == (4, 10)
