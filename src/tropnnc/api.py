@@ -119,8 +119,9 @@ def compress(model: nn.Module, keep: KeySpec = 0.5, method: str = "tropnnc", *, 
     if strict and any(s.refused for s in skipped):
         bad = next(s for s in skipped if s.refused)
         raise ValueError(f"compress(strict=True): cannot compress {bad.layer}: {bad.reason}")
-    for s in skipped:
-        log.warning("skipping %s: %s", s.layer, s.reason)
+    for s in skipped:  # an output layer or a residual branch is normal; a refusal is not
+        log.log(logging.WARNING if s.refused else logging.INFO, "skipping %s: %s",
+                s.layer, s.reason)
     if not specs:
         reasons = "; ".join(f"{s.layer}: {s.reason}" for s in skipped) or "no Linear/Conv2d"
         raise ValueError(f"compress: {type(model).__name__} has no compressible block "
