@@ -40,7 +40,9 @@ class Block:
     radius: float = 1.0
     kind: str = "linear"  # "linear" or "conv" producer
     unit_shape: tuple[int, ...] = ()  # shape of one unit's incoming weights, bias excluded
-    bn: dict[str, Tensor] | None = field(default=None, compare=False)  # folded BN statistics
+    # BN statistics per unit when BN was folded (weight, bias, running_mean, running_var, eps)
+    # plus 'raw', the unfolded rows (n, d+1)
+    bn: dict[str, Tensor] | None = field(default=None, compare=False)
     reads: Tensor | None = field(default=None, compare=False)  # (S, n, r) calibration reads
 
     @property

@@ -1,10 +1,15 @@
 """Block discovery: find producer -> ReLU -> [pass-through ops] -> consumer chains with torch.fx.
 
 Works on any module torch.fx can trace. A chain qualifies when every tensor on it has
-exactly one user (so no unit also feeds a residual addition or a concatenation), the
-producer and consumer are ungrouped Linear/Conv2d layers each called once, and every op in
-between is channel-wise and positively homogeneous. Everything else is reported as a
-:class:`Skip` with the reason; ``refused`` marks the cases strict mode turns into errors.
+exactly one user (so no unit also feeds a residual addition or a concatenation; shape
+queries such as ``x.size(0)`` do not count), the producer and consumer are ungrouped
+Linear/Conv2d layers each called once, and every op in between is channel-wise and
+positively homogeneous (max/avg/adaptive pools, dropout, flatten of the non-batch dims).
+Max pools and dropout may also sit between the producer (or its BatchNorm) and the ReLU:
+they commute with it. Everything else is reported as a :class:`Skip` with the reason;
+``refused`` marks the cases strict mode turns into errors (an op on the path the method
+cannot reason about), as opposed to layers left alone by design (residual streams, the
+output layer).
 """
 
 from __future__ import annotations
@@ -18,19 +23,49 @@ from torch import fx, nn
 
 PRODUCERS = (nn.Linear, nn.Conv2d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+#: channel-wise ops that commute with ReLU (monotone, per channel): allowed before it too
+PRE_RELU_MODULES = DROPOUTS + (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Identity)
+PRE_RELU_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.max_pool2d, F.adaptive_max_pool2d}
 #: channel-wise, positively homogeneous modules allowed between ReLU and the consumer
-PASS_MODULES = (nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity,
-                nn.Flatten, nn.ReLU)
-PASS_FUNCTIONS = {F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.relu,
-                  torch.relu, torch.flatten}
-PASS_METHODS = {"relu", "flatten", "contiguous"}
+PASS_MODULES = PRE_RELU_MODULES + (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.ReLU)
+PASS_FUNCTIONS = PRE_RELU_FUNCTIONS | {F.avg_pool2d, F.adaptive_avg_pool2d, F.relu, torch.relu,
+                                       torch.relu_, torch.flatten}
+PASS_METHODS = {"relu", "relu_", "flatten", "contiguous"}
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.PReLU, nn.SELU,
-               nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Mish, nn.ReLU6, nn.CELU, nn.GLU)
+               nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Mish, nn.ReLU6, nn.CELU, nn.GLU,
+               nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Threshold,
+               nn.RReLU, nn.Softmax, nn.LogSoftmax)
 ACTIVATION_FUNCTIONS = {F.gelu, F.silu, torch.tanh, torch.sigmoid, F.elu, F.leaky_relu,
-                        F.softplus, F.hardswish, F.mish, F.relu6, F.selu, F.glu}
-MERGING_OPS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat,
-               operator.mul, torch.mul}
+                        F.softplus, F.hardswish, F.mish, F.relu6, F.selu, F.glu, F.tanh,
+                        F.sigmoid, F.hardtanh, F.hardsigmoid, F.celu, F.prelu, F.rrelu,
+                        F.logsigmoid, F.softsign, F.softmax, F.log_softmax, torch.softmax,
+                        torch.exp, torch.abs}
+ACTIVATION_METHODS = {"sigmoid", "tanh", "exp", "abs", "softmax", "sigmoid_", "tanh_", "abs_"}
+RESIDUAL_OPS = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
+CONCAT_OPS = {torch.cat, torch.concat, torch.stack}
+#: products of two activations or attention: not a fixed linear read of the units
+ATTENTION_OPS = {operator.mul, operator.imul, torch.mul, operator.matmul, torch.matmul,
+                 torch.bmm, torch.einsum, F.scaled_dot_product_attention,
+                 F.multi_head_attention_forward, torch.baddbmm}
+ATTENTION_METHODS = {"mul", "mul_", "matmul", "bmm"}
+ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                     nn.TransformerDecoderLayer, nn.Transformer)
+#: ops that move values between channels (or between samples and channels)
+RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.permute, torch.transpose,
+                     torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze,
+                     torch.chunk, torch.split, F.pixel_shuffle, F.pixel_unshuffle,
+                     F.channel_shuffle, torch.roll, torch.flip, torch.t}
+RESHAPE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten",
+                   "squeeze", "unsqueeze", "t", "chunk", "split", "swapaxes", "movedim",
+                   "roll", "flip", "view_as", "reshape_as", "expand", "repeat", "unfold"}
+RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle,
+                   nn.ChannelShuffle)
+#: tensor methods and attributes that read shape or type only (not a use of the values)
+METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "is_contiguous"}
+METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+SPATIAL_DIMS = ({2, 3}, {-1, -2})
 
 
 @dataclass(frozen=True)
@@ -40,8 +75,8 @@ class BlockSpec:
     producer: str
     consumer: str
     bn: str | None  # BatchNorm folded into the producer
-    between: tuple[str, ...]  # the ops between ReLU and the consumer, for reports
-    flatten: bool  # conv producer read by a Linear through Flatten
+    between: tuple[str, ...]  # the ops on the path besides BatchNorm and the ReLU, for reports
+    flatten: bool  # conv producer read by a Linear through a flatten (or a global mean)
 
 
 @dataclass(frozen=True)
@@ -65,8 +100,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise TraceError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); blocks are discovered from "
-            "the traced graph, so data-dependent control flow in forward() is not "
-            "supported") from exc
+            "the traced graph, so forward() must be traceable (no data-dependent control "
+            "flow, modules registered as submodules)") from exc
 
 
 def discover(model: nn.Module) -> tuple[list[BlockSpec], list[Skip]]:
@@ -91,71 +126,131 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
     """Walk from a producer node to its consumer, or say why the walk stops."""
     name = node.target
     producer = modules[name]
+    units = _units(producer)
     if calls[name] > 1:
         return Skip(name, f"{name} is called {calls[name]} times (shared weights)")
     if getattr(producer, "groups", 1) != 1:
-        return Skip(name, f"{name} is a grouped or depthwise convolution "
-                          f"(groups={producer.groups})", refused=True)
+        return Skip(name, f"{name} ({type(producer).__name__}) is a grouped or depthwise "
+                          f"convolution (groups={producer.groups}): its units do not all "
+                          "read the same inputs", refused=True)
     bn = None
     cur = node
-    users = _single_user(cur)
+    users = _single_user(cur, name, modules)
     if isinstance(users, Skip):
-        return Skip(name, users.reason.format(name=name))
+        return users
     if users.op == "call_module" and isinstance(modules[users.target], BATCHNORMS):
         bn_mod = modules[users.target]
         if not bn_mod.track_running_stats or bn_mod.running_mean is None:
-            return Skip(name, f"BatchNorm {users.target} after {name} has no running "
-                              "statistics to fold", refused=True)
+            return Skip(name, f"{users.target} ({type(bn_mod).__name__}) after {name} has no "
+                              "running statistics to fold", refused=True)
+        if calls[users.target] > 1:
+            return Skip(name, f"{users.target} ({type(bn_mod).__name__}) after {name} is "
+                              f"called {calls[users.target]} times: it cannot be folded",
+                        refused=True)
+        if bn_mod.num_features != units:
+            return Skip(name, f"{users.target} ({type(bn_mod).__name__}) normalises "
+                              f"{bn_mod.num_features} features, not the {units} units of "
+                              f"{name}", refused=True)
         bn = users.target
         cur = users
-        users = _single_user(cur)
+        users = _single_user(cur, name, modules)
         if isinstance(users, Skip):
-            return Skip(name, users.reason.format(name=bn))
-    if not _is_relu(users, modules):
-        return _stop(name, users, modules, "activation")
-    cur = users
+            return users
     between: list[str] = []
+    while not _is_relu(users, modules):  # max pools and dropout commute with the ReLU
+        if not _is_pre_relu(users, modules):
+            first = cur is node or (bn is not None and cur.target == bn)
+            return _stop(name, users, modules, "activation" if first else "op", via=bn,
+                         origin=(node, cur))
+        between.append(_label(users))
+        cur = users
+        users = _single_user(cur, name, modules)
+        if isinstance(users, Skip):
+            return users
+    cur = users
     flatten = False
     while True:
-        nxt = _single_user(cur)
+        nxt = _single_user(cur, name, modules)
         if isinstance(nxt, Skip):
-            return Skip(name, nxt.reason.format(name=_label(cur)))
+            return nxt
         if nxt.op == "call_module" and isinstance(modules[nxt.target], PRODUCERS):
-            consumer = modules[nxt.target]
-            if calls[nxt.target] > 1:
-                return Skip(name, f"consumer {nxt.target} is called {calls[nxt.target]} "
-                                  "times (shared weights)")
-            if getattr(consumer, "groups", 1) != 1:
-                return Skip(name, f"consumer {nxt.target} is a grouped or depthwise "
-                                  f"convolution (groups={consumer.groups})", refused=True)
-            if isinstance(producer, nn.Linear) and isinstance(consumer, nn.Conv2d):
-                return Skip(name, f"{name} (Linear) is reshaped into {nxt.target} (Conv2d)",
-                            refused=True)
-            is_flat = isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear)
-            if is_flat and not flatten:
-                return Skip(name, f"no flatten between {name} and {nxt.target}", refused=True)
-            if is_flat and consumer.in_features % producer.out_channels:
-                return Skip(name, f"{nxt.target} reads {consumer.in_features} features, not a "
-                                  f"multiple of the {producer.out_channels} channels of {name}",
-                            refused=True)
-            return BlockSpec(name, nxt.target, bn, tuple(between), is_flat)
+            return _consumer(name, producer, nxt.target, modules[nxt.target], calls, bn,
+                             tuple(between), flatten)
         if not _is_pass(nxt, modules):
-            return _stop(name, nxt, modules, "op")
+            return _stop(name, nxt, modules, "op", origin=(node, cur))
         if _is_flatten(nxt, modules):
             flatten = True
         between.append(_label(nxt))
         cur = nxt
 
 
-def _single_user(node: fx.Node) -> fx.Node | Skip:
-    users = list(node.users)
+def _consumer(name: str, producer: nn.Module, target: str, consumer: nn.Module,
+              calls: dict[str, int], bn: str | None, between: tuple[str, ...],
+              flatten: bool) -> BlockSpec | Skip:
+    """The block ending at consumer ``target``, or why that consumer cannot read the units."""
+    units = _units(producer)
+    kind = type(consumer).__name__
+    if calls[target] > 1:
+        return Skip(name, f"consumer {target} ({kind}) is called {calls[target]} times "
+                          "(shared weights)")
+    if getattr(consumer, "groups", 1) != 1:
+        return Skip(name, f"consumer {target} ({kind}) of {name} is a grouped or depthwise "
+                          f"convolution (groups={consumer.groups})", refused=True)
+    if isinstance(producer, nn.Linear) and isinstance(consumer, nn.Conv2d):
+        return Skip(name, f"{name} (Linear) is reshaped into {target} (Conv2d)", refused=True)
+    if isinstance(consumer, nn.Conv2d) and consumer.in_channels != units:
+        return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_channels} channels, "
+                          f"not the {units} channels of {name}", refused=True)
+    if isinstance(producer, nn.Linear) and consumer.in_features != units:
+        return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_features} features, "
+                          f"not the {units} units of {name}: a reshape on the path mixes "
+                          "units with other dimensions", refused=True)
+    is_flat = isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear)
+    if is_flat and not flatten:
+        return Skip(name, f"no flatten between {name} (Conv2d) and {target} (Linear): the "
+                          "Linear would read the width dimension", refused=True)
+    if is_flat and consumer.in_features % units:
+        return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_features} features, "
+                          f"not a multiple of the {units} channels of {name}", refused=True)
+    return BlockSpec(name, target, bn, between, is_flat)
+
+
+def _units(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    """A use that reads only the shape, dtype or device of its input."""
+    if node.op == "call_method":
+        return node.target in METADATA_METHODS
+    return (node.op == "call_function" and node.target is getattr
+            and len(node.args) > 1 and node.args[1] in METADATA_ATTRS)
+
+
+def _single_user(node: fx.Node, producer: str,
+                 modules: dict[str, nn.Module]) -> fx.Node | Skip:
+    """The one node that uses ``node``'s values, or the Skip of ``producer`` saying why not.
+
+    Several users are a residual or branching connection (left alone), unless one of them
+    is attention (refused: the units would be read multiplicatively).
+    """
+    users = [u for u in node.users if not _is_metadata(u)]
     if len(users) == 1:
         return users[0]
+    where = producer if node.target == producer else f"{_label(node)} (after {producer})"
     if not users:
-        return Skip("", "output of {name} is unused")
+        return Skip(producer, f"the output of {where} is unused")
+    attention = [u for u in users if _category(u, modules.get(u.target)
+                                               if u.op == "call_module" else None)
+                 == "attention"]
+    if attention:
+        return Skip(producer, f"the output of {where} feeds {_kind(attention[0], modules)}, "
+                              "which multiplies activations (attention or gating): not a "
+                              "fixed linear read of the units", refused=True)
     kinds = ", ".join(sorted({_label(u) for u in users}))
-    return Skip("", f"output of {{name}} has {len(users)} users ({kinds}): it feeds a "
-                    "residual/branching connection")
+    return Skip(producer, f"the output of {where} has {len(users)} users ({kinds}): it "
+                          f"feeds a residual or branching connection, so {producer} keeps "
+                          "its width")
 
 
 def _label(node: fx.Node) -> str:
@@ -166,37 +261,76 @@ def _label(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """``name (Type)`` for a module call, ``name()`` for a function or method call."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "call_method":
+        return f".{node.target}() (node {node.name})"
+    return f"{_label(node)}() (node {node.name})"
+
+
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return type(modules[node.target]) is nn.ReLU
+        mod = modules[node.target]
+        return type(mod) is nn.ReLU or (type(mod) is nn.LeakyReLU and mod.negative_slope == 0)
     if node.op == "call_function":
+        if node.target is F.leaky_relu:
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1
+                                    else 0.01)
+            return slope == 0
         return node.target in RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_pre_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops that may sit between the producer and its ReLU: they commute with it."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], PRE_RELU_MODULES)
+    return node.op == "call_function" and node.target in PRE_RELU_FUNCTIONS
 
 
 def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], nn.Flatten)
     if node.op == "call_function":
-        return node.target is torch.flatten
+        if node.target is torch.mean:
+            return _spatial_mean(node) == "flatten"
+        return node.target in (torch.flatten, torch.reshape)
+    if node.op == "call_method" and node.target == "mean":
+        return _spatial_mean(node) == "flatten"
     return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
 
 
 def _is_pass(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if _is_relu(node, modules):
+        return True
     if node.op == "call_module":
         mod = modules[node.target]
         if isinstance(mod, nn.Flatten):
             return mod.start_dim == 1 and mod.end_dim == -1
+        if isinstance(mod, nn.AdaptiveMaxPool2d):
+            return not mod.return_indices
+        if isinstance(mod, nn.MaxPool2d):
+            return not mod.return_indices
         return isinstance(mod, PASS_MODULES)
     if node.op == "call_function":
         if node.target is torch.flatten:
             return _flatten_args(node) == (1, -1)
+        if node.target is torch.reshape:
+            return _is_batch_flatten_view(node)
+        if node.target is torch.mean:
+            return _spatial_mean(node) is not None
+        if node.target in (F.max_pool2d, F.adaptive_max_pool2d):
+            return not node.kwargs.get("return_indices", False)
         return node.target in PASS_FUNCTIONS
     if node.op == "call_method":
         if node.target == "flatten":
             return _flatten_args(node) == (1, -1)
         if node.target in ("view", "reshape"):
             return _is_batch_flatten_view(node)
+        if node.target == "mean":
+            return _spatial_mean(node) is not None
         return node.target in PASS_METHODS
     return False
 
@@ -209,35 +343,143 @@ def _flatten_args(node: fx.Node) -> tuple[object, object]:
 
 
 def _is_batch_flatten_view(node: fx.Node) -> bool:
-    """``x.view(x.size(0), -1)`` (or with a literal batch size): a flatten, nothing else."""
-    shape = node.args[1:]
+    """A per-sample flatten: ``view(x.size(0), -1)``, ``view(B, -1)`` or ``view(-1, N)``.
+
+    The batch slot must be a literal, -1, or ``x.size(0)``/``x.shape[0]`` (then the feature
+    slot may be computed); otherwise the feature slot must be -1 or a literal.
+    ``view(-1, N)`` is taken to be a per-sample flatten (N = C*H*W); the consumer's
+    in_features are checked against the channels later.
+    """
+    shape = list(node.args[1:])
+    if "size" in node.kwargs or "shape" in node.kwargs:
+        shape = [node.kwargs.get("size", node.kwargs.get("shape"))]
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return len(shape) == 2 and shape[1] == -1
+        shape = list(shape[0])
+    if len(shape) != 2:
+        return False
+    batch, feat = shape
+    if isinstance(batch, fx.Node):  # B rows: the features are necessarily C*H*W
+        return _is_batch_size(batch) and (isinstance(feat, fx.Node) or feat == -1
+                                          or (isinstance(feat, int) and feat > 0))
+    return (isinstance(batch, int) and (batch == -1 or batch > 0)
+            and isinstance(feat, int) and (feat == -1 or feat > 0))
 
 
-def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str) -> Skip:
-    """The Skip for a walk from ``name`` that stops at ``node``."""
+def _is_batch_size(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]``."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        return dim == 0
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        src = node.args[0]
+        return isinstance(src, fx.Node) and (
+            (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
+            or (src.op == "call_function" and src.target is getattr
+                and src.args[1] == "shape"))
+    return False
+
+
+def _spatial_mean(node: fx.Node) -> str | None:
+    """"flatten" for a global average over H and W (``x.mean((2, 3))``), "pool" with
+    keepdim=True, None for any other mean."""
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    if not isinstance(dims, (tuple, list)) or set(dims) not in SPATIAL_DIMS or len(dims) != 2:
+        return None
+    return "pool" if keep else "flatten"
+
+
+def _category(node: fx.Node, mod: nn.Module | None) -> str | None:
+    """What kind of unsupported op ``node`` is, for the refusal message."""
+    if isinstance(mod, nn.LeakyReLU) or isinstance(mod, ACTIVATIONS):
+        return "activation"
+    if isinstance(mod, ATTENTION_MODULES):
+        return "attention"
+    if isinstance(mod, RESHAPE_MODULES):
+        return "reshape"
+    if isinstance(mod, BATCHNORMS):
+        return "batchnorm"
+    if node.op == "call_function":
+        target = node.target
+        if target in RESIDUAL_OPS:
+            return "residual"
+        if target in CONCAT_OPS:
+            return "concat"
+        if target in ACTIVATION_FUNCTIONS:
+            return "activation"
+        if target in ATTENTION_OPS:
+            return "attention"
+        if target in RESHAPE_FUNCTIONS:
+            return "reshape"
+    if node.op == "call_method":
+        if node.target in ("add", "add_", "sub", "sub_"):
+            return "residual"
+        if node.target in ACTIVATION_METHODS:
+            return "activation"
+        if node.target in ATTENTION_METHODS:
+            return "attention"
+        if node.target in RESHAPE_METHODS:
+            return "reshape"
+    return None
+
+
+def _is_shortcut(origin: fx.Node, prev: fx.Node, merge: fx.Node) -> bool:
+    """True when producer node ``origin`` (reaching ``merge`` through ``prev``) is a shortcut
+    projection: the producer's input also reaches another operand of ``merge``."""
+    source = origin.args[0] if origin.args and isinstance(origin.args[0], fx.Node) else None
+    if source is None:
+        return False
+    seen: set[fx.Node] = set()
+    stack = [a for a in merge.all_input_nodes if a is not prev]
+    while stack:
+        cur = stack.pop()
+        if cur is source:
+            return True
+        if cur not in seen:
+            seen.add(cur)
+            stack.extend(cur.all_input_nodes)
+    return False
+
+
+def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
+          via: str | None = None, origin: tuple[fx.Node, fx.Node] | None = None) -> Skip:
+    """The Skip for a walk from ``name`` that stops at ``node``.
+
+    ``what`` is "activation" when ``node`` directly follows the producer (or its
+    BatchNorm ``via``), "op" when it follows the ReLU; ``origin`` is the producer's node
+    and the node on its path just before ``node``.
+    """
     if node.op == "output":
         if what == "activation":
             return Skip(name, f"{name} is an output layer (never compressed)")
         return Skip(name, f"{name} feeds the model output with no consumer layer")
     mod = modules.get(node.target) if node.op == "call_module" else None
-    is_act = isinstance(mod, ACTIVATIONS) or (node.op == "call_function"
-                                              and node.target in ACTIVATION_FUNCTIONS)
-    if isinstance(mod, nn.LeakyReLU) and mod.negative_slope == 0:
-        is_act = False
     label = _label(node)
-    if is_act:
-        kind = type(mod).__name__ if mod is not None else label
-        return Skip(name, f"{label} ({kind}) after {name} is not a ReLU", refused=True)
-    if node.op == "call_function" and node.target in MERGING_OPS:
-        return Skip(name, f"{name} feeds {label} (residual addition or concatenation)")
-    if mod is not None and isinstance(mod, BATCHNORMS):
-        return Skip(name, f"{label} (BatchNorm) after the activation of {name} is not "
-                          "positively homogeneous", refused=True)
-    if mod is not None and isinstance(mod, nn.MultiheadAttention):
-        return Skip(name, f"{label} (attention) follows {name}", refused=True)
-    kind = type(mod).__name__ if mod is not None else label
-    return Skip(name, f"{label} ({kind}) after {name} is not supported on a block's path",
-                refused=True)
+    category = _category(node, mod)
+    source = f"{name} (through {via})" if via else name
+    if category == "residual":
+        role = ("is a shortcut (downsample) projection" if origin is not None
+                and _is_shortcut(*origin, node) else "is the last layer of a residual branch")
+        return Skip(name, f"{source} {role}: it feeds a residual addition ({label}), and the "
+                          "residual stream keeps its width")
+    if category == "concat":
+        return Skip(name, f"{source} feeds a concatenation ({label}): its units are read "
+                          "by other branches too, so it keeps its width")
+    described = _kind(node, modules)
+    if category == "activation":
+        return Skip(name, f"{described} after {name} is not a ReLU: the tropical bounds "
+                          "hold for ReLU units only", refused=True)
+    if category == "attention":
+        return Skip(name, f"{described} after {name} multiplies activations (attention or "
+                          "gating): not a fixed linear read of the units", refused=True)
+    if category == "reshape":
+        return Skip(name, f"{described} after {name} is a reshape that mixes channels (only "
+                          "a per-sample flatten of C, H, W is allowed)", refused=True)
+    if category == "batchnorm":
+        if what == "activation":  # a second BatchNorm directly after the folded one
+            return Skip(name, f"{described} after {source} cannot be folded (only one "
+                              "BatchNorm directly after the producer)", refused=True)
+        return Skip(name, f"{described} after the activation of {name} is not positively "
+                          "homogeneous", refused=True)
+    return Skip(name, f"{described} after {name} is not supported on a block's path (allowed: "
+                      "ReLU, max/avg/adaptive pools, dropout, flatten)", refused=True)

@@ -47,7 +47,12 @@ def _bn_stats(bn: nn.Module) -> dict[str, Tensor]:
 
 
 def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0) -> Block:
-    """The block described by ``spec``, with its current weights, as float64 tensors."""
+    """The block described by ``spec``, with its current weights, as float64 tensors.
+
+    With a BatchNorm, ``block.weight`` holds the folded rows and ``block.bn`` the BN's
+    eval statistics per unit (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``eps``) plus ``raw``: the unfolded rows (n, d+1), for methods that reason about BN.
+    """
     producer = get_module(model, spec.producer)
     consumer = get_module(model, spec.consumer)
     w = producer.weight.detach().to(torch.float64).cpu()  # (n, ...) incoming weights
@@ -58,6 +63,7 @@ def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0) -> Block:
     if spec.bn is not None:
         bn_mod = get_module(model, spec.bn)
         bn = _bn_stats(bn_mod)
+        bn["raw"] = torch.cat([w.flatten(1), b[:, None]], dim=1)  # (n, d+1) unfolded rows
         w, b = fold_batchnorm(w, b, bn_mod)
     weight = torch.cat([w.flatten(1), b[:, None]], dim=1)  # (n, d+1)
     wc = consumer.weight.detach().to(torch.float64).cpu()

@@ -1,13 +1,17 @@
 """Model zoo: the networks of the experiments, rebuilt from a name and constructor arguments.
 
 Every zoo network stores ``config`` (its constructor arguments) and ``input_shape`` (one
-sample), so saved weights plus the config reload without pickled code.
+sample), so saved weights plus the config reload without pickled code. All are traceable by
+torch.fx (block discovery needs it). The VGG-16 and ResNet-18/50 layouts use torchvision's
+module names, so torchvision state dicts load into them (no torchvision needed here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {}
@@ -131,3 +135,303 @@ def vgg_small(num_classes: int = 10, hidden: int = 256) -> nn.Module:
     """E4: VGG-style CNN with BatchNorm, 32-32-M-64-64-M-128-128-M-256-256, then FC."""
     return CNN([32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256], [hidden], num_classes,
                (1, 28, 28), kernel=3, padding=1, pool=2, batchnorm=True)
+
+
+def _features(cfg: Sequence[int | str], in_channels: int, batchnorm: bool, kernel: int = 3,
+              padding: int = 1, pool: int = 2) -> tuple[nn.Sequential, int, int]:
+    """VGG-style conv stages (torchvision's layout: conv, [BN], ReLU(inplace), "M" pools).
+
+    Returns the stack, its output channels, and its total downsampling factor.
+    """
+    layers: list[nn.Module] = []
+    channels, factor = in_channels, 1
+    for item in cfg:
+        if item == "M":
+            layers.append(nn.MaxPool2d(pool, pool))
+            factor *= pool
+            continue
+        layers.append(nn.Conv2d(channels, int(item), kernel, padding=padding))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(int(item)))
+        layers.append(nn.ReLU(inplace=True))
+        channels = int(item)
+    return nn.Sequential(*layers), channels, factor
+
+
+def _head(sizes: Sequence[int], dropout: float, batchnorm: bool) -> nn.Sequential:
+    """FC classifier: (Linear -> [BN1d] -> ReLU -> [Dropout])* -> Linear."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.ReLU(inplace=True))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _scaled(cfg: Sequence[int | str], width: float) -> list[int | str]:
+    return [item if item == "M" else max(1, round(int(item) * width)) for item in cfg]
+
+
+VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512,
+                              "M", 512, 512, 512, "M"]
+
+
+class VGG(nn.Module):
+    """features -> avgpool -> flatten -> classifier, in torchvision's layout.
+
+    ``pool`` is the AdaptiveAvgPool2d output size (None: no pool, flatten the features);
+    ``hidden`` the classifier's hidden widths; ``dropout`` after each hidden ReLU (as in
+    torchvision); ``fc_batchnorm`` adds BatchNorm1d to the hidden FC layers.
+    """
+
+    def __init__(self, cfg: Sequence[int | str], hidden: Sequence[int], num_classes: int = 10,
+                 input_shape: Sequence[int] = (3, 32, 32), batchnorm: bool = False,
+                 pool: int | None = None, dropout: float = 0.5,
+                 fc_batchnorm: bool = False) -> None:
+        super().__init__()
+        self.config = {"cfg": list(cfg), "hidden": list(hidden), "num_classes": num_classes,
+                       "input_shape": list(input_shape), "batchnorm": batchnorm, "pool": pool,
+                       "dropout": dropout, "fc_batchnorm": fc_batchnorm}
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.features, channels, factor = _features(cfg, input_shape[0], batchnorm)
+        if pool is None:
+            self.avgpool: nn.Module = nn.Identity()
+            spatial = (input_shape[1] // factor) * (input_shape[2] // factor)
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
+            spatial = pool * pool
+        self.classifier = _head([channels * spatial, *hidden, num_classes], dropout,
+                                fc_batchnorm)
+
+    def forward(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+@register("alexnet-cifar")
+def alexnet_cifar(num_classes: int = 10, hidden: Sequence[int] = (2048, 2048),
+                  input_shape: Sequence[int] = (3, 32, 32), dropout: float = 0.5) -> nn.Module:
+    """E5: AlexNet for 32x32 inputs: conv 64-192-384-256-256 (5x5, 5x5, then 3x3; 2x2 max
+    pools after conv 1, 2 and 5), flatten 256*4*4, FC head 2048-2048 (ImageNet's 4096-4096
+    scaled to the 4096 flattened features)."""
+    return AlexNetCIFAR(num_classes, hidden, input_shape, dropout)
+
+
+class AlexNetCIFAR(nn.Module):
+    """AlexNet's conv stack and FC head, sized for CIFAR (see :func:`alexnet_cifar`)."""
+
+    def __init__(self, num_classes: int = 10, hidden: Sequence[int] = (2048, 2048),
+                 input_shape: Sequence[int] = (3, 32, 32), dropout: float = 0.5) -> None:
+        super().__init__()
+        self.config = {"num_classes": num_classes, "hidden": list(hidden),
+                       "input_shape": list(input_shape), "dropout": dropout}
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.features = nn.Sequential(
+            nn.Conv2d(input_shape[0], 64, 5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        sizes = [256 * (input_shape[1] // 8) * (input_shape[2] // 8), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):  # torchvision's head order
+            layers += [nn.Dropout(dropout), nn.Linear(a, b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-1], num_classes))
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@register("vgg16-cifar")
+def vgg16_cifar(num_classes: int = 10, width: float = 1.0, hidden: int | None = None,
+                input_shape: Sequence[int] = (3, 32, 32), dropout: float = 0.5) -> nn.Module:
+    """E5: VGG-16 for CIFAR: the 13 convs of VGG-16 with BatchNorm, then
+    FC 512-BN-ReLU-512-BN-ReLU-classes. ``width`` scales every width (tests use small ones);
+    ``hidden`` defaults to the last conv's width."""
+    cfg = _scaled(VGG16_CFG, width)
+    h = int(hidden) if hidden is not None else int(cfg[-2])
+    return VGG(cfg, [h, h], num_classes, input_shape, batchnorm=True, pool=None,
+               dropout=dropout, fc_batchnorm=True)
+
+
+@register("vgg16")
+def vgg16(num_classes: int = 1000, batchnorm: bool = False, width: float = 1.0,
+          hidden: int = 4096, input_shape: Sequence[int] = (3, 224, 224),
+          dropout: float = 0.5) -> nn.Module:
+    """E6: torchvision's VGG-16 layout (224x224; AdaptiveAvgPool2d(7, 7); fc6 25088 -> 4096,
+    fc7 4096 -> 4096, fc8 -> classes as classifier.0/3/6), random weights."""
+    return _TorchvisionVGG(_scaled(VGG16_CFG, width), hidden, num_classes, input_shape,
+                           batchnorm, dropout)
+
+
+class _TorchvisionVGG(VGG):
+    """VGG with torchvision's classifier order: Linear, ReLU, Dropout, Linear, ReLU, Dropout,
+    Linear (state-dict compatible with torchvision.models.vgg16 / vgg16_bn)."""
+
+    def __init__(self, cfg: Sequence[int | str], hidden: int, num_classes: int,
+                 input_shape: Sequence[int], batchnorm: bool, dropout: float) -> None:
+        super().__init__(cfg, [hidden, hidden], num_classes, input_shape, batchnorm, pool=7,
+                         dropout=dropout)
+        self.config = {"cfg": list(cfg), "hidden": hidden, "num_classes": num_classes,
+                       "input_shape": list(input_shape), "batchnorm": batchnorm,
+                       "dropout": dropout}
+
+
+class PadShortcut(nn.Module):
+    """ResNet option A shortcut: subsample by ``stride`` and zero-pad the new channels."""
+
+    def __init__(self, extra: int, stride: int) -> None:
+        super().__init__()
+        self.extra = extra
+        self.stride = stride
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU (torchvision's names)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1-BN, plus the shortcut, then ReLU
+    (torchvision's ResNet v1.5 layout and names)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """ResNet in torchvision's layout (conv1, bn1, relu, maxpool, layer1..N, avgpool, fc).
+
+    ``stem="imagenet"``: 7x7 stride-2 conv and a 3x3 stride-2 max pool; ``stem="cifar"``: a
+    3x3 conv, no pool. ``shortcut`` for stride/width changes: "conv" (1x1 conv + BN,
+    torchvision's ``downsample``) or "pad" (He et al.'s CIFAR option A, parameter-free).
+    """
+
+    def __init__(self, block: str, layers: Sequence[int], widths: Sequence[int],
+                 num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
+                 stem: str = "imagenet", shortcut: str = "conv") -> None:
+        super().__init__()
+        if block not in ("basic", "bottleneck") or stem not in ("imagenet", "cifar") \
+                or shortcut not in ("conv", "pad"):
+            raise ValueError(f"ResNet: block must be basic/bottleneck, stem imagenet/cifar, "
+                             f"shortcut conv/pad; got {block!r}, {stem!r}, {shortcut!r}")
+        self.config = {"block": block, "layers": list(layers), "widths": list(widths),
+                       "num_classes": num_classes, "in_channels": in_channels,
+                       "input_size": input_size, "stem": stem, "shortcut": shortcut}
+        self.input_shape = (in_channels, input_size, input_size)
+        cls = BasicBlock if block == "basic" else Bottleneck
+        self.inplanes = int(widths[0])
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        self.stages = len(layers)
+        for i, (count, planes) in enumerate(zip(layers, widths, strict=True)):
+            stage = self._stage(cls, int(planes), int(count), 1 if i == 0 else 2, shortcut)
+            setattr(self, f"layer{i + 1}", stage)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(self.inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _stage(self, cls: type[nn.Module], planes: int, count: int, stride: int,
+               shortcut: str) -> nn.Sequential:
+        blocks: list[nn.Module] = []
+        for j in range(count):
+            s = stride if j == 0 else 1
+            out = planes * cls.expansion
+            downsample = None
+            if s != 1 or self.inplanes != out:
+                if shortcut == "conv":
+                    downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, s, bias=False),
+                                               nn.BatchNorm2d(out))
+                else:
+                    downsample = PadShortcut(out - self.inplanes, s)
+            blocks.append(cls(self.inplanes, planes, s, downsample))
+            self.inplanes = out
+        return nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@register("resnet20")
+def resnet20(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
+             width: int = 16, shortcut: str = "pad") -> nn.Module:
+    """ResNet-20 for CIFAR (He et al. 2016): 3x3 stem, 3 stages of 3 basic blocks with
+    16/32/64 channels (``width`` scales them), option A shortcuts by default. Fashion-MNIST:
+    ``in_channels=1, input_size=28``."""
+    return ResNet("basic", [3, 3, 3], [width, 2 * width, 4 * width], num_classes,
+                  in_channels, input_size, "cifar", shortcut)
+
+
+@register("resnet18")
+def resnet18(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
+             width: int = 64) -> nn.Module:
+    """ResNet-18 (ImageNet layout, basic blocks [2, 2, 2, 2], widths 64-128-256-512)."""
+    return ResNet("basic", [2, 2, 2, 2], [width * 2 ** i for i in range(4)], num_classes,
+                  in_channels, input_size)
+
+
+@register("resnet50")
+def resnet50(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
+             width: int = 64) -> nn.Module:
+    """ResNet-50 (ImageNet layout, bottleneck blocks [3, 4, 6, 3], v1.5 stride on the 3x3)."""
+    return ResNet("bottleneck", [3, 4, 6, 3], [width * 2 ** i for i in range(4)], num_classes,
+                  in_channels, input_size)
