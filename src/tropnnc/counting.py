@@ -23,16 +23,17 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+            total += output[0].numel() * module.in_features
         else:
             kh, kw = module.kernel_size
-            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+            total += output[0].numel() * (module.in_channels // module.groups) * kh * kw
 
     handles = [mod.register_forward_hook(hook) for mod in model.modules()
                if isinstance(mod, (nn.Linear, nn.Conv2d))]
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
-    sample = torch.zeros((1,) + tuple(example_inputs.shape[1:]), **like)
+    # a batch of two: layers such as BatchNorm without running statistics reject batch one
+    sample = torch.zeros((2,) + tuple(example_inputs.shape[1:]), **like)
     was_training = model.training
     try:
         model.eval()
