@@ -50,6 +50,7 @@ from . import (  # noqa: E402,F401
     neuron_merging,
     random,
     srinivas_babu,
+    thinet,
     tropnnc,
     zonotope_kmeans,
 )
