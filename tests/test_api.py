@@ -126,7 +126,7 @@ def test_bad_keep_type():
 
 
 def test_unknown_method_lists_valid():
-    with pytest.raises(ValueError, match="valid methods: cup, l1, neural-path-kmeans"):
+    with pytest.raises(ValueError, match="valid methods: cup, l1, "):
         tropnnc.compress(lenet(), 0.5, "magic")
 
 

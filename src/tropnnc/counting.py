@@ -11,28 +11,31 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of Linear and Conv2d layers for one input sample.
+def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per Linear and Conv2d layer (by module name), for one sample.
 
-    Runs ``model`` once on a zero tensor shaped like one sample of ``example_inputs`` and
-    counts, per layer, output elements times the inputs each one reads (bias adds and
+    Runs ``model`` once in eval mode on zeros shaped like ``example_inputs`` (a batch of two:
+    BatchNorm without running statistics rejects a batch of one) and counts, per layer,
+    output elements of one sample times the inputs each one reads (bias adds and
     element-wise ops are not counted).
     """
-    total = 0
+    macs: dict[str, int] = {}
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output[0].numel() * module.in_features
-        else:
-            kh, kw = module.kernel_size
-            total += output[0].numel() * (module.in_channels // module.groups) * kh * kw
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...],
+                   output: torch.Tensor) -> None:
+            if isinstance(module, nn.Linear):
+                reads = module.in_features
+            else:
+                kh, kw = module.kernel_size
+                reads = (module.in_channels // module.groups) * kh * kw
+            macs[name] = macs.get(name, 0) + output[0].numel() * reads
+        return record
 
-    handles = [mod.register_forward_hook(hook) for mod in model.modules()
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in model.named_modules()
                if isinstance(mod, (nn.Linear, nn.Conv2d))]
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
-    # a batch of two: layers such as BatchNorm without running statistics reject batch one
     sample = torch.zeros((2,) + tuple(example_inputs.shape[1:]), **like)
     was_training = model.training
     try:
@@ -43,7 +46,12 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return total
+    return macs
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of all Linear and Conv2d layers for one input sample."""
+    return sum(layer_macs(model, example_inputs).values())
 
 
 def infer_example_inputs(model: nn.Module) -> torch.Tensor | None:
