@@ -9,18 +9,23 @@ dimension of the points (later layers have 25,088-dim units) nor on the number o
 * ||u_k||^2 = sum_{i: a(i)=k} alpha_i T[k, i].
 
 Restarts are batched (restart r owns rows r*K .. r*K+K-1 of the scatter) and chunked when the
-(R, K, n) score tensor would exceed ``_MEMORY_BUDGET_BYTES``. The only Python loops are over
-k-means++ seeding steps, Lloyd / refinement / power iterations and memory chunks of restarts.
+(R, K, n) score tensor would exceed ``_MEMORY_BUDGET_BYTES``. The refinement's per-cluster top
+eigenvectors are exact batched ``eigh`` of the padded Gram blocks for clusters of up to
+``_EIGH_MAX_SIZE`` members and power iteration on a sparse block-diagonal Gram otherwise. The
+only Python loops are over k-means++ seeding steps, Lloyd / refinement / power iterations,
+cluster-size buckets and memory chunks of restarts.
 
 Randomness: every random number comes from the ``torch.Generator`` argument, drawn up front as
 one (restarts, k) float64 uniform matrix (row r drives restart r's seeding by inverse-CDF
-sampling). Restart r therefore depends only on the first (r + 1) * k draws, so a run with more
-restarts contains the runs with fewer ones and can only reach a lower or equal objective.
+sampling). Restart r therefore depends only on the first (r + 1) * k draws and is computed
+independently of the others, so a run with more restarts contains the runs with fewer ones
+and reaches a lower or equal objective.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +42,8 @@ __all__ = [
 ]
 
 _MEMORY_BUDGET_BYTES = 1 << 30  # soft cap for one batch of (restarts, K, n) / pair temporaries
-_POWER_MAX_ITER = 100  # power iterations per refinement step
+_POWER_MAX_ITER = 100  # power iterations per refinement step (clusters above _EIGH_MAX_SIZE)
+_EIGH_MAX_SIZE = 64  # clusters up to this size get an exact batched eigh
 
 
 @dataclass(frozen=True)
@@ -246,15 +252,18 @@ def _repair_empty(a: Tensor, own: Tensor, residual: Tensor, k: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+_BELOW_ONE = 1.0 - 2.0**-40  # u * _BELOW_ONE * total < total even after float64 rounding
+
+
 def _sample_rows(p: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF sampling of one index per row of p (R, n) >= 0 with uniforms u (R,)."""
+    """Inverse-CDF sampling of one index per row of p (R, n) >= 0 with uniforms u (R,).
+
+    The target stays strictly below the row total, so the first cdf entry above it belongs to
+    a unit with p > 0. Rows with total 0 return n (callers handle them).
+    """
     cdf = p.cumsum(dim=1)  # (R, n)
-    target = (u * cdf[:, -1])[:, None]  # (R, 1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (R,)
-    n = p.shape[1]
-    pos = torch.arange(n, device=p.device).expand_as(p)
-    last = torch.where(p > 0, pos, -1).amax(dim=1)  # guard against rounding past the end
-    return torch.minimum(idx, last)
+    target = (u * _BELOW_ONE)[:, None] * cdf[:, -1:]  # (R, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # (R,)
 
 
 def _kpp_seeds(
@@ -268,22 +277,24 @@ def _kpp_seeds(
     """
     r = uniforms.shape[0]
     n = weights.shape[0]
-    w = weights.double().expand(r, n)  # (R, n)
+    w = weights.double()  # (n,)
     rows = torch.arange(r, device=weights.device)
     chosen = torch.zeros(r, n, dtype=torch.bool, device=weights.device)  # (R, n)
     seeds = torch.empty(r, k, dtype=torch.long, device=weights.device)  # (R, k)
+    p = w.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
     mind: Tensor | None = None
     for t in range(k):
-        p = w if mind is None else w * mind
-        p = p.masked_fill(chosen, 0.0)
-        fallback = (p.sum(dim=1) <= 0)[:, None]
-        p = torch.where(fallback, (~chosen).double(), p)
         idx = _sample_rows(p, uniforms[:, t])
+        stuck = idx >= n  # nothing left with positive weight * dissimilarity
+        if bool(stuck.any()):
+            idx = torch.where(stuck, _sample_rows((~chosen).double(), uniforms[:, t]), idx)
         seeds[:, t] = idx
         chosen[rows, idx] = True
         if t + 1 < k:
             dis = dissimilarity(idx)
             mind = dis if mind is None else torch.minimum(mind, dis)
+            mind[rows, idx] = 0.0
+            p = w * mind
     return seeds
 
 
@@ -299,8 +310,9 @@ def _spherical_step(
 
     Returns (alpha, own, new_a, new_own), all (R, n): the coefficients actually used (a
     cluster whose sum vanishes, e.g. all weights 0, falls back to one member's direction), the
-    cosine of each unit to its own centroid, the argmax-cosine assignment (ties keep the
-    current cluster) and its cosine. Empty clusters score -inf.
+    cosine of each unit to its own centroid, the argmax-cosine assignment (gains within
+    rounding, 16 eps, keep the current cluster: no churn between equal centroids) and its
+    cosine. Empty clusters score -inf.
     """
     r, n = a.shape
     eps = _eps(gram.dtype)
@@ -329,7 +341,7 @@ def _spherical_step(
         out_alpha[sl] = al
         own[sl] = t.gather(1, ac[:, None]).squeeze(1)
         best, arg = t.max(dim=1)
-        stay = own[sl] >= best  # ties keep the current cluster (no churn between equals)
+        stay = own[sl] >= best - 16 * eps  # rounding-level ties keep the current cluster
         new_a[sl] = torch.where(stay, ac, arg)
         new_own[sl] = torch.where(stay, own[sl], best)
         del t
@@ -372,61 +384,95 @@ def _lloyd(
     return a, alpha, own
 
 
-def _block_operator(gram: Tensor, a: Tensor, k: int) -> Tensor:
-    """Sparse (R*n, R*n) block-diagonal G * [a_i == a_l] of all restarts (within-cluster pairs).
+def _block_operator(gram: Tensor, a: Tensor, k: int, include: Tensor) -> Tensor:
+    """Sparse CSR (R*n, R*n) block-diagonal G * [a_i == a_l] over the included clusters.
 
-    Holds sum_k |C_k|^2 entries per restart, so a matvec costs that much (tiny when K is
-    large, n^2 when K = 1).
+    ``include`` (R, K) bool selects the clusters whose blocks are stored (rows of the other
+    units are empty). Row i holds the members of i's cluster in ascending order, so the rows
+    come out sorted without a sort. Stores sum |C_k|^2 entries: a matvec costs that much.
     """
     r, n = a.shape
     flat = (a + k * torch.arange(r, device=a.device)[:, None]).reshape(-1)  # (R*n,)
-    order = torch.argsort(flat, stable=True)  # global units sorted by cluster
+    order = torch.argsort(flat, stable=True)  # global units sorted by cluster, then index
     sizes = torch.bincount(flat, minlength=r * k)  # (R*K,)
     starts = sizes.cumsum(0) - sizes
-    cl = flat[order]
-    s = sizes[cl]  # (R*n,) size of each sorted unit's cluster
-    rows = order.repeat_interleave(s)  # (P,)
-    block_start = starts[cl].repeat_interleave(s)  # (P,)
-    pos = torch.arange(rows.shape[0], device=a.device) - (s.cumsum(0) - s).repeat_interleave(s)
-    cols = order[block_start + pos]  # (P,)
-    vals = gram[rows % n, cols % n]  # (P,)
-    op = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), vals, (r * n, r * n), check_invariants=False
-    )
-    return op.coalesce()
+    s = torch.where(include.reshape(-1)[flat], sizes[flat], 0)  # (R*n,) entries of row i
+    crow = torch.cat([s.new_zeros(1), s.cumsum(0)])  # (R*n + 1,)
+    p = int(crow[-1])
+    pos = torch.arange(p, device=a.device) - crow[:-1].repeat_interleave(s, output_size=p)
+    cols = order[starts[flat].repeat_interleave(s, output_size=p) + pos]  # (P,)
+    del pos
+    local = torch.arange(n, device=a.device).repeat(r).repeat_interleave(s, output_size=p)
+    vals = gram[local, cols % n]  # (P,)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            crow, cols, vals, (r * n, r * n), check_invariants=False
+        )
 
 
-def _top_eigen_coeffs(gram: Tensor, a: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per cluster, the top eigenvector of sum_{i in C_k} m_i^2 d_i d_i^T in Gram coefficients.
+def _eigh_blocks(
+    gram: Tensor, m: Tensor, members: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Top eigenvectors of padded clusters with torch.linalg.eigh, in Gram coefficients.
 
-    Power iteration alpha <- m^2 * ((G*M) alpha) from alpha = m (the Lloyd centroid), with
-    M the same-cluster mask, normalised per cluster to ||u_k|| = 1; sign such that
-    sum_{i in C_k} m_i <d_i, u_k> > 0. Returns (alpha, cos), (R, n): the coefficients and each
-    unit's cosine to its own cluster's eigenvector.
+    ``members`` (B, S) local unit indices of B clusters padded to S (``valid`` marks real
+    entries). With A = diag(m) G_C diag(m) and A v = lam v (top), u = sum_i m_i v_i d_i /
+    sqrt(lam) is the top unit eigenvector of sum_i m_i^2 d_i d_i^T. A cluster with lam ~ 0
+    (all weights 0) falls back to its last member's direction. Returns (alpha, cos), (B, S):
+    coefficients (||u|| = 1) and each member's cosine to u; sign not fixed yet.
+    """
+    eps = _eps(gram.dtype)
+    pair = valid[:, :, None] & valid[:, None, :]  # (B, S, S)
+    gb = gram[members[:, :, None], members[:, None, :]] * pair  # (B, S, S) Gram blocks
+    mm = torch.where(valid, m[members], 0.0)  # (B, S)
+    vec = torch.linalg.eigh(gb * mm[:, :, None] * mm[:, None, :]).eigenvectors[..., -1]
+    coef = mm * vec  # (B, S) u ~ sum coef_i d_i
+    n2 = (coef * (gb @ coef[..., None]).squeeze(-1)).sum(dim=1)  # (B,) ||u||^2 = lam
+    floor = (64 * eps * (mm * mm).sum(dim=1)) ** 2
+    deg = ~(n2 > floor)
+    if bool(deg.any()):
+        last = valid.sum(dim=1, keepdim=True) - 1  # (B, 1)
+        rep = (torch.arange(members.shape[1], device=m.device) == last).to(coef.dtype)
+        coef = torch.where(deg[:, None], rep, coef)
+        n2 = (coef * (gb @ coef[..., None]).squeeze(-1)).sum(dim=1)
+    coef = coef * n2.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()[:, None]
+    return coef, (gb @ coef[..., None]).squeeze(-1)
+
+
+def _power_iteration(
+    gram: Tensor, a: Tensor, m: Tensor, k: int, include: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Top eigenvectors of the included clusters (R, K) by batched power iteration.
+
+    alpha <- m^2 * ((G*M) alpha) from alpha = m (the Lloyd centroid), M the same-cluster
+    mask, normalised to ||u_k|| = 1 per cluster; each cluster is frozen once
+    1 - cos(u, B u) <= tol, so its result does not depend on the others. Returns
+    (alpha, cos), (R, n), meaningful on the included clusters' units only.
     """
     r, n = a.shape
     dtype = gram.dtype
     eps = _eps(dtype)
     tiny = torch.finfo(dtype).tiny
     tol = max(1e-13, 16 * eps)
-    m = weights.to(dtype)
     m2 = m * m
-    out_alpha = gram.new_empty(r, n)
-    out_cos = gram.new_empty(r, n)
-    pairs = (_cluster_counts(a, k) ** 2).sum(dim=1)  # (R,) entries of each restart's blocks
-    per_restart = int(pairs.max()) * (16 + gram.element_size())
+    out_alpha = gram.new_zeros(r, n)
+    out_cos = gram.new_zeros(r, n)
+    counts = _cluster_counts(a, k)  # (R, K)
+    pairs = torch.where(include, counts * counts, 0).sum(dim=1)  # (R,) stored entries
+    per_restart = int(pairs.max()) * (40 + gram.element_size())  # index temporaries + values
     for sl in _restart_chunks(r, per_restart):
-        ac = a[sl]
+        ac, inc = a[sl], include[sl]
         c = ac.shape[0]
-        op = _block_operator(gram, ac, k)
+        op = _block_operator(gram, ac, k, inc)
 
         def matvec(x: Tensor, op: Tensor = op, c: int = c) -> Tensor:
-            return torch.sparse.mm(op, x.reshape(-1, 1)).view(c, n)  # (c, n)
+            return (op @ x.reshape(-1)).view(c, n)  # (c, n)
 
         alpha = m.expand(c, n).clone()  # (c, n)
         y = matvec(alpha)
         n2 = _cluster_sum(alpha * y, ac, k)  # (c, K)
-        deg = ~(n2 > (64 * eps * _cluster_sum(alpha.abs(), ac, k)) ** 2)
+        deg = inc & ~(n2 > (64 * eps * _cluster_sum(alpha.abs(), ac, k)) ** 2)
         if bool(deg.any()):
             rep = _representatives(ac, k)
             idx = torch.arange(n, device=a.device)
@@ -436,10 +482,10 @@ def _top_eigen_coeffs(gram: Tensor, a: Tensor, weights: Tensor, k: int) -> tuple
         inv = _gather(n2.clamp_min(tiny).rsqrt(), ac)
         alpha, y = alpha * inv, y * inv
         lam_floor = (64 * eps * _cluster_sum(m2.expand(c, n), ac, k)) ** 2  # (c, K)
-        # A cluster is frozen once converged, so its result does not depend on the others
-        # (nor on which restarts share the batch).
-        done = _cluster_counts(ac, k) == 0  # (c, K)
+        done = ~inc  # (c, K)
         for _ in range(_POWER_MAX_ITER):
+            if bool(done.all()):
+                break
             nxt = m2 * y  # (c, n) coefficients of B u
             y_nxt = matvec(nxt)
             n2 = _cluster_sum(nxt * y_nxt, ac, k)  # ||B u||^2
@@ -451,13 +497,47 @@ def _top_eigen_coeffs(gram: Tensor, a: Tensor, weights: Tensor, k: int) -> tuple
             alpha = torch.where(keep, alpha, nxt * inv)
             y = torch.where(keep, y, y_nxt * inv)
             done |= bad | (1.0 - inner * inv_k <= tol)
-            if bool(done.all()):
-                break
-        sign = _cluster_sum(m * y, ac, k)  # sum_i m_i <d_i, u_k>
-        flip = _gather(sign < 0, ac)
-        out_alpha[sl] = torch.where(flip, -alpha, alpha)
-        out_cos[sl] = torch.where(flip, -y, y)
+        out_alpha[sl], out_cos[sl] = alpha, y
     return out_alpha, out_cos
+
+
+def _top_eigen_coeffs(gram: Tensor, a: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per cluster, the top eigenvector u_k of sum_{i in C_k} m_i^2 d_i d_i^T, in Gram space.
+
+    Clusters of up to ``_EIGH_MAX_SIZE`` members are solved exactly with batched eigh on
+    their padded Gram blocks (buckets of power-of-two padding, so a cluster's result does not
+    depend on the others); larger ones by power iteration. ||u_k|| = 1 and the sign makes
+    sum_{i in C_k} m_i <d_i, u_k> > 0. Returns (alpha, cos), (R, n): coefficients over the
+    cluster's members and each unit's cosine to its own cluster's eigenvector.
+    """
+    r, n = a.shape
+    m = weights.to(gram.dtype)
+    flat = (a + k * torch.arange(r, device=a.device)[:, None]).reshape(-1)  # (R*n,)
+    order = torch.argsort(flat, stable=True)  # global units grouped by cluster
+    sizes = torch.bincount(flat, minlength=r * k)  # (R*K,)
+    starts = sizes.cumsum(0) - sizes
+    alpha = gram.new_zeros(r * n)
+    cos = gram.new_zeros(r * n)
+    lo, hi = 0, 1
+    while lo < _EIGH_MAX_SIZE:  # buckets of sizes (0, 1], (1, 2], (2, 4], ...
+        sel = ((sizes > lo) & (sizes <= hi)).nonzero().squeeze(1)  # (B,) clusters
+        if sel.numel():
+            pos = torch.arange(hi, device=a.device)
+            valid = pos < sizes[sel][:, None]  # (B, hi)
+            units = order[(starts[sel][:, None] + pos).clamp(max=r * n - 1)]  # (B, hi) global
+            coef, c_ = _eigh_blocks(gram, m, units % n, valid)
+            alpha[units[valid]] = coef[valid]
+            cos[units[valid]] = c_[valid]
+        lo, hi = hi, 2 * hi
+    big = (sizes > _EIGH_MAX_SIZE).view(r, k)
+    if bool(big.any()):
+        pa, pc = _power_iteration(gram, a, m, k, big)
+        on_big = _gather(big, a).reshape(-1)
+        alpha = torch.where(on_big, pa.reshape(-1), alpha)
+        cos = torch.where(on_big, pc.reshape(-1), cos)
+    alpha, cos = alpha.view(r, n), cos.view(r, n)
+    flip = _gather(_cluster_sum(m * cos, a, k) < 0, a)  # sum_i m_i <d_i, u_k> < 0
+    return torch.where(flip, -alpha, alpha), torch.where(flip, -cos, cos)
 
 
 def _refine(
@@ -539,7 +619,7 @@ def spherical_kmeans(
     zero_tol = 16 * _eps(g.dtype)
 
     def dissimilarity(idx: Tensor) -> Tensor:
-        dis = (1.0 - g[idx]).double()  # (R, n)
+        dis = (1.0 - g.index_select(0, idx)).double()  # (R, n)
         return dis.masked_fill(dis <= zero_tol, 0.0)
 
     seeds = _kpp_seeds(w, k, uniforms, dissimilarity)
@@ -593,6 +673,8 @@ def _euclidean_step(
     new_a = torch.empty_like(a)
     new_own = gram.new_empty(r, n)
     diag = gram.diagonal()
+    # rounding scale of -||x_j - c||^2 (||c||^2 <= max_i ||x_i||^2 for a convex combination)
+    tie_tol = 16 * _eps(gram.dtype) * (diag + diag.max())  # (n,)
     for sl in _restart_chunks(r, 2 * k * n * gram.element_size()):
         ac, al = a[sl], alpha[sl]
         t = _scatter_columns(gram, ac, al, k)  # (c, K, n)
@@ -602,7 +684,7 @@ def _euclidean_step(
         t.masked_fill_((_cluster_counts(ac, k) == 0)[..., None], -math.inf)
         own[sl] = t.gather(1, ac[:, None]).squeeze(1)
         best, arg = t.max(dim=1)
-        stay = own[sl] >= best  # ties keep the current cluster (no churn between equals)
+        stay = own[sl] >= best - tie_tol  # rounding-level ties keep the current cluster
         new_a[sl] = torch.where(stay, ac, arg)
         new_own[sl] = torch.where(stay, own[sl], best)
         del t
@@ -631,15 +713,16 @@ def kmeans(
     w = _as_weights(weights, n, x)
     k = _check_k(k)
     _check_counts(restarts, iters)
+    if gram is not None:
+        gram = _check_gram(gram, x)
+    if k >= n:
+        return Clustering(torch.arange(n, device=x.device), x.clone(), 0.0)
     if gram is None:
         xc = x - x.mean(dim=0, keepdim=True)
         g = xc @ xc.T  # (n, n)
     else:
-        g = _check_gram(gram, x)
-        row = g.mean(dim=1)
-        g = g - row[:, None] - row[None, :] + row.mean()  # (n, n) double-centred
-    if k >= n:
-        return Clustering(torch.arange(n, device=x.device), x.clone(), 0.0)
+        row = gram.mean(dim=1)
+        g = gram - row[:, None] - row[None, :] + row.mean()  # (n, n) double-centred
 
     uniforms = torch.rand(
         restarts, k, generator=generator, dtype=torch.float64, device=generator.device
@@ -648,8 +731,9 @@ def kmeans(
     eps16 = 16 * _eps(g.dtype)
 
     def dissimilarity(idx: Tensor) -> Tensor:
-        dis = (diag[None, :] + diag[idx][:, None] - 2 * g[idx]).double()  # (R, n)
-        floor = eps16 * (diag[None, :] + diag[idx][:, None]).abs().double()
+        ds = diag.index_select(0, idx)[:, None]  # (R, 1)
+        dis = (diag[None, :] + ds - 2 * g.index_select(0, idx)).double()  # (R, n)
+        floor = eps16 * (diag[None, :] + ds).abs().double()
         return dis.masked_fill(dis <= floor, 0.0)
 
     seeds = _kpp_seeds(w, k, uniforms, dissimilarity)
