@@ -1,0 +1,17 @@
+#!/bin/sh
+# Reproduce every committed result folder (CPU; trained models are cached under data/models).
+# Each sweep resumes: rerunning skips the rows already in its results.csv.
+set -e
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+$PY -m tropnnc.experiments.sweep --experiment E3 --out results/E3 --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E3 --out results/E3-reference-protocol \
+    --seeds 0 1 2 --epochs 8 --train-option patience=none val_fraction=0 --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E3 --out results/E3-tropnnc-options \
+    --methods tropnnc tropnnc:restarts=16 tropnnc:norm=max tropnnc:steps=3 tropnnc:refine=20 \
+    tropnnc:norm=l1,refine=5 tropnnc:norm=l1,restarts=16 --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E2 --out results/E2 --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E2 --dataset mnist-subset --out results/E2-mnist-subset \
+    --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E1 --out results/E1 --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E4 --out results/E4 --threads 1

@@ -1,0 +1,376 @@
+"""Sweeps: networks x methods x keep ratios x seeds, with resumable CSV/JSON, figures, tables.
+
+Every finished compression appends one row to ``results.csv`` (so an interrupted sweep resumes
+without redoing rows); ``results.json``, ``table.md`` and the PNG figures are regenerated from
+all rows at the end (atomic writes). Method specs are ``name[+refit][:opt=value,...]``, e.g.
+``tropnnc``, ``tropnnc:norm=l1,refine=5``, ``tropnnc+refit`` (the data-free merge followed by a
+least-squares refit of the consumer on calibration inputs: data-driven) or ``thinet``.
+
+Run the experiments of the spec with ``python -m tropnnc.experiments.sweep --experiment E3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from ..api import compress
+from ..counting import count_macs, count_params, infer_example_inputs
+from ..graph import discover
+from ..methods import method_class
+from ..surgery import get_module
+from ..train import evaluate
+from ..zoo import CNN
+from .report import write_outputs
+from .train_cache import load_split, outputs_of, trained_model
+
+log = logging.getLogger(__name__)
+
+FIELDS = ["dataset", "network", "layers", "method", "options", "keep", "seed", "accuracy",
+          "parameters", "macs", "certificate", "seconds", "data_driven", "label",
+          "params_before", "macs_before", "baseline_accuracy"]
+BASELINE = "uncompressed"  # label of the rows holding the uncompressed model
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed method spec: registry name, options, and whether to refit on calibration."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    refit: bool = False
+
+    @property
+    def data_driven(self) -> bool:
+        return self.refit or method_class(self.name).data_driven
+
+    @property
+    def method(self) -> str:
+        return self.name + ("+refit" if self.refit else "")
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """Parse ``name[+refit][:k=v,...]``; unknown names or bad options raise ValueError."""
+    head, _, opts = spec.strip().partition(":")
+    refit = head.endswith("+refit")
+    name = head[:-len("+refit")] if refit else head
+    method_class(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, (o.strip() for o in opts.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} must be key=value")
+        options[key.strip()] = _value(val.strip())
+    return MethodSpec(spec.strip(), name, options, refit)
+
+
+def keep_mapping(model: nn.Module, layers: str | None, keep: float) -> dict[str, float]:
+    """Keep ratio per producer layer: ``layers`` None/"all", "fc" (Linear producers),
+    "conv" (Conv2d producers), or comma-separated producer names."""
+    specs, _ = discover(model)
+    names = [s.producer for s in specs]
+    kinds = {n: "conv" if isinstance(get_module(model, n), nn.Conv2d) else "fc" for n in names}
+    if layers in (None, "all"):
+        chosen = names
+    elif layers in ("fc", "linear", "conv"):
+        want = "conv" if layers == "conv" else "fc"
+        chosen = [n for n in names if kinds[n] == want]
+    else:
+        chosen = [n.strip() for n in layers.split(",") if n.strip()]
+        unknown = sorted(set(chosen) - set(names))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not compressible blocks; "
+                             f"blocks: {', '.join(names)}")
+    if not chosen:
+        raise ValueError(f"layers={layers!r} selects no block of {type(model).__name__}")
+    return {n: keep for n in chosen}
+
+
+def _subset(ds: Dataset, size: int | None, seed: int) -> Dataset:
+    if size is None or size >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:size]
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+def calibration_inputs(train_set: Dataset, size: int, seed: int) -> torch.Tensor:
+    """``size`` training inputs (labels dropped), a seeded random subset."""
+    sub = _subset(train_set, size, 10_007 + seed)
+    if isinstance(sub, TensorDataset):
+        return sub.tensors[0]
+    return torch.stack([sub[i][0] for i in range(len(sub))])
+
+
+class Evaluator:
+    """Test accuracy of compressed copies of one model.
+
+    For zoo CNNs (``classifier(features(x))``) whose compressed copy keeps ``features``
+    bit-identical (only FC layers compressed), the features of the test set are computed once
+    and only the classifier is evaluated: the same numbers, much less CPU.
+    """
+
+    def __init__(self, model: nn.Module, test_set: Dataset) -> None:
+        self.model = model
+        self.test_set = test_set
+        self.features: TensorDataset | None = None
+
+    def __call__(self, compressed: nn.Module) -> float:
+        if isinstance(compressed, CNN) and isinstance(self.test_set, TensorDataset) and \
+                _same_params(self.model.features, compressed.features):
+            if self.features is None:
+                x, y = self.test_set.tensors[0], self.test_set.tensors[1]
+                with torch.no_grad():
+                    self.model.eval()
+                    feats = torch.cat([self.model.features(x[i:i + 1000])
+                                       for i in range(0, len(x), 1000)])
+                self.features = TensorDataset(feats, y)
+            return evaluate(compressed.classifier, self.features)
+        return evaluate(compressed, self.test_set)
+
+
+def _same_params(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    return (str(row["dataset"]), str(row["network"]), str(row["layers"]), str(row["label"]),
+            f"{float(row['keep']):.6g}", str(int(row["seed"])))
+
+
+def read_rows(csv_path: Path) -> list[dict[str, Any]]:
+    """Rows of a results CSV, with numbers and booleans parsed."""
+    if not csv_path.is_file():
+        return []
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("accuracy", "keep", "certificate", "seconds", "baseline_accuracy"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
+        for k in ("seed", "parameters", "params_before"):
+            r[k] = int(r[k])
+        for k in ("macs", "macs_before"):
+            r[k] = int(r[k]) if r.get(k) not in (None, "") else None
+        r["data_driven"] = r["data_driven"] in ("True", "true", "1")
+    return rows
+
+
+def _append(csv_path: Path, row: Mapping[str, Any]) -> None:
+    new = not csv_path.is_file() or csv_path.stat().st_size == 0
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k) for k in FIELDS})
+        f.flush()
+
+
+def _as_list(value: str | Sequence[Any] | None) -> list[Any]:
+    if value is None or isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequence[float],
+              seeds: Sequence[int], dataset: str | Sequence[str], out_dir: str | Path, *,
+              layers: str | Sequence[str | None] | None = None, calibration_size: int = 2000,
+              progress: bool = True, cache_dir: str | Path | None = None,
+              configs: Mapping[str, Mapping[str, Any]] | None = None,
+              train_kw: Mapping[str, Any] | None = None, test_size: int | None = None,
+              data_root: str | Path | None = None, num_threads: int | None = None,
+              title: str | None = None) -> Path:
+    """Run (or resume) a sweep and write its outputs; returns the CSV path.
+
+    ``networks``/``dataset``/``layers`` may be lists (all combinations). ``configs`` maps a
+    network to zoo constructor overrides; ``train_kw`` goes to :func:`trained_model`
+    (e.g. ``epochs``, ``train_size``); ``test_size`` evaluates on a seeded subset of the test
+    split. Methods that cannot handle the network (single-output methods on multi-output
+    blocks) are skipped with a note in ``results.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    specs = [parse_method(m) for m in methods]
+    done = {_key(r) for r in read_rows(csv_path)}
+    notes: list[str] = []
+    combos = [(ds, net, lay, seed) for ds in _as_list(dataset) for net in _as_list(networks)
+              for lay in _as_list(layers) for seed in seeds]
+    total = len(combos) * (len(specs) * len(keeps) + 1)
+    old_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    quiet = not (progress and sys.stderr.isatty())
+    bar = tqdm(total=total, desc="sweep", unit="run", disable=quiet)
+    try:
+        for ds, net, lay, seed in combos:
+            todo = [(s, k) for s in specs for k in keeps
+                    if _key({"dataset": ds, "network": net, "layers": lay or "all",
+                             "label": s.label, "keep": k, "seed": seed}) not in done]
+            base_key = _key({"dataset": ds, "network": net, "layers": lay or "all",
+                             "label": BASELINE, "keep": 1.0, "seed": seed})
+            bar.update(len(specs) * len(keeps) - len(todo) + (base_key in done))
+            if not todo and base_key in done:
+                continue
+            model = trained_model(net, ds, seed, cache_dir, config=(configs or {}).get(net),
+                                  data_root=data_root, **dict(train_kw or {}))
+            test_set = _subset(load_split(ds, "test", data_root), test_size, 20_011)
+            calib = calibration_inputs(load_split(ds, "train", data_root), calibration_size,
+                                       seed)
+            common = {"dataset": ds, "network": net, "layers": lay or "all", "seed": seed}
+            evaluator = Evaluator(model, test_set)
+            baseline = evaluate(model, test_set)
+            if base_key not in done:
+                params = count_params(model)
+                example = infer_example_inputs(model)
+                macs = None if example is None else count_macs(model, example)
+                _append(csv_path, {**common, "method": BASELINE, "label": BASELINE,
+                                   "options": "{}", "keep": 1.0, "accuracy": baseline,
+                                   "parameters": params, "params_before": params,
+                                   "macs": macs, "macs_before": macs,
+                                   "certificate": 0.0, "seconds": 0.0, "data_driven": False,
+                                   "baseline_accuracy": baseline})
+                bar.update(1)
+            for spec, keep in todo:
+                if not method_class(spec.name).multi_output and outputs_of(ds) > 1:
+                    note = f"{spec.label} skipped on {net}/{ds}: single-output method"
+                    if note not in notes:
+                        notes.append(note)
+                        log.info(note)
+                    bar.update(1)
+                    continue
+                mapping = keep_mapping(model, lay, keep)
+                start = time.perf_counter()
+                result = compress(model, mapping, spec.name, seed=seed,
+                                  calibration=calib if spec.data_driven else None,
+                                  **spec.options)
+                seconds = time.perf_counter() - start
+                acc = evaluator(result.model)
+                certs = [b.certificate for b in result.blocks]
+                _append(csv_path, {**common, "method": spec.method, "label": spec.label,
+                                   "options": json.dumps(result.options, sort_keys=True),
+                                   "keep": keep, "accuracy": acc,
+                                   "parameters": result.params_after,
+                                   "params_before": result.params_before,
+                                   "macs": result.macs_after, "macs_before": result.macs_before,
+                                   "certificate": max(certs) if certs else math.nan,
+                                   "seconds": seconds, "data_driven": spec.data_driven,
+                                   "baseline_accuracy": baseline})
+                bar.set_postfix(method=spec.label, keep=keep, acc=f"{acc:.3f}", refresh=False)
+                bar.update(1)
+    finally:
+        bar.close()
+        if num_threads is not None:
+            torch.set_num_threads(old_threads)
+    write_outputs(out, read_rows(csv_path), notes=notes, title=title)
+    return csv_path
+
+
+# ------------------------------------------------------------------------------------------
+# the spec's experiments
+# ------------------------------------------------------------------------------------------
+
+MULTI_METHODS = ["random", "l1", "neuron-merging", "cup", "neural-path-kmeans", "srinivas-babu",
+                 "tropnnc", "tropnnc:norm=l1", "tropnnc:refine=5", "tropnnc+refit", "l1+refit",
+                 "thinet"]
+SINGLE_METHODS = ["random", "l1", "neuron-merging", "cup", "zonotope-kmeans",
+                  "neural-path-kmeans", "srinivas-babu", "tropnnc", "tropnnc:norm=l1",
+                  "tropnnc+refit", "thinet"]
+
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "E1": {"networks": ["e1-mlp"], "dataset": ["mnist-3v5", "mnist-4v9"],
+           "methods": SINGLE_METHODS, "keeps": [0.5, 0.25, 0.1, 0.05, 0.02, 0.01],
+           "seeds": [0, 1, 2, 3, 4], "layers": "all",
+           "train_kw": {"epochs": 40, "patience": 5}},  # ~1,600 training digits per pair
+    "E2": {"networks": ["e2-cnn"], "dataset": "fashion-mnist", "methods": MULTI_METHODS,
+           "keeps": [0.9, 0.75, 0.5, 0.25, 0.1, 0.05], "seeds": [0, 1, 2, 3, 4],
+           "layers": "fc"},
+    "E3": {"networks": ["lenet-300-100"], "dataset": "fashion-mnist", "methods": MULTI_METHODS,
+           "keeps": [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], "seeds": [0, 1, 2, 3, 4], "layers": "all"},
+    "E4": {"networks": ["vgg-small"], "dataset": "fashion-mnist",
+           "methods": ["random", "l1", "neuron-merging", "neural-path-kmeans", "tropnnc",
+                       "tropnnc+refit", "thinet"],
+           "keeps": [0.9, 0.75, 0.6, 0.5, 0.25, 0.1], "seeds": [0, 1],
+           "layers": ["conv", "all"],
+           # CPU budget: two seeds, 2 epochs on 12,000 training images, 1,000 test images
+           "train_kw": {"epochs": 2, "train_size": 12000}, "test_size": 1000,
+           "calibration_size": 256},
+}
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m tropnnc.experiments.sweep --experiment E3 [--out results/E3] ...``"""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+    p.add_argument("--out", type=Path)
+    p.add_argument("--networks", nargs="+")
+    p.add_argument("--dataset", nargs="+")
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--keeps", nargs="+", type=float)
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--layers", nargs="+")
+    p.add_argument("--calibration-size", type=int)
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-size", type=int)
+    p.add_argument("--train-option", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra train() options, e.g. patience=none val_fraction=0")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache-dir", type=Path)
+    args = p.parse_args(None if argv is None else list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = dict(EXPERIMENTS.get(args.experiment, {}))
+    for name in ("networks", "dataset", "methods", "keeps", "seeds", "layers"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    train_kw = dict(cfg.get("train_kw", {}))
+    if args.epochs is not None:
+        train_kw["epochs"] = args.epochs
+    if args.train_size is not None:
+        train_kw["train_size"] = args.train_size
+    for item in args.train_option:
+        key, eq, val = item.partition("=")
+        if not eq:
+            p.error(f"--train-option {item!r} must be KEY=VALUE")
+        train_kw[key] = _value(val)
+    missing = [k for k in ("networks", "dataset", "methods", "keeps", "seeds") if k not in cfg]
+    if missing:
+        p.error(f"give --experiment or all of: {', '.join('--' + m for m in missing)}")
+    out = args.out or Path("results") / (args.experiment or "sweep")
+    csv_path = run_sweep(
+        cfg["networks"], cfg["methods"], cfg["keeps"], cfg["seeds"], cfg["dataset"], out,
+        layers=cfg.get("layers"), train_kw=train_kw, cache_dir=args.cache_dir,
+        calibration_size=args.calibration_size or cfg.get("calibration_size", 2000),
+        test_size=args.test_size or cfg.get("test_size"), num_threads=args.threads,
+        title=args.experiment)
+    print((csv_path.parent / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
