@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from .block import Block, Merge, certificate, select
+from .budget import Allocation, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
 from .graph import BlockSpec, Skip, discover
 from .methods import get_method
+from .repair import bn_repair, check_repair
 from .surgery import apply, extract, get_module
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class BlockReport:
     data_driven: bool  # read calibration data (thinet, or a least-squares refit)
     assignment: list[int] = field(repr=False)
     shares: list[float] | None = field(repr=False)
+    repaired: bool = False  # compress(repair=...) corrected the consumer bias
+    repair_note: str | None = None  # why a requested repair was a no-op (None: not asked/done)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class CompressionResult:
     params_after: int
     macs_before: int | None
     macs_after: int | None
+    allocation: Allocation | None = None  # budgeted widths (compress(budget=...)), else None
 
     def table(self) -> str:
         """A plain-text table of the per-block report."""
@@ -76,6 +81,10 @@ class CompressionResult:
         lines.append(f"parameters {self.params_before} -> {self.params_after}")
         if self.macs_before is not None:
             lines.append(f"MACs {self.macs_before} -> {self.macs_after}")
+        if self.allocation is not None:
+            a = self.allocation
+            lines.append(f"budget {a.budget:g} of {a.unit} ({a.allocator}): "
+                         f"{a.achieved} of {a.total} (target {a.target:.0f})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:
@@ -86,18 +95,28 @@ class CompressionResult:
             "skipped": [asdict(s) for s in self.skipped],
             "params_before": self.params_before, "params_after": self.params_after,
             "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "allocation": None if self.allocation is None else asdict(self.allocation),
         }
 
 
-def compress(model: nn.Module, keep: KeySpec = 0.5, method: str = "tropnnc", *, seed: int = 0,
-             example_inputs: torch.Tensor | None = None, strict: bool = False,
+def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropnnc", *,
+             seed: int = 0, example_inputs: torch.Tensor | None = None, strict: bool = False,
              radius: float = 1.0, calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
-             **options: object) -> CompressionResult:
+             budget: float | None = None, budget_unit: str = "params",
+             allocator: str | None = None, min_width: int = 1, round_to: int = 1,
+             repair: str | None = None, **options: object) -> CompressionResult:
     """Compress every compressible hidden layer of ``model`` without data.
 
     ``keep``: a float in (0, 1] is the fraction of units kept per block
     (K = max(1, round(keep * n))); an int is the width itself; a mapping from producer
-    layer name to either compresses only the layers it names. ``method``: one of
+    layer name to either compresses only the layers it names; None means 0.5, unless
+    ``budget`` is given. ``budget``: instead of ``keep``, the fraction in (0, 1] of the
+    parameters (``budget_unit='params'``) or MACs (``'macs'``) of the compressible layers
+    (every Linear/Conv2d that is a producer or consumer of a block; all blocks are then
+    compressed) to keep; per-block widths are chosen by :func:`tropnnc.budget.allocate`
+    (``allocator``: 'tropnnc' certificate curves, 'tropnnc-log', or 'method': the method's
+    own, e.g. CUP's global threshold; every width >= ``min_width`` and a multiple of
+    ``round_to`` or the full width) and reported in ``result.allocation``. ``method``: one of
     :func:`tropnnc.methods`; ``options`` go to the method. ``seed`` fixes every random
     choice. ``radius`` bounds the norm of each block's input for the certificates.
     ``strict`` turns a refused block (an op the method cannot reason about) into an error.
@@ -105,11 +124,18 @@ def compress(model: nn.Module, keep: KeySpec = 0.5, method: str = "tropnnc", *, 
     ``calibration``: unlabeled inputs (a tensor or an iterable of batches). Data-driven
     methods (``thinet``) need them; with any other method they trigger a least-squares
     refit of the consumer after the data-free merge (reported as data-driven, no
-    certificate).
+    certificate). ``repair="bn"``: after each share-form merge, shift the consumer's bias
+    so its expected pre-activation is unchanged, modelling each unit's pre-activation as
+    Gaussian with its BatchNorm's beta and |gamma| (:mod:`tropnnc.repair`; data-free; the
+    shift is added to the certificate); a no-op, noted in the block's report, without BN
+    statistics, for merges without shares, or when a calibration refit runs.
+    ``repair="bn-var"`` also rescales each merged unit's consumer slices to keep the
+    variance it feeds the consumer (same model; see :mod:`tropnnc.repair`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be a torch.nn.Module, got {type(model).__name__}")
     algo = get_method(method, **options)
+    check_repair(repair)
     batches = None if calibration is None else as_batches(calibration)
     if algo.data_driven and batches is None:
         raise ValueError(f"method {method!r} is data-driven: pass calibration=<unlabeled "
@@ -126,26 +152,47 @@ def compress(model: nn.Module, keep: KeySpec = 0.5, method: str = "tropnnc", *, 
         reasons = "; ".join(f"{s.layer}: {s.reason}" for s in skipped) or "no Linear/Conv2d"
         raise ValueError(f"compress: {type(model).__name__} has no compressible block "
                          f"(producer -> ReLU -> consumer): {reasons}")
-    widths = _widths(model, specs, keep)
+    allocation = None
+    if budget is not None:
+        if keep is not None:
+            raise ValueError("compress: pass either keep or budget, not both (with a budget "
+                             "the per-layer widths are chosen by the allocator)")
+        allocation = allocate(model, specs, budget, unit=budget_unit, method=method,
+                              options=algo.options(), allocator=allocator,
+                              min_width=min_width, round_to=round_to,
+                              example_inputs=example_inputs)
+        widths = allocation.widths
+    else:
+        if (min_width, round_to, allocator, budget_unit) != (1, 1, None, "params"):
+            raise ValueError("compress: budget_unit, allocator, min_width and round_to apply "
+                             "to a budget only; pass budget=...")
+        widths = _widths(model, specs, 0.5 if keep is None else keep)
     if not algo.multi_output:
         _check_single_output(model, specs, widths, method)
     if radius <= 0 or not math.isfinite(radius):
         raise ValueError(f"compress: radius must be a positive number, got {radius}")
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
-    work = copy.deepcopy(model)
+    work = _working_copy(model, specs, widths)
     reports = []
     for spec in specs:
         if spec.producer not in widths:
             continue
         start = time.perf_counter()
         generator = _generator(seed, spec.producer)
-        block = extract(work, spec, radius)
+        block = extract(work, spec, radius,
+                        device=None if getattr(algo, "device_aware", False) else "cpu")
         positions = None
         if batches is not None:
             reads, positions = capture_reads(work, spec, batches, None, generator)
             block = replace(block, reads=reads)
         merge = compress_block(algo, block, widths[spec.producer], generator)
+        repair_note = None
+        if repair is not None:
+            if batches is not None and not algo.data_driven:
+                repair_note = "replaced by the least-squares refit on calibration data"
+            else:
+                merge, repair_note = bn_repair(block, merge, variance=repair == "bn-var")
         apply(work, spec, merge)
         if batches is not None and not algo.data_driven:
             new_reads, _ = capture_reads(work, spec, batches, positions, generator)
@@ -156,34 +203,62 @@ def compress(model: nn.Module, keep: KeySpec = 0.5, method: str = "tropnnc", *, 
             spec.producer, spec.consumer, block.n, merge.k, float(bound.max()),
             float(bound.sum()), radius, method, time.perf_counter() - start,
             batches is not None, merge.assignment.tolist(),
-            None if merge.shares is None else merge.shares.tolist()))
+            None if merge.shares is None else merge.shares.tolist(),
+            repair is not None and repair_note is None, repair_note))
         log.info("%s: %d -> %d units, certificate %.4g", spec.producer, block.n, merge.k,
                  reports[-1].certificate)
     return CompressionResult(
         work, method, algo.options(), seed, reports, skipped, count_params(model),
         count_params(work), None if inputs is None else count_macs(model, inputs),
-        None if inputs is None else count_macs(work, inputs))
+        None if inputs is None else count_macs(work, inputs), allocation)
 
 
 def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Merge:
     """Merge ``block`` to width ``k``: dead units (w_i = 0 or c_i = 0) are dropped first
     at no error; if no more than k units are live they are all kept (with dead ones as
     padding), otherwise the method merges the live ones."""
-    live = (block.weight.abs().sum(1) > 0) & (block.out.flatten(1).abs().sum(1) > 0)
+    live = block.live()
     n_live = int(live.sum())
     if n_live <= k:
         kept = torch.cat([live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)[:k - n_live]])
         return select(block, kept.sort().values)
+    if n_live == block.n:  # nothing to drop: no subset copy of the block
+        inner = algo.merge(block, k, generator)
+        return Merge(inner.rows, inner.out, inner.assignment, inner.shares, inner.kept)
     idx = live.nonzero().squeeze(1)
     inner = algo.merge(block.subset(idx), k, generator)
-    assignment = torch.full((block.n,), -1, dtype=torch.long)
+    assignment = torch.full((block.n,), -1, dtype=torch.long, device=idx.device)
     assignment[idx] = inner.assignment
     shares = None
     if inner.shares is not None:
-        shares = torch.zeros(block.n, dtype=block.weight.dtype)
+        shares = torch.zeros(block.n, dtype=block.weight.dtype, device=idx.device)
         shares[idx] = inner.shares
     kept = None if inner.kept is None else torch.where(inner.kept >= 0, idx[inner.kept], -1)
     return Merge(inner.rows, inner.out, assignment, shares, kept)
+
+
+def _working_copy(model: nn.Module, specs: list[BlockSpec], widths: dict[str, int]
+                  ) -> nn.Module:
+    """A deep copy of ``model`` that shares, instead of copying, the parameters and buffers
+    of the modules compression replaces (producer, consumer and folded BatchNorm of every
+    block in ``widths``): they are only read, then swapped for new modules by
+    :func:`tropnnc.surgery.apply`, so the result still owns all its tensors and the input
+    is never modified, without a transient copy of its largest layers. Tensors that any
+    other module also uses are copied as usual."""
+    replaced = set()
+    for spec in specs:
+        if spec.producer in widths:
+            replaced.update(n for n in (spec.producer, spec.consumer, spec.bn) if n)
+    shared: dict[int, torch.Tensor] = {}
+    used_elsewhere: set[int] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        tensors = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+        if name in replaced:
+            shared.update((id(t), t) for t in tensors)
+        else:
+            used_elsewhere.update(id(t) for t in tensors)
+    memo = {key: t for key, t in shared.items() if key not in used_elsewhere}
+    return copy.deepcopy(model, memo)
 
 
 def _generator(seed: int, layer: str) -> torch.Generator:
@@ -239,6 +314,7 @@ def _check_single_output(model: nn.Module, specs: list[BlockSpec], widths: dict[
 
 def _check_finite(model: nn.Module) -> None:
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if (p.is_floating_point() and p.numel()  # min and max: NaN/inf show up there
+                and not bool(torch.isfinite(torch.stack(torch.aminmax(p))).all())):
             raise ValueError(f"compress: {name} of {type(model).__name__} contains NaN or inf "
                              "values; fix or retrain the model first")

@@ -1,0 +1,599 @@
+"""Budgeted non-uniform compression: choose every block's width from a parameter/MAC budget.
+
+The budget is a fraction of the *compressible layers*: every Linear/Conv2d layer that is the
+producer or the consumer of a compressed block (with ``budget=...`` every discovered block is
+compressed). Their parameters are weights plus biases, a BatchNorm folded into a producer
+counting as that producer's bias (as in the compressed model); their MACs are counted
+analytically like :func:`tropnnc.counting.count_macs`. Layer counts are bilinear in the widths:
+removing one unit of block l saves its producer row (whose length depends on the width of the
+block before) and its consumer slice (whose height depends on the width of the block after),
+and every saving is computed exactly from the shapes at the current widths.
+
+Two allocators (spec section 4, "Non-uniform widths"; baselines.md, CUP):
+
+* ``tropnnc`` curves: for each block, the certificate curve e_l(K), K = 1..n, is the tropnnc
+  clustering objective sum_i m_i r_i (r_i = sin of the angle between unit i's direction and
+  its cluster's direction u = normalize(sum m_i d_i), 1 when the cosine is negative; with
+  norm='l1' this is the P5 certificate summed over outputs, without rho) divided by sum_i m_i.
+  It is measured along one agglomerative hierarchy per layer (see :func:`agglomerate`), on the
+  block's original weights (before any other block is merged), dead units dropping first at no
+  cost. Widths are then allocated greedily: starting from the full widths, repeatedly shrink
+  the block whose next step raises its normalised certificate least per parameter (or MAC)
+  saved, until the count is at most budget * total. The increments are taken from the lower
+  convex envelope of each curve, so a noisy step cannot hide cheaper steps behind it. A heap
+  with lazily refreshed entries makes each step O(log L) for L blocks. The ``tropnnc-log``
+  variant runs the same greedy on -log(1 - e_l(K)), i.e. it maximises the product over blocks
+  of the fraction of mass each one keeps; a block can then not be emptied (e -> 1) to pay
+  for the others, which the plain sum of certificates allows at small budgets.
+* CUP's global threshold: one Ward linkage per block on CUP's unit features; at threshold t a
+  block keeps K_l(t) = n_l - #{merge heights <= t} units (dead units have height 0). The
+  count is monotone in t, so a bisection over the sorted merge heights finds the smallest t
+  whose widths meet the budget.
+
+``min_width`` bounds every width from below and ``round_to`` restricts widths to multiples of
+it (or the full width), for hardware-friendly shapes. The greedy allocation ends at most one
+step (one unit, or ``round_to`` units) below the target, so the gap is bounded by the largest
+per-step saving, reported as ``Allocation.max_step_saving``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .block import Block
+from .counting import infer_example_inputs
+from .graph import BlockSpec
+from .surgery import extract, get_module
+
+__all__ = [
+    "Allocation",
+    "LayerAllocation",
+    "agglomerate",
+    "allocate",
+    "certificate_curve",
+    "compressible_count",
+]
+
+UNITS = ("params", "macs")
+ALLOCATORS = ("tropnnc", "tropnnc-log", "method")
+NORMS = ("l1", "l2", "max")
+_TINY = np.finfo(np.float64).tiny
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    """The width chosen for one block (named by its producer layer)."""
+
+    layer: str
+    units: int  # width before compression
+    width: int  # width chosen
+    certificate: float  # normalised certificate curve e_l(width), in [0, 1]
+    count: int  # params or MACs of the producer layer at the chosen widths
+    share: float  # count / Allocation.achieved (the output layer is no block's producer)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A budgeted allocation of widths, and what it achieves.
+
+    ``total``: params or MACs of the compressible layers at full width; ``target`` =
+    budget * total; ``achieved``: the count at the chosen widths (<= target).
+    ``max_step_saving`` bounds target - achieved for the greedy allocator. ``threshold``:
+    CUP's global Ward distance (threshold allocator only). ``curves``: e_l(K), K = 1..n.
+    """
+
+    unit: str
+    budget: float
+    allocator: str  # "tropnnc-curves", "tropnnc-log-curves" or "cup-threshold"
+    total: int
+    target: float
+    achieved: int
+    max_step_saving: int
+    min_width: int
+    round_to: int
+    threshold: float | None
+    layers: list[LayerAllocation]
+    curves: dict[str, list[float]] = field(repr=False)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Width per producer layer, in forward order."""
+        return {a.layer: a.width for a in self.layers}
+
+
+# --------------------------------------------------------------------------------------------
+# certificate curves
+# --------------------------------------------------------------------------------------------
+
+
+def agglomerate(directions: Tensor | np.ndarray,
+                mass: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted Ward agglomeration on the sphere, with the exact objective along the way.
+
+    ``directions`` (n, D) unit rows d_i, ``mass`` (n,) weights m_i > 0. Clusters are merged
+    by the weighted Ward criterion M_A M_B / (M_A + M_B) ||mu_A - mu_B||^2 (mu: m-weighted
+    mean direction, Lance-Williams update, nearest-neighbour bookkeeping): a squared
+    surrogate of the P5 increase, zero for units pointing the same way. After every merge
+    the true objective sum_i m_i r_i of the current partition is updated in O(|cluster|)
+    from Gram-space sums (u_C = normalize(sum_{i in C} m_i d_i)).
+
+    Returns ``merges`` (n-1, 2): the pair (a, b), a < b, merged at each step, a cluster
+    being labelled by its smallest member (b joins a), and ``cost`` (n,): cost[K-1] = the
+    objective of the partition into K clusters (cost[n-1] = 0).
+    """
+    d = np.asarray(directions, dtype=np.float64)
+    m = np.asarray(mass, dtype=np.float64)
+    n = d.shape[0]
+    merges = np.zeros((max(n - 1, 0), 2), dtype=np.int64)
+    cost = np.zeros(n)
+    if n <= 1:
+        return merges, cost
+    dt = torch.from_numpy(d)
+    g = np.clip((dt @ dt.T).numpy(), -1.0, 1.0)  # (n, n) cosines (torch's matmul is faster)
+    weight = m.copy()  # cluster masses M_c (indexed by surviving member)
+    dist = (m[:, None] * m[None, :] / np.maximum(m[:, None] + m[None, :], _TINY)
+            * np.maximum(2.0 - 2.0 * g, 0.0))  # (n, n) Ward merge costs of singletons
+    np.fill_diagonal(dist, np.inf)
+    near = dist.argmin(axis=1)  # (n,) nearest neighbour
+    near_d = dist[np.arange(n), near]
+    inner = g * m[None, :]  # (n, n): inner[i, c] = <d_i, S_c>, S_c = sum_{j in c} m_j d_j
+    s2 = m * m  # ||S_c||^2
+    ccost = np.zeros(n)  # objective of each cluster
+    label = np.arange(n)
+    active = np.ones(n, dtype=bool)
+    total = 0.0
+    for step in range(n - 1):
+        a = int(near_d.argmin())
+        b = int(near[a])
+        a, b = min(a, b), max(a, b)
+        merges[step] = (a, b)
+        # Ward / Lance-Williams update of the merged cluster's row
+        ma, mb, dab = weight[a], weight[b], dist[a, b]
+        new = (((weight + ma) * dist[:, a] + (weight + mb) * dist[:, b] - weight * dab)
+               / np.maximum(weight + ma + mb, _TINY))
+        new[~active] = np.inf
+        new[a] = new[b] = np.inf
+        dist[a, :] = new
+        dist[:, a] = new
+        dist[b, :] = np.inf
+        dist[:, b] = np.inf
+        weight[a] = ma + mb
+        active[b] = False
+        near_d[b] = np.inf
+        # exact objective of the merged cluster
+        in_a = label == a
+        in_b = label == b
+        cross = float(m[in_a] @ inner[in_a, b])  # <S_a, S_b>
+        inner[:, a] += inner[:, b]
+        s2[a] = s2[a] + s2[b] + 2.0 * cross
+        label[in_b] = a
+        members = in_a | in_b
+        cos = inner[members, a] / math.sqrt(max(s2[a], _TINY))
+        mm = m[members]
+        resid = np.where(cos >= 0, mm * np.sqrt(np.maximum(1.0 - cos * cos, 0.0)), mm)
+        merged = float(resid.sum())
+        total += merged - ccost[a] - ccost[b]
+        ccost[a], ccost[b] = merged, 0.0
+        cost[n - 2 - step] = max(total, 0.0)
+        # nearest neighbours: rows that pointed at a or b are recomputed (Ward is reducible,
+        # so no other row can find a closer neighbour than before except the merged one)
+        stale = active & ((near == a) | (near == b))
+        stale[a] = True
+        rows = stale.nonzero()[0]
+        sub = dist[rows]
+        near[rows] = sub.argmin(axis=1)
+        near_d[rows] = sub[np.arange(rows.size), near[rows]]
+        better = new < near_d
+        near[better] = a
+        near_d[better] = new[better]
+    return merges, cost
+
+
+def unit_mass(block: Block, norm: str = "l2") -> Tensor:
+    """m_i = ||w_i|| * ||c_i|| (c_i flattened over outputs and reads), as tropnnc uses it."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    flat = block.out.flatten(1)
+    c = {"l1": lambda: flat.abs().sum(1), "l2": lambda: flat.norm(dim=1),
+         "max": lambda: flat.abs().amax(1)}[norm]()
+    return block.weight.norm(dim=1) * c
+
+
+def certificate_curve(block: Block, norm: str = "l2") -> Tensor:
+    """Normalised certificate curve e(K), K = 1..n (entry K-1), of one block, float64.
+
+    e(K) = sum_i m_i r_i / sum_i m_i along the hierarchy of :func:`agglomerate` over the live
+    units (w_i != 0 and c_i != 0); dead units are dropped first at no cost, so e(K) = 0 for
+    K >= the number of live units. Made non-increasing in K (a running maximum), since more
+    units never have to cost more. Cost: one Gram matrix plus O(n^2) vectorised work.
+    """
+    mass = unit_mass(block, norm)
+    live = (mass > 0).numpy()
+    w = block.weight.numpy()[live]
+    d = w / np.linalg.norm(w, axis=1, keepdims=True)
+    _, cost = agglomerate(d, mass.numpy()[live])
+    curve = np.zeros(block.n)
+    total = float(mass.sum())
+    if total > 0 and cost.size:
+        curve[:cost.size] = cost / total
+    curve = np.maximum.accumulate(curve[::-1])[::-1]  # e(K-1) >= e(K)
+    return torch.from_numpy(np.clip(curve, 0.0, 1.0))
+
+
+def _lower_hull(values: np.ndarray) -> np.ndarray:
+    """Lower convex envelope of the points (K, values[K-1]), evaluated at every K."""
+    n = values.size
+    hull: list[int] = []
+    for k in range(n):  # monotone chain, once per layer
+        while len(hull) >= 2:
+            i, j = hull[-2], hull[-1]
+            if (values[j] - values[i]) * (k - i) >= (values[k] - values[i]) * (j - i):
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return np.interp(np.arange(n), hull, values[hull])
+
+
+# --------------------------------------------------------------------------------------------
+# counting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The compressible layers as arrays: count(K) = sum coef*out*in + bias*out."""
+
+    names: list[str]
+    out_block: np.ndarray  # (L,) block whose producer the layer is, -1 if none
+    in_block: np.ndarray  # (L,) block whose consumer the layer is, -1 if none
+    out_dim: np.ndarray  # (L,) full output units
+    in_dim: np.ndarray  # (L,) full input features (Linear after flatten: units * reads)
+    reads: np.ndarray  # (L,) inputs per unit of in_block (H*W after flatten, else 1)
+    coef: np.ndarray  # (L,) kernel size (params) or kernel size * output positions (MACs)
+    bias: np.ndarray  # (L,) 1 when the layer carries a bias (params only)
+
+    def counts(self, widths: np.ndarray) -> np.ndarray:
+        """(L,) per-layer counts at block widths ``widths`` (B,)."""
+        k = np.append(np.asarray(widths, dtype=np.int64), 0)  # index -1 -> unused
+        out = np.where(self.out_block >= 0, k[self.out_block], self.out_dim)
+        inn = np.where(self.in_block >= 0, k[self.in_block] * self.reads, self.in_dim)
+        return self.coef * out * inn + self.bias * out
+
+    def count(self, widths: np.ndarray) -> int:
+        return int(self.counts(widths).sum())
+
+
+def _layout(model: nn.Module, specs: list[BlockSpec], unit: str,
+            inputs: Tensor | None) -> _Layout:
+    names: list[str] = []
+    for s in specs:
+        for name in (s.producer, s.consumer):
+            if name not in names:
+                names.append(name)
+    index = {name: i for i, name in enumerate(names)}
+    size = len(names)
+    out_block = np.full(size, -1, dtype=np.int64)
+    in_block = np.full(size, -1, dtype=np.int64)
+    reads = np.ones(size, dtype=np.int64)
+    folded = np.zeros(size, dtype=bool)
+    for b, s in enumerate(specs):
+        out_block[index[s.producer]] = b
+        in_block[index[s.consumer]] = b
+        folded[index[s.producer]] = s.bn is not None
+        units = _units(get_module(model, s.producer))
+        consumer = get_module(model, s.consumer)
+        if isinstance(consumer, nn.Linear):
+            reads[index[s.consumer]] = consumer.in_features // units
+    mods = [get_module(model, name) for name in names]
+    out_dim = np.array([_units(mod) for mod in mods], dtype=np.int64)
+    in_dim = np.array([mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+                       for mod in mods], dtype=np.int64)
+    kernel = np.array([1 if isinstance(mod, nn.Linear) else math.prod(mod.kernel_size)
+                       for mod in mods], dtype=np.int64)
+    if unit == "params":
+        bias = np.array([mod.bias is not None or f for mod, f in zip(mods, folded, strict=True)],
+                        dtype=np.int64)
+        coef = kernel
+    else:
+        positions = _positions(model, names, inputs)
+        coef = kernel * np.array([positions[name] for name in names], dtype=np.int64)
+        bias = np.zeros(size, dtype=np.int64)
+    return _Layout(names, out_block, in_block, out_dim, in_dim, reads, coef, bias)
+
+
+def _units(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _positions(model: nn.Module, names: list[str], inputs: Tensor) -> dict[str, int]:
+    """Output positions per unit of each named layer (H*W for conv) on one sample."""
+    found: dict[str, int] = {}
+    handles = []
+    for name in names:
+        mod = get_module(model, name)
+
+        def hook(module: nn.Module, args: object, output: Tensor, name: str = name) -> None:
+            found[name] = output.numel() // _units(module)
+
+        handles.append(mod.register_forward_hook(hook))
+    param = next(model.parameters(), None)
+    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
+    sample = torch.zeros((1,) + tuple(inputs.shape[1:]), **like)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _inputs_for(model: nn.Module, unit: str, example_inputs: Tensor | None) -> Tensor | None:
+    if unit != "macs":
+        return None
+    inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
+    if inputs is None:
+        raise ValueError(f"budget_unit='macs' needs the input shape of {type(model).__name__}: "
+                         "set model.input_shape (one sample, e.g. (3, 32, 32)) or pass "
+                         "example_inputs=<a batch of inputs>")
+    return inputs
+
+
+def compressible_count(model: nn.Module, specs: list[BlockSpec], unit: str = "params",
+                       example_inputs: Tensor | None = None) -> int:
+    """Params or MACs of the compressible layers of ``model`` (the producers and consumers
+    of ``specs``), at the widths the model has now (works on a compressed copy too: module
+    paths are unchanged). A producer followed by a BatchNorm counts its folded bias."""
+    _check_unit(unit)
+    layout = _layout(model, specs, unit, _inputs_for(model, unit, example_inputs))
+    widths = np.array([_units(get_module(model, s.producer)) for s in specs], dtype=np.int64)
+    return layout.count(widths)
+
+
+# --------------------------------------------------------------------------------------------
+# allocation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"budget_unit must be one of {', '.join(map(repr, UNITS))}, "
+                         f"got {unit!r}")
+
+
+def _check_budget(budget: object) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number in (0, 1], got {budget!r}")
+    value = float(budget)
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"budget {budget} must be in (0, 1]: the fraction of the compressible "
+                         "layers' parameters (or MACs) to keep")
+    return value
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _allowed(n: int, min_width: int, round_to: int) -> np.ndarray:
+    """Widths a block of n units may take, descending: n, then multiples of round_to that
+    are >= min_width (all of them when round_to = 1); just n when none is below n."""
+    low = max(min_width, 1)
+    low = -(-low // round_to) * round_to
+    steps = np.arange(low, n, round_to, dtype=np.int64) if low < n else np.zeros(0, np.int64)
+    return np.concatenate([[n], steps[::-1]]).astype(np.int64)
+
+
+def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
+             unit: str = "params", method: str = "tropnnc",
+             options: Mapping[str, object] | None = None, allocator: str | None = None,
+             min_width: int = 1, round_to: int = 1,
+             example_inputs: Tensor | None = None) -> Allocation:
+    """Choose the width of every block in ``specs`` so the compressible layers of ``model``
+    keep at most ``budget`` of their params (``unit='params'``) or MACs (``'macs'``).
+
+    ``allocator``: ``'tropnnc'`` (greedy on tropnnc certificate curves, for any method, so
+    methods compare at equal budgets), ``'tropnnc-log'`` (the same on -log(1 - e)),
+    ``'method'`` (the method's own: CUP's global Ward threshold for ``cup``, the certificate
+    curves with the method's ``norm`` for ``tropnnc``), or None: ``'method'`` for cup and
+    tropnnc, ``'tropnnc'`` otherwise. ``options``: the method's options (tropnnc's ``norm``,
+    cup's ``include_bias``). The curves are computed on the original weights of each block.
+    """
+    value = _check_budget(budget)
+    _check_unit(unit)
+    min_width = _check_int("min_width", min_width)
+    round_to = _check_int("round_to", round_to)
+    if allocator is not None and allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {', '.join(map(repr, ALLOCATORS))} or None, "
+                         f"got {allocator!r}")
+    options = dict(options or {})
+    mode = allocator or ("method" if method in ("cup", "tropnnc") else "tropnnc")
+    if mode == "method" and method not in ("cup", "tropnnc"):
+        raise ValueError(f"allocator='method': {method!r} has no allocator of its own "
+                         "(only cup and tropnnc do); use allocator='tropnnc'")
+    threshold_mode = mode == "method" and method == "cup"
+    norm = str(options.get("norm", "l2")) if method == "tropnnc" else "l2"
+
+    layout = _layout(model, specs, unit, _inputs_for(model, unit, example_inputs))
+    blocks = [extract(model, s) for s in specs]
+    full = np.array([b.n for b in blocks], dtype=np.int64)
+    allowed = [_allowed(int(n), min_width, round_to) for n in full]
+    total = layout.count(full)
+    target = value * total
+    floor = layout.count(np.array([a[-1] for a in allowed], dtype=np.int64))
+    if floor > target:
+        extra = f", round_to={round_to}" if round_to > 1 else ""
+        raise ValueError(f"budget {budget} is below {floor / total:.6g}, the smallest fraction "
+                         f"of the compressible layers' {unit} that the minimum widths allow "
+                         f"(min_width={min_width}{extra}: {floor} of {total})")
+    curves = [certificate_curve(b, norm).numpy() for b in blocks]
+    threshold = None
+    if threshold_mode:
+        include_bias = bool(options.get("include_bias", False))
+        widths, threshold = _threshold_widths(blocks, allowed, layout, target, include_bias)
+        name = "cup-threshold"
+    else:
+        log = mode == "tropnnc-log"
+        costs = [-np.log(np.maximum(1.0 - c, 1e-12)) if log else c for c in curves]
+        widths = _greedy(costs, allowed, layout, target)
+        name = "tropnnc-log-curves" if log else "tropnnc-curves"
+    counts = layout.counts(widths)
+    achieved = int(counts.sum())
+    step = _max_step_saving(allowed, layout, full)
+    index = {n: i for i, n in enumerate(layout.names)}
+    layers = [LayerAllocation(s.producer, int(full[b]), int(widths[b]),
+                              float(curves[b][widths[b] - 1]),
+                              int(counts[index[s.producer]]),
+                              float(counts[index[s.producer]]) / max(achieved, 1))
+              for b, s in enumerate(specs)]
+    return Allocation(unit, value, name, total, target, achieved, step, min_width, round_to,
+                      threshold, layers,
+                      {s.producer: c.tolist() for s, c in zip(specs, curves, strict=True)})
+
+
+def _max_step_saving(allowed: list[np.ndarray], layout: _Layout, full: np.ndarray) -> int:
+    """The largest saving of one allocation step of any block, at full widths.
+
+    A block's count is linear in its own width when the others are fixed, and its per-unit
+    saving only shrinks as the other widths do, so (largest step in units) x (per-unit saving
+    at full widths) bounds every step the allocation can take: the gap below the target.
+    """
+    base = layout.count(full)
+    best = 0
+    for b, a in enumerate(allowed):
+        if a.size > 1:
+            k = full.copy()
+            k[b] -= 1
+            best = max(best, int(np.diff(-a).max()) * (base - layout.count(k)))
+    return int(best)
+
+
+def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout,
+            target: float) -> np.ndarray:
+    """Shrink blocks one allowed step at a time, cheapest certificate increase per unit of
+    count saved first, until the count is at most ``target``. Lazy heap over blocks."""
+    hulls = [_lower_hull(c) for c in curves]
+    widths = np.array([a[0] for a in allowed], dtype=np.int64)
+    pos = np.zeros(len(allowed), dtype=np.int64)
+    version = np.zeros(len(allowed), dtype=np.int64)
+    touching: list[list[int]] = [[] for _ in allowed]  # blocks sharing a layer with block b
+    layer_of: list[np.ndarray] = []
+    for b in range(len(allowed)):
+        lay = np.nonzero((layout.out_block == b) | (layout.in_block == b))[0]
+        layer_of.append(lay)
+        for other in np.concatenate([layout.in_block[lay], layout.out_block[lay]]):
+            if other >= 0 and other != b and other not in touching[b]:
+                touching[b].append(int(other))
+    k_ext = np.append(widths, 0)
+
+    def layer_count(lay: np.ndarray) -> int:
+        out = np.where(layout.out_block[lay] >= 0, k_ext[layout.out_block[lay]],
+                       layout.out_dim[lay])
+        inn = np.where(layout.in_block[lay] >= 0, k_ext[layout.in_block[lay]] * layout.reads[lay],
+                       layout.in_dim[lay])
+        return int((layout.coef[lay] * out * inn + layout.bias[lay] * out).sum())
+
+    def delta(b: int, width: int) -> int:
+        """Change of the count when block b moves to ``width`` (the others unchanged)."""
+        lay = layer_of[b]
+        before = layer_count(lay)
+        k_ext[b] = width
+        after = layer_count(lay)
+        k_ext[b] = widths[b]
+        return after - before
+
+    def saving(b: int) -> int:
+        return -delta(b, allowed[b][pos[b] + 1])
+
+    heap: list[tuple[float, int, int, int]] = []
+
+    def push(b: int) -> None:
+        if pos[b] + 1 >= allowed[b].size:
+            return
+        save = saving(b)
+        rise = hulls[b][allowed[b][pos[b] + 1] - 1] - hulls[b][widths[b] - 1]
+        heapq.heappush(heap, (max(rise, 0.0) / save, -save, b, int(version[b])))
+
+    for b in range(len(allowed)):
+        push(b)
+    count = layout.count(widths)
+    while count > target and heap:
+        _, neg_save, b, ver = heapq.heappop(heap)
+        if ver != version[b]:
+            continue
+        pos[b] += 1
+        widths[b] = k_ext[b] = allowed[b][pos[b]]
+        count += neg_save
+        for c in [b, *touching[b]]:
+            version[c] += 1
+            push(c)
+    # The last step may overshoot by up to one (large) unit: give steps back while they fit,
+    # the largest certificate decrease per unit of count first (O(blocks) per step).
+    while True:
+        best, best_gain, best_grow = -1, 0.0, 0
+        for b in range(len(allowed)):
+            if pos[b] == 0:
+                continue
+            wider = allowed[b][pos[b] - 1]
+            grow = delta(b, wider)
+            if count + grow > target:
+                continue
+            gain = (hulls[b][widths[b] - 1] - hulls[b][wider - 1]) / grow
+            if best < 0 or gain > best_gain:
+                best, best_gain, best_grow = b, gain, grow
+        if best < 0:
+            return widths
+        pos[best] -= 1
+        widths[best] = k_ext[best] = allowed[best][pos[best]]
+        count += best_grow
+
+
+def _threshold_widths(blocks: list[Block], allowed: list[np.ndarray], layout: _Layout,
+                      target: float, include_bias: bool) -> tuple[np.ndarray, float]:
+    """CUP's global threshold: bisection over the sorted Ward merge heights of all blocks for
+    the smallest t whose widths K_l(t) (clamped to the allowed widths) meet the target."""
+    from scipy.cluster.hierarchy import linkage
+
+    from .methods.cup import features
+
+    events = []
+    for block in blocks:
+        live = (block.weight.abs().sum(1) > 0) & (block.out.flatten(1).abs().sum(1) > 0)
+        idx = live.nonzero().squeeze(1)
+        heights = np.zeros(0)
+        if idx.numel() > 1:
+            feats = features(block.subset(idx), include_bias).numpy()
+            heights = np.sort(linkage(feats, method="ward")[:, 2])
+        events.append(np.concatenate([np.zeros(block.n - idx.numel()), heights]))
+    ascending = [a[::-1] for a in allowed]
+
+    def widths_at(t: float) -> np.ndarray:
+        k = np.array([block.n - np.searchsorted(e, t, side="right")
+                      for block, e in zip(blocks, events, strict=True)], dtype=np.int64)
+        k = np.maximum(k, [a[0] for a in ascending])
+        return np.array([a[min(np.searchsorted(a, w), a.size - 1)]
+                         for a, w in zip(ascending, k, strict=True)], dtype=np.int64)
+
+    candidates = np.concatenate([[-np.inf], np.unique(np.concatenate(events))])
+    lo, hi = 0, candidates.size - 1  # count(candidates[hi]) <= target is checked by caller
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if layout.count(widths_at(candidates[mid])) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    t = float(candidates[lo])
+    return widths_at(t), t

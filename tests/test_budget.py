@@ -1,0 +1,298 @@
+"""Budgeted non-uniform compression: certificate curves, greedy and threshold allocation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import linkage
+from torch import nn
+
+import tropnnc
+from tropnnc import zoo
+from tropnnc.block import Block
+from tropnnc.budget import agglomerate, certificate_curve, compressible_count
+from tropnnc.cluster import cosine_residual
+from tropnnc.counting import count_macs
+from tropnnc.graph import discover
+from tropnnc.methods.cup import features
+from tropnnc.surgery import extract
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return zoo.build(name).eval()
+
+
+def layer_params(model: nn.Module) -> int:
+    """Parameters of the Linear/Conv2d layers (every layer of the zoo nets is compressible)."""
+    return sum(p.numel() for mod in model.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
+               for p in mod.parameters())
+
+
+def one_unit_savings(model: nn.Module, unit: str) -> int:
+    """Largest saving of removing one unit of any block at full widths, by real surgery."""
+    specs, _ = discover(model)
+    x = torch.zeros((1,) + tuple(model.input_shape))
+    best = 0
+    for spec in specs:
+        n = extract(model, spec).n
+        smaller = tropnnc.compress(model, {spec.producer: n - 1}, "l1").model
+        if unit == "params":
+            best = max(best, layer_params(model) - layer_params(smaller))
+        else:
+            best = max(best, count_macs(model, x) - count_macs(smaller, x))
+    return best
+
+
+def random_block(n: int, d: int, m: int, seed: int = 0) -> Block:
+    g = torch.Generator().manual_seed(seed)
+    return Block("b", torch.randn(n, d + 1, generator=g, dtype=torch.float64),
+                 torch.randn(n, m, 1, generator=g, dtype=torch.float64))
+
+
+# -------------------------------------------------------------------------------------------
+# curves
+# -------------------------------------------------------------------------------------------
+
+
+def test_agglomerate_cost_is_the_objective_of_each_cut():
+    rng = np.random.default_rng(0)
+    n, dim = 60, 7
+    d = rng.normal(size=(n, dim))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    m = rng.uniform(0.1, 2.0, n)
+    merges, cost = agglomerate(d, m)
+    assert merges.shape == (n - 1, 2) and cost.shape == (n,) and cost[-1] == 0
+    label = np.arange(n)
+    for step, (a, b) in enumerate(merges):
+        assert a < b and (label == b).any() and (label == a).any()
+        label[label == b] = a
+        k = n - 1 - step
+        _, lab = np.unique(label, return_inverse=True)
+        u = np.zeros((k, dim))
+        np.add.at(u, lab, m[:, None] * d)
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        resid = cosine_residual(torch.tensor(d), torch.tensor(m), torch.tensor(lab),
+                                torch.tensor(u)).numpy()
+        single = np.bincount(lab)[lab] == 1  # exactly 0 (the reference rounds to ~1e-8)
+        objective = resid[~single].sum()
+        assert cost[k - 1] == pytest.approx(objective, rel=1e-9, abs=1e-12)
+
+
+def test_curve_is_zero_for_positive_multiples_of_k_directions():
+    g = torch.Generator().manual_seed(1)
+    k, n = 5, 40
+    dirs = torch.randn(k, 9, generator=g, dtype=torch.float64)
+    pick = torch.arange(n) % k
+    scale = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    block = Block("b", dirs[pick] * scale[:, None],
+                  torch.randn(n, 6, 2, generator=g, dtype=torch.float64))
+    curve = certificate_curve(block)
+    assert curve.shape == (n,)
+    assert float(curve[k - 1:].abs().max()) < 1e-6
+    assert float(curve[k - 2]) > 1e-3
+    assert bool((curve[:-1] >= curve[1:]).all()) and 0 <= float(curve.min())
+    assert float(curve.max()) <= 1
+
+
+def test_curve_drops_dead_units_first():
+    block = random_block(30, 5, 4)
+    weight, out = block.weight.clone(), block.out.clone()
+    weight[:4] = 0  # dead: no input
+    out[4:7] = 0  # dead: no output
+    curve = certificate_curve(Block("b", weight, out))
+    assert float(curve[23 - 1:].abs().max()) == 0  # 23 live units
+    assert float(curve[21]) > 0
+
+
+def test_curve_norm_option_and_l1_is_the_summed_certificate():
+    block = random_block(20, 4, 3, seed=2)
+    l1, l2 = certificate_curve(block, "l1"), certificate_curve(block, "l2")
+    assert not torch.allclose(l1, l2)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        certificate_curve(block, "l3")
+
+
+# -------------------------------------------------------------------------------------------
+# budgets on real networks
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lenet-300-100", "e2-cnn", "vgg-small"])
+@pytest.mark.parametrize("unit", ["params", "macs"])
+def test_budget_is_met_within_one_unit(name, unit):
+    model = build(name)
+    x = torch.zeros((1,) + tuple(model.input_shape))
+    budget = 0.3
+    result = tropnnc.compress(model, budget=budget, budget_unit=unit)
+    alloc = result.allocation
+    total = layer_params(model) if unit == "params" else count_macs(model, x)
+    achieved = layer_params(result.model) if unit == "params" else count_macs(result.model, x)
+    assert alloc.total == total and alloc.achieved == achieved
+    assert alloc.target == pytest.approx(budget * total)
+    gap = budget * total - achieved
+    bound = one_unit_savings(model, unit)
+    assert 0 <= gap <= bound
+    assert alloc.max_step_saving == bound
+    assert [b.units_after for b in result.blocks] == list(alloc.widths.values())
+    assert result.model(torch.rand(2, *model.input_shape)).shape == (2, 10)
+
+
+def test_small_budget_lenet_and_count_of_compressed_model():
+    model = build("lenet-300-100")
+    result = tropnnc.compress(model, budget=0.02)
+    specs, _ = discover(model)
+    assert compressible_count(result.model, specs) == result.allocation.achieved
+    assert compressible_count(model, specs) == result.allocation.total
+    assert 0 <= 0.02 * result.allocation.total - result.allocation.achieved <= 786 + 100
+
+
+def test_round_to_and_min_width():
+    model = build("lenet-300-100")
+    result = tropnnc.compress(model, budget=0.15, round_to=8, min_width=20)
+    alloc = result.allocation
+    for layer in alloc.layers:
+        assert layer.width == layer.units or (layer.width % 8 == 0 and layer.width >= 20)
+    assert alloc.achieved <= alloc.target
+    assert alloc.target - alloc.achieved <= alloc.max_step_saving
+    assert alloc.max_step_saving == 8 * (785 + 100)  # 8 units of layer "1"
+
+
+def test_budget_one_keeps_every_unit():
+    model = build("e2-cnn")
+    result = tropnnc.compress(model, budget=1.0)
+    assert all(b.units_after == b.units_before for b in result.blocks)
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_allocator_takes_free_units_of_a_redundant_layer_first():
+    model = build("lenet-300-100")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # layer "1": 300 positive multiples of 30 directions
+        dirs = torch.randn(30, 785, generator=g)
+        rows = dirs[torch.arange(300) % 30] * (torch.rand(300, 1, generator=g) + 0.5)
+        model[1].weight.copy_(rows[:, :-1])
+        model[1].bias.copy_(rows[:, -1])
+    total = layer_params(model)
+    target = (784 * 30 + 30) + (30 * 100 + 100) + (100 * 10 + 10)
+    result = tropnnc.compress(model, budget=target / total)
+    assert result.allocation.widths == {"1": 30, "3": 100}
+    assert result.allocation.achieved == target
+    assert result.allocation.layers[0].certificate < 1e-5
+    assert result.blocks[0].certificate < 1e-3 * result.blocks[1].certificate + 1e-4
+
+
+def test_deterministic_and_reported():
+    model = build("e2-cnn")
+    a = tropnnc.compress(model, budget=0.25)
+    b = tropnnc.compress(model, budget=0.25)
+    assert a.allocation == b.allocation
+    alloc = a.allocation
+    assert alloc.allocator == "tropnnc-curves" and alloc.unit == "params"
+    assert [la.layer for la in alloc.layers] == ["features.0", "features.3", "classifier.1"]
+    assert sum(la.share for la in alloc.layers) < 1  # the output layer is no producer
+    for la in alloc.layers:
+        assert la.certificate == pytest.approx(alloc.curves[la.layer][la.width - 1])
+        assert len(alloc.curves[la.layer]) == la.units
+    d = a.to_dict()
+    assert d["allocation"]["budget"] == 0.25 and len(d["allocation"]["layers"]) == 3
+    assert "budget 0.25 of params" in a.table()
+    assert tropnnc.compress(model, 0.5).allocation is None
+
+
+def test_log_allocator_and_other_methods_use_the_curves():
+    model = build("lenet-300-100")
+    log = tropnnc.compress(model, budget=0.1, allocator="tropnnc-log")
+    assert log.allocation.allocator == "tropnnc-log-curves"
+    assert log.allocation.achieved <= log.allocation.target
+    plain = tropnnc.compress(model, budget=0.1)
+    for method in ("l1", "neural-path-kmeans"):
+        other = tropnnc.compress(model, budget=0.1, method=method)
+        assert other.allocation.widths == plain.allocation.widths
+    cup = tropnnc.compress(model, budget=0.1, method="cup", allocator="tropnnc")
+    assert cup.allocation.widths == plain.allocation.widths
+
+
+# -------------------------------------------------------------------------------------------
+# CUP's global threshold
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lenet-300-100", "e2-cnn"])
+def test_cup_global_threshold(name):
+    model = build(name)
+    result = tropnnc.compress(model, budget=0.3, method="cup")
+    alloc = result.allocation
+    assert alloc.allocator == "cup-threshold" and alloc.threshold is not None
+    assert alloc.achieved <= alloc.target
+    specs, _ = discover(model)
+    for spec, layer in zip(specs, alloc.layers, strict=True):
+        block = extract(model, spec)
+        heights = linkage(features(block, False).numpy(), method="ward")[:, 2]
+        expected = max(1, block.n - int((heights <= alloc.threshold).sum()))
+        assert layer.width == expected
+    # one merge fewer (the next smaller height) would miss the budget
+    assert alloc.target - alloc.achieved < alloc.max_step_saving * 2 + 1
+
+
+# -------------------------------------------------------------------------------------------
+# errors
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, math.nan])
+def test_budget_out_of_range(budget):
+    with pytest.raises(ValueError, match=r"budget .* must be in \(0, 1\]"):
+        tropnnc.compress(build("lenet-300-100"), budget=budget)
+
+
+def test_budget_errors():
+    model = build("lenet-300-100")
+    with pytest.raises(ValueError, match="either keep or budget, not both"):
+        tropnnc.compress(model, 0.5, budget=0.5)
+    with pytest.raises(ValueError, match="budget_unit must be one of 'params', 'macs'"):
+        tropnnc.compress(model, budget=0.5, budget_unit="flops")
+    too_small = r"budget 0.0001 is below 0.00302689, .* minimum widths allow \(min_width=1: 807 "
+    with pytest.raises(ValueError, match=too_small):
+        tropnnc.compress(model, budget=1e-4)
+    with pytest.raises(ValueError, match="min_width=50, round_to=8: "):
+        tropnnc.compress(model, budget=0.1, min_width=50, round_to=8)
+    with pytest.raises(ValueError, match="min_width must be an int >= 1"):
+        tropnnc.compress(model, budget=0.5, min_width=0)
+    with pytest.raises(ValueError, match="apply to a budget only"):
+        tropnnc.compress(model, 0.5, round_to=8)
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        tropnnc.compress(model, budget=0.5, allocator="magic")
+    with pytest.raises(ValueError, match="'l1' has no allocator of its own"):
+        tropnnc.compress(model, budget=0.5, method="l1", allocator="method")
+    with pytest.raises(TypeError, match="budget must be a number"):
+        tropnnc.compress(model, budget="half")
+
+
+def test_macs_budget_needs_an_input_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with pytest.raises(ValueError, match="budget_unit='macs' needs the input shape"):
+        tropnnc.compress(model, budget=0.5, budget_unit="macs")
+    result = tropnnc.compress(model, budget=0.5, budget_unit="macs",
+                              example_inputs=torch.zeros(1, 1, 10, 10))
+    x = torch.zeros(1, 1, 10, 10)
+    assert result.allocation.total == count_macs(model, x)
+    assert result.allocation.achieved == count_macs(result.model, x) <= 0.5 * count_macs(model, x)
+    assert tropnnc.compress(model, budget=0.5).allocation.unit == "params"
+
+
+def test_folded_batchnorm_counts_as_the_producer_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 6 * 6, 3)).eval()
+    specs, _ = discover(model)
+    full = compressible_count(model, specs)
+    assert full == 6 * 9 + 6 + 6 * 36 * 3 + 3
+    result = tropnnc.compress(model, budget=0.5)
+    assert compressible_count(result.model, specs) == result.allocation.achieved
+    assert result.allocation.achieved == sum(p.numel() for p in result.model.parameters())
