@@ -22,7 +22,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def test_registry_lists_every_method():
     assert ALL == sorted(["tropnnc", "zonotope-kmeans", "neural-path-kmeans", "random", "l1",
-                          "neuron-merging", "cup", "srinivas-babu", "thinet"])
+                          "neuron-merging", "cup", "srinivas-babu", "thinet", "model-folding"])
 
 
 @pytest.mark.parametrize("name", CERTIFIED)

@@ -46,6 +46,7 @@ def get_method(name: str, **options: object) -> Method:
 from . import (  # noqa: E402,F401
     cup,
     l1,
+    model_folding,
     neural_path_kmeans,
     neuron_merging,
     random,
