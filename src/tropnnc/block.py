@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from .tropical import share_bound
+from .tropical import share_errors
+
+_CHUNK_BYTES = 1 << 24  # temporaries of unit-chunked passes over consumer slices
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,67 @@ class Block:
 
     def out_abs(self) -> Tensor:
         """|c_ji| summed over reads: (n, m) absolute weight of unit i in output j."""
-        return self.out.abs().sum(dim=2)
+        return torch.linalg.vector_norm(self.out, ord=1, dim=2)  # no |out| copy
+
+    def _consumer_layout(self) -> Tensor | None:
+        """``out`` as the consumer's own (m, n * r) matrix when that is a view (``out`` is
+        then a permuted view of a large consumer weight, see :func:`tropnnc.surgery.extract`),
+        else None."""
+        n, m, r = self.out.shape
+        cols = self.out.permute(1, 0, 2)  # (m, n, r)
+        return cols.view(m, n * r) if cols.is_contiguous() else None
+
+    def weighted_out_abs(self, weights: Tensor) -> Tensor:
+        """sum_i weights_i |c_ji| (reads summed): (m,) float64, without an (n, m) matrix.
+
+        Matrix-vector products over chunks of the slices in their memory order (consumer
+        rows for a view of a consumer weight, units otherwise), converted to float64.
+        """
+        n, m, r = self.out.shape
+        f64 = {"dtype": torch.float64, "device": self.out.device}
+        cols = self._consumer_layout()
+        if cols is not None:
+            e = weights.to(**f64).repeat_interleave(r)  # (n * r,)
+            total = torch.empty(m, **f64)
+            step = max(1, _CHUNK_BYTES // max(1, n * r * 8))
+            for s in range(0, m, step):
+                total[s:s + step] = cols[s:s + step].to(**f64, copy=True).abs_() @ e
+            return total
+        total = torch.zeros(m, **f64)
+        step = max(1, _CHUNK_BYTES // max(1, m * r * 8))
+        for s in range(0, n, step):
+            c = self.out[s:s + step].permute(1, 0, 2).reshape(m, -1)  # (m, units * r)
+            c = c.to(**f64, copy=True).abs_()  # a private float64 copy
+            total += c @ weights[s:s + step].to(**f64).repeat_interleave(r)
+        return total
+
+    @cached_property
+    def out_norms(self) -> Tensor:
+        """||c_i||_2 over each unit's (m, r) slices, (n,), in ``out``'s dtype (computed once,
+        in the slices' memory order)."""
+        n, m, r = self.out.shape
+        cols = self._consumer_layout()
+        if cols is None or n == 0:
+            return torch.linalg.vector_norm(self.out.reshape(n, -1), dim=1)
+        acc = torch.zeros(n * r, dtype=self.out.dtype, device=self.out.device)
+        step = max(1, _CHUNK_BYTES // max(1, n * r * self.out.element_size()))
+        for s in range(0, m, step):  # column sums of squares over consumer-row chunks
+            c = cols[s:s + step]
+            acc += (c * c).sum(dim=0)
+        return acc.view(n, r).sum(dim=1).sqrt()
+
+    def live(self) -> Tensor:
+        """(n,) bool: units with w_i != 0 and c_i != 0 (the others are dead).
+
+        From 2-norms (fast reductions); units whose norm is 0, possibly by underflow of
+        tiny entries, are checked exactly.
+        """
+        live = (torch.linalg.vector_norm(self.weight, dim=1) > 0) & (self.out_norms > 0)
+        zero = (~live).nonzero().squeeze(1)
+        if zero.numel():
+            live[zero] = ((self.weight[zero] != 0).any(dim=1)
+                          & (self.out[zero] != 0).flatten(1).any(dim=1))
+        return live
 
     def subset(self, index: Tensor) -> Block:
         """The block restricted to the units in ``index`` (same outputs)."""
@@ -83,6 +146,8 @@ class Merge:
     assignment: Tensor
     shares: Tensor | None
     kept: Tensor | None = None
+    # new consumer bias (m,) written by surgery.apply (data-free repair); None: unchanged
+    consumer_bias: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -92,18 +157,31 @@ class Merge:
 def merge_by_shares(block: Block, assignment: Tensor, shares: Tensor, rows: Tensor) -> Merge:
     """Build the merge whose new slices are share-weighted sums: out[k] = sum lambda_i c_i."""
     k = rows.shape[0]
-    live = assignment >= 0
-    out = torch.zeros((k,) + tuple(block.out.shape[1:]), dtype=block.out.dtype)
-    out.index_add_(0, assignment[live], shares[live, None, None] * block.out[live])
+    src = block.out
+    out = torch.zeros((k,) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    lam = shares.to(src.dtype)
+    step = max(1, _CHUNK_BYTES // max(1, math.prod(src.shape[1:]) * src.element_size()))
+    for s in range(0, block.n, step):  # unit chunks: temporaries stay small
+        a, c = assignment[s:s + step], src[s:s + step]
+        live = a >= 0
+        if not bool(live.all()):
+            a, c, lam_s = a[live], c[live], lam[s:s + step][live]
+        else:
+            lam_s = lam[s:s + step]
+        t = torch.empty(c.shape, dtype=src.dtype, device=src.device)  # contiguous, even
+        torch.mul(c, lam_s[:, None, None], out=t)  # for a strided view of the consumer
+        out.index_add_(0, a, t)
     return Merge(rows, out, assignment, shares)
 
 
 def select(block: Block, kept: Tensor, scale: Tensor | None = None) -> Merge:
     """Keep the units ``kept`` unchanged (optionally scale their slices); drop the rest."""
     n = block.n
-    assignment = torch.full((n,), -1, dtype=torch.long)
-    assignment[kept] = torch.arange(kept.numel())
-    shares = torch.zeros(n, dtype=block.weight.dtype)
+    device = block.weight.device
+    kept = kept.to(device)
+    assignment = torch.full((n,), -1, dtype=torch.long, device=device)
+    assignment[kept] = torch.arange(kept.numel(), device=device)
+    shares = torch.zeros(n, dtype=block.weight.dtype, device=device)
     shares[kept] = 1.0 if scale is None else scale.to(shares.dtype)
     merge = merge_by_shares(block, assignment, shares, block.weight[kept].clone())
     certified = scale is None or bool((scale >= 0).all())
@@ -133,6 +211,11 @@ def compose(first: Merge, second: Merge) -> Merge:
 def certificate(block: Block, merge: Merge) -> Tensor:
     """Per-output bound (m,) on |y_j - y~_j| over ||(x,1)|| <= rho (spec P5); NaN if unknown."""
     if merge.shares is None:
-        return torch.full((block.m,), math.nan, dtype=torch.float64)
-    return block.rho * share_bound(block.weight, block.out_abs(), merge.assignment,
-                                   merge.shares, merge.rows)
+        return torch.full((block.m,), math.nan, dtype=torch.float64, device=block.out.device)
+    err = share_errors(block.weight, merge.assignment, merge.shares, merge.rows)  # (n,)
+    bound = block.rho * block.weighted_out_abs(err)
+    if merge.consumer_bias is not None:  # C3's |beta_j - beta~_j| (no consumer bias: 0)
+        base = (block.consumer_bias if block.consumer_bias is not None
+                else torch.zeros(block.m, dtype=torch.float64, device=bound.device))
+        bound = bound + (merge.consumer_bias.to(bound.dtype) - base.to(bound.dtype)).abs()
+    return bound

@@ -3,17 +3,24 @@
 Everything runs in *Gram space* so that the cost of a Lloyd step does not depend on the
 dimension of the points (later layers have 25,088-dim units) nor on the number of clusters:
 
+* the one product that reads the points is the Gram matrix G = X X^T (:func:`gram_matrix`:
+  only the row blocks on and above the diagonal are multiplied, in float32 once the product
+  is large; float64 inputs are converted a column chunk at a time);
 * a centroid is a coefficient vector over the points, u_k = sum_{i: a(i)=k} alpha_i x_i;
-* T[k, j] = <x_j, u_k> = sum_{i: a(i)=k} alpha_i G[i, j] is one sparse-dense product
-  (a one-hot (K, n) matrix carrying alpha, times G): a column scatter, O(n^2) per restart;
+* T[k, j] = <x_j, u_k> = sum_{i: a(i)=k} alpha_i G[i, j] costs O(|C_k| n) per cluster;
 * ||u_k||^2 = sum_{i: a(i)=k} alpha_i T[k, i].
 
-Restarts are batched (restart r owns rows r*K .. r*K+K-1 of the scatter) and chunked when the
-(R, K, n) score tensor would exceed ``_MEMORY_BUDGET_BYTES``. The refinement's per-cluster top
-eigenvectors are exact batched ``eigh`` of the padded Gram blocks for clusters of up to
-``_EIGH_MAX_SIZE`` members and power iteration on a sparse block-diagonal Gram otherwise. The
-only Python loops are over k-means++ seeding steps, Lloyd / refinement / power iterations,
-cluster-size buckets and memory chunks of restarts.
+Lloyd iterations (:class:`_Lloyd`) keep every cluster's score row in one (restarts, K, n)
+buffer and, after a reassignment, recompute only the rows of clusters that gained or lost
+members; a step is then one ``amax`` pass over the buffer plus work proportional to what
+moved. k-means++ seeding tracks each unit's nearest seed, which is the initial assignment.
+Restarts are processed in chunks whose buffer fits ``_MEMORY_BUDGET_BYTES`` (one buffer,
+reused); row-chunked passes keep their temporaries under ``_CHUNK_BYTES``. The refinement's
+per-cluster top eigenvectors are exact batched ``eigh`` of the padded Gram blocks for
+clusters of up to ``_EIGH_MAX_SIZE`` members and power iteration on a sparse block-diagonal
+Gram otherwise. The only Python loops are over k-means++ seeding steps, Lloyd / refinement /
+power iterations, cluster-size buckets, restarts and memory chunks. Nothing here assumes a
+device: tensors stay where the inputs are.
 
 Randomness: every random number comes from the ``torch.Generator`` argument, drawn up front as
 one (restarts, k) float64 uniform matrix (row r drives restart r's seeding by inverse-CDF
@@ -34,14 +41,22 @@ from torch import Tensor
 
 __all__ = [
     "Clustering",
+    "GramClustering",
+    "cosine_gram",
     "cosine_residual",
+    "gram_matrix",
     "kmeans",
+    "merged_gram",
     "spherical_kmeans",
+    "spherical_kmeans_gram",
     "ward",
     "ward_threshold",
 ]
 
-_MEMORY_BUDGET_BYTES = 1 << 30  # soft cap for one batch of (restarts, K, n) / pair temporaries
+_MEMORY_BUDGET_BYTES = 1 << 26  # soft cap for one batch of (restarts, K, n) buffers / temporaries
+_CHUNK_BYTES = 1 << 24  # temporaries of row-chunked passes (small enough for malloc to recycle)
+_FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-adds use float32
+_GRAM_BLOCK = 512  # row strip of the symmetric Gram product
 _POWER_MAX_ITER = 100  # power iterations per refinement step (clusters above _EIGH_MAX_SIZE)
 _EIGH_MAX_SIZE = 64  # clusters up to this size get an exact batched eigh
 
@@ -55,9 +70,29 @@ class Clustering:
     objective: float  # spherical: sum_i r_i; Euclidean: weighted inertia
 
 
+@dataclass(frozen=True)
+class GramClustering:
+    """A spherical clustering found from the Gram matrix alone.
+
+    Centroid k is the direction of sum_{i: a(i)=k} coefficients[i] * d_i (not normalised:
+    normalise it in point space, where its norm is exact).
+    """
+
+    assignment: Tensor  # (n,) long in [0, K), every cluster non-empty
+    coefficients: Tensor  # (n,) alpha_i >= 0 in the Gram's dtype
+    objective: float  # sum_i r_i, the spherical objective (spec P5 without rho)
+
+
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry is finite, from its min and max (no boolean copy of ``x``)."""
+    if x.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
 def _as_matrix(x: Tensor, name: str) -> Tensor:
@@ -68,7 +103,7 @@ def _as_matrix(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         raise ValueError(f"{name} must be finite")
     return x
 
@@ -107,16 +142,133 @@ def _check_counts(restarts: int, iters: int, refine: int = 0) -> None:
 
 
 def _check_gram(gram: Tensor, x: Tensor) -> Tensor:
-    """Validate a precomputed Gram matrix for the rows of ``x``; cast to ``x``'s dtype."""
+    """Validate a precomputed Gram matrix for the rows of ``x`` (kept in its own float dtype)."""
     n = x.shape[0]
     if not isinstance(gram, Tensor) or gram.shape != (n, n):
         shape = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
         raise ValueError(f"gram must have shape ({n}, {n}), got {shape}")
-    return gram.to(dtype=x.dtype, device=x.device)
+    dtype = gram.dtype if gram.is_floating_point() else x.dtype
+    return gram.to(dtype=dtype, device=x.device)
+
+
+def _check_square(gram: Tensor) -> Tensor:
+    """A finite floating square matrix."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must have shape (n, n), got {tuple(gram.shape)}")
+    if not gram.is_floating_point():
+        raise ValueError(f"gram must be a floating tensor, got {gram.dtype}")
+    if not _all_finite(gram):
+        raise ValueError("gram must be finite")
+    return gram
 
 
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
+
+
+def _row_step(width: int, element_size: int) -> int:
+    """Rows per chunk so that a (rows, width) temporary stays under ``_CHUNK_BYTES``."""
+    return max(1, _CHUNK_BYTES // max(1, width * element_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Gram products
+# --------------------------------------------------------------------------------------------
+
+
+def gram_dtype(x: Tensor) -> torch.dtype:
+    """The dtype :func:`gram_matrix` uses for the rows of ``x`` (n, d).
+
+    float64 inputs keep float64 while the product is small (n^2 d <= ``_FLOAT32_GRAM_MACS``
+    multiply-adds: every test-sized block, where exact collapses must stay exact); everything
+    else runs in float32, at twice the speed of float64 and half its memory (cosines to about
+    1e-6, plenty to cluster; certificates are recomputed in float64 from the actual rows).
+    """
+    n, d = x.shape
+    if x.dtype == torch.float64 and n * n * d <= _FLOAT32_GRAM_MACS:
+        return torch.float64
+    return torch.float32
+
+
+def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
+                center: Tensor | None = None) -> Tensor:
+    """G = (x - center)(x - center)^T, (n, n), on ``x``'s device.
+
+    ``dtype`` defaults to :func:`gram_dtype`. When ``x`` already has that dtype (and no
+    ``center``), only the row strips on and above the diagonal are multiplied (about half the
+    multiply-adds of ``x @ x.T``) and mirrored, so G is exactly symmetric. Otherwise columns
+    are converted (and centred) a chunk at a time and accumulated, so no full-size converted
+    copy of ``x`` is ever made.
+    """
+    n, d = x.shape
+    dtype = gram_dtype(x) if dtype is None else dtype
+    if x.dtype != dtype or center is not None:
+        g = torch.zeros(n, n, dtype=dtype, device=x.device)
+        step = _row_step(n, max(x.element_size(), torch.finfo(dtype).bits // 8))
+        for s in range(0, d, step):
+            xc = x[:, s:s + step]
+            if center is not None:
+                xc = xc - center[s:s + step].to(xc.dtype)
+            xc = xc.to(dtype)
+            g.addmm_(xc, xc.T)
+        return g
+    if n <= 2 * _GRAM_BLOCK:
+        return x @ x.T
+    g = torch.empty(n, n, dtype=dtype, device=x.device)
+    for i in range(0, n, _GRAM_BLOCK):
+        j = min(n, i + _GRAM_BLOCK)
+        strip = x[i:j] @ x[i:].T  # (b, n - i): the diagonal block and everything right of it
+        g[i:j, i:] = strip
+        g[j:, i:j] = strip[:, j - i:].T
+    return g
+
+
+def cosine_gram(x: Tensor, norms: Tensor | None = None, dtype: torch.dtype | None = None
+                ) -> Tensor:
+    """Gram matrix of the directions x_i / ||x_i||, from one product of the raw rows.
+
+    No normalised copy of ``x`` is made: G_ij = <x_i, x_j> / (||x_i|| ||x_j||), with the
+    diagonal set to exactly 1 (0 for zero rows, which have no direction). ``norms`` (n,)
+    may be passed when already known.
+    """
+    if norms is None:
+        norms = torch.linalg.vector_norm(x, dim=1)
+    g = gram_matrix(x, dtype)
+    nz = norms > 0
+    inv = torch.where(nz, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+    inv = inv.to(g.dtype)
+    g.mul_(inv[:, None]).mul_(inv[None, :])
+    g.diagonal().copy_(nz.to(g.dtype))
+    return g
+
+
+def merged_gram(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int) -> Tensor:
+    """Cosine Gram (k, k) of the merged directions u_c ~ sum_{a(i)=c} coefficients_i d_i.
+
+    ``gram`` is the cosine Gram of the d_i. A G A^T with A the (k, n) coefficient matrix, in
+    O(k n) instead of a new product over the point dimension (re-clustering a merged layer).
+    """
+    alpha = coefficients.to(gram.dtype)
+    t = _scatter_rows(gram, assignment, alpha, k)  # (k, n) = A G
+    g2 = _scatter_rows(t.T, assignment, alpha, k)  # (k, k) = A (A G)^T
+    g2 = 0.5 * (g2 + g2.T)
+    diag = g2.diagonal().clone()
+    inv = torch.where(diag > 0, diag.clamp_min(torch.finfo(g2.dtype).tiny).rsqrt(), 0.0)
+    g2.mul_(inv[:, None]).mul_(inv[None, :])
+    g2.diagonal().copy_((diag > 0).to(g2.dtype))
+    return g2
+
+
+def _scatter_rows(mat: Tensor, a: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """out[c] = sum_{i: a[i] = c} alpha[i] * mat[i], (k, width); row chunks bound temporaries."""
+    n, width = mat.shape
+    out = mat.new_zeros(k, width)
+    step = _row_step(width, mat.element_size())
+    for s in range(0, n, step):
+        out.index_add_(0, a[s:s + step], mat[s:s + step] * alpha[s:s + step, None])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +311,7 @@ def _scatter_columns(gram: Tensor, a: Tensor, alpha: Tensor, k: int) -> Tensor:
 
 def _combine(points: Tensor, a: Tensor, alpha: Tensor, k: int) -> Tensor:
     """Centroids in point space: U[c] = sum_{i: a[i]=c} alpha_i x_i, (K, d), O(n d)."""
-    coeffs = _one_hot_coeffs(a[None], alpha[None].to(points.dtype), k)  # (K, n) sparse
-    return torch.sparse.mm(coeffs, points)  # (K, d)
+    return _scatter_rows(points, a, alpha.to(points.dtype), k)
 
 
 def _representatives(a: Tensor, k: int) -> Tensor:
@@ -267,35 +418,228 @@ def _sample_rows(p: Tensor, u: Tensor) -> Tensor:
 
 
 def _kpp_seeds(
-    weights: Tensor, k: int, uniforms: Tensor, dissimilarity: Callable[[Tensor], Tensor]
-) -> Tensor:
+    weights: Tensor,
+    k: int,
+    uniforms: Tensor,
+    dissimilarity: Callable[[Tensor], Tensor],
+    nearest: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Batched k-means++ seeding: (R, k) distinct seed indices.
 
     First seed ~ weights; next ones ~ weights * current min dissimilarity; when that is 0 for
     every unchosen unit (or all weights are 0), uniform over the unchosen units.
-    ``dissimilarity(idx)`` maps (R,) seed indices to (R, n) non-negative float64 values.
+    ``dissimilarity(idx)`` maps (R,) seed indices to (R, n) non-negative values (any float
+    dtype; the sampling weights are float64).
+    With ``nearest``, also returns (R, n) long: for every unit the position t of its least
+    dissimilar seed (the first one on ties), which is the seeds' Voronoi assignment.
     """
     r = uniforms.shape[0]
     n = weights.shape[0]
+    dev = weights.device
     w = weights.double()  # (n,)
-    rows = torch.arange(r, device=weights.device)
-    chosen = torch.zeros(r, n, dtype=torch.bool, device=weights.device)  # (R, n)
-    seeds = torch.empty(r, k, dtype=torch.long, device=weights.device)  # (R, k)
+    picked: list[Tensor] = []  # (R,) seed indices, stacked at the end
+    near = torch.zeros(r, n, dtype=torch.long, device=dev) if nearest else None
+    below = uniforms * _BELOW_ONE  # (R, k) as in _sample_rows, computed once
     p = w.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
+    buf = torch.empty(r, n, dtype=torch.float64, device=dev)
     mind: Tensor | None = None
-    for t in range(k):
-        idx = _sample_rows(p, uniforms[:, t])
-        stuck = idx >= n  # nothing left with positive weight * dissimilarity
-        if bool(stuck.any()):
-            idx = torch.where(stuck, _sample_rows((~chosen).double(), uniforms[:, t]), idx)
-        seeds[:, t] = idx
-        chosen[rows, idx] = True
-        if t + 1 < k:
-            dis = dissimilarity(idx)
-            mind = dis if mind is None else torch.minimum(mind, dis)
-            mind[rows, idx] = 0.0
-            p = w * mind
-    return seeds
+    for t in range(k):  # the ops of _sample_rows inlined: this loop runs k times
+        cdf = p.cumsum(dim=1)  # (R, n)
+        idx = torch.searchsorted(cdf, below[:, t:t + 1] * cdf[:, -1:], right=True)  # (R, 1)
+        if int(idx.max()) >= n:  # nothing left with positive weight * dissimilarity
+            chosen = torch.zeros(r, n, dtype=torch.bool, device=dev)  # (R, n)
+            if picked:
+                chosen.scatter_(1, torch.cat(picked, dim=1), True)
+            fallback = _sample_rows((~chosen).double(), uniforms[:, t])[:, None]
+            idx = torch.where(idx >= n, fallback, idx)
+        picked.append(idx)
+        if t + 1 < k or near is not None:
+            dis = dissimilarity(idx[:, 0])
+            if mind is None:
+                mind = dis
+            else:
+                if near is not None:
+                    near.masked_fill_(dis < mind, t)
+                torch.minimum(mind, dis, out=mind)
+            mind.scatter_(1, idx, 0.0)  # chosen units are never sampled again
+            p = torch.mul(w, mind, out=buf)
+    seeds = torch.cat(picked, dim=1)  # (R, k)
+    return seeds if near is None else (seeds, near)
+
+
+# --------------------------------------------------------------------------------------------
+# incremental Lloyd iterations in Gram space
+# --------------------------------------------------------------------------------------------
+
+
+class _Lloyd:
+    """Lloyd iterations of a chunk of c restarts, every centroid's scores kept in memory.
+
+    ``scores`` (c, K, n) holds the score of every unit against every centroid: spherical, the
+    cosine <x_j, u_k> / ||u_k|| (u_k = sum alpha_i x_i, alpha = weights); Euclidean,
+    2 <x_j, c_k> - ||c_k||^2 (c_k the weighted mean), which is -||x_j - c_k||^2 without the
+    per-unit ||x_j||^2. After a reassignment only the clusters that gained or lost members
+    are recomputed, from their members (O(|C| n) each, so a row is always the same function
+    of its members); a step is one ``amax`` over the buffer, an exact ``max`` over the columns
+    of the units that may move (own score below the best by more than rounding: ties keep the
+    current cluster) and work proportional to what moved.
+    """
+
+    def __init__(self, gram: Tensor, weights: Tensor, k: int, spherical: bool,
+                 scores: Tensor) -> None:
+        self.gram = gram
+        self.w = weights.to(gram.dtype)
+        self.k = k
+        self.spherical = spherical
+        self.scores = scores  # (c, K, n)
+        c, _, n = scores.shape
+        self.flat = scores.view(c * k, n)
+        self.diag = gram.diagonal()
+        self.step = _row_step(n, gram.element_size())
+        eps = _eps(gram.dtype)
+        self.eps = eps
+        if spherical:
+            self.tol: Tensor | float = 16 * eps
+        else:  # rounding scale of -||x_j - c||^2 (||c||^2 <= max_i ||x_i||^2)
+            self.tol = 16 * eps * (self.diag + self.diag.max())  # (n,)
+
+    def full_score(self, own: Tensor) -> Tensor:
+        """Scores with the per-unit term: cosine, or -||x_j - c||^2."""
+        return own if self.spherical else own - self.diag
+
+    def residual(self, score: Tensor) -> Tensor:
+        if self.spherical:
+            return _spherical_residual(score, self.w)
+        return _euclidean_residual(score, self.w)
+
+    def update(self, a: Tensor, alpha: Tensor, dirty: Tensor) -> None:
+        """Recompute coefficients and score rows of the clusters flagged in ``dirty`` (c*K,)."""
+        c, n = a.shape
+        k, dtype = self.k, self.gram.dtype
+        ck = c * k
+        rows = dirty.nonzero().squeeze(1)  # (D,) dirty global clusters
+        if rows.numel() == 0:
+            return
+        flat = a + k * torch.arange(c, device=a.device)[:, None]  # (c, n)
+        ri, ji = dirty[flat].nonzero(as_tuple=True)  # (M,) members of dirty clusters
+        cid = flat[ri, ji]
+        am = self.w[ji]
+        size = torch.bincount(cid, minlength=ck)
+        if not self.spherical:  # weighted means; plain means inside clusters of total weight 0
+            total = self.w.new_zeros(ck).index_add_(0, cid, am)
+            zero = total[cid] <= 0
+            if bool(zero.any()):
+                am = torch.where(zero, torch.ones_like(am), am)
+                total = self.w.new_zeros(ck).index_add_(0, cid, am)
+        everything = rows.numel() == ck
+        if everything:
+            self.flat.zero_()
+        else:
+            self.flat.index_fill_(0, rows, 0.0)
+        for s in range(0, cid.numel(), self.step):
+            t = self.gram.index_select(0, ji[s:s + self.step])
+            t.mul_(am[s:s + self.step, None])
+            self.flat.index_add_(0, cid[s:s + self.step], t)
+        q = self.w.new_zeros(ck).index_add_(0, cid, am * self.flat[cid, ji])  # ||u||^2 / Q
+        if self.spherical:
+            scale = self.w.new_zeros(ck).index_add_(0, cid, am.abs())
+            deg = dirty & (size > 0) & ~(q > (64 * self.eps * scale) ** 2)
+            if bool(deg.any()):  # the cluster's sum vanishes: one member's direction
+                rep = torch.full((ck,), -1, dtype=torch.long, device=a.device)
+                rep.scatter_reduce_(0, cid, ji, reduce="amax")
+                am = torch.where(deg[cid], (ji == rep[cid]).to(dtype), am)
+                drows = deg.nonzero().squeeze(1)
+                self.flat.index_copy_(0, drows, self.gram.index_select(0, rep[drows]))
+                q[drows] = self.diag[rep[drows]]
+            mul = q.clamp_min(torch.finfo(dtype).tiny).rsqrt()
+            add = None
+        else:
+            wk = total.clamp_min(torch.finfo(dtype).tiny)
+            mul = 2.0 / wk
+            add = -q / (wk * wk)
+        if everything:  # scale every row in place
+            self.flat.mul_(mul[:, None])
+            if add is not None:
+                self.flat.add_(add[:, None])
+        else:
+            for s in range(0, rows.numel(), self.step):
+                rr = rows[s:s + self.step]
+                t = self.flat.index_select(0, rr)
+                t.mul_(mul[rr, None])
+                if add is not None:
+                    t.add_(add[rr, None])
+                self.flat.index_copy_(0, rr, t)
+        empty = rows[size[rows] == 0]
+        if empty.numel():
+            self.flat.index_fill_(0, empty, -math.inf)
+        alpha[ri, ji] = am
+
+    def own(self, a: Tensor) -> Tensor:
+        """Each unit's score against its own cluster, (c, n)."""
+        c, n = a.shape
+        flat = a + self.k * torch.arange(c, device=a.device)[:, None]
+        cols = torch.arange(n, device=a.device).expand(c, n)
+        return self.flat[flat.reshape(-1), cols.reshape(-1)].view(c, n)
+
+    def assign(self, a: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+        """Argmax reassignment; units within rounding of their best keep their cluster."""
+        best = self.scores.amax(dim=1)  # (c, n)
+        move = own < best - self.tol
+        new_a, new_own = a.clone(), own.clone()
+        if not bool(move.any()):
+            return new_a, new_own
+        step = _row_step(self.k, self.gram.element_size())
+        for r in range(a.shape[0]):
+            cols = move[r].nonzero().squeeze(1)
+            for s in range(0, cols.numel(), step):
+                jj = cols[s:s + step]
+                val, arg = self.scores[r].index_select(1, jj).max(dim=0)
+                new_a[r, jj], new_own[r, jj] = arg, val
+        return new_a, new_own
+
+    def run(self, a: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Iterate from assignment ``a`` (c, n, no empty cluster) until nothing moves or
+        ``iters`` reassignments; returns (a, alpha, own): the final assignment, its centroid
+        coefficients and every unit's full score against its own centroid."""
+        c, n = a.shape
+        k = self.k
+        offset = k * torch.arange(c, device=a.device)[:, None]
+        alpha = self.gram.new_zeros(c, n)
+        dirty = torch.ones(c * k, dtype=torch.bool, device=a.device)
+        own = self.gram.new_zeros(c, n)
+        for it in range(iters + 1):
+            self.update(a, alpha, dirty)
+            own = self.own(a)
+            if it == iters:
+                break
+            new_a, new_own = self.assign(a, own)
+            new_full = self.full_score(new_own)
+            new_a = _repair_empty(new_a, new_full, self.residual(new_full), k)
+            moved = new_a != a
+            if not bool(moved.any()):
+                break
+            dirty = torch.zeros(c * k, dtype=torch.bool, device=a.device)
+            dirty[(a + offset)[moved]] = True
+            dirty[(new_a + offset)[moved]] = True
+            a = new_a
+        return a, alpha, self.full_score(own)
+
+
+def _lloyd(gram: Tensor, weights: Tensor, k: int, a: Tensor, iters: int,
+           spherical: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Lloyd iterations of every restart (rows of ``a``), in chunks sharing one score buffer.
+
+    Returns (a, alpha, own), each (R, n): see :meth:`_Lloyd.run`.
+    """
+    r, n = a.shape
+    out_a, out_alpha, out_own = torch.empty_like(a), gram.new_empty(r, n), gram.new_empty(r, n)
+    chunks = _restart_chunks(r, k * n * gram.element_size())
+    buf = gram.new_empty(chunks[0].stop - chunks[0].start, k, n)
+    for sl in chunks:
+        c = sl.stop - sl.start
+        engine = _Lloyd(gram, weights, k, spherical, buf[:c])
+        out_a[sl], out_alpha[sl], out_own[sl] = engine.run(a[sl], iters)
+    return out_a, out_alpha, out_own
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,42 +690,6 @@ def _spherical_step(
         new_own[sl] = torch.where(stay, own[sl], best)
         del t
     return out_alpha, own, new_a, new_own
-
-
-def _spherical_seed_assignment(gram: Tensor, seeds: Tensor, weights: Tensor) -> Tensor:
-    """Assign every unit to its most similar seed direction; repair empty clusters."""
-    r, k = seeds.shape
-    n = gram.shape[0]
-    a = torch.empty(r, n, dtype=torch.long, device=gram.device)  # (R, n)
-    own = gram.new_empty(r, n)
-    for sl in _restart_chunks(r, k * n * gram.element_size()):
-        s = gram[seeds[sl]]  # (c, K, n)
-        best, arg = s.max(dim=1)
-        a[sl], own[sl] = arg, best
-    return _repair_empty(a, own, _spherical_residual(own, weights), k)
-
-
-def _lloyd(
-    step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]],
-    residual: Callable[[Tensor], Tensor],
-    a: Tensor,
-    k: int,
-    iters: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched Lloyd iterations until no restart's assignment changes (or ``iters`` steps).
-
-    Returns (a, alpha, own) for the final assignment: its centroid coefficients and each
-    unit's score against its own centroid.
-    """
-    for it in range(iters + 1):
-        alpha, own, new_a, new_own = step(a)
-        if it == iters:
-            break
-        new_a = _repair_empty(new_a, new_own, residual(new_own), k)
-        if torch.equal(new_a, a):
-            break
-        a = new_a
-    return a, alpha, own
 
 
 def _block_operator(gram: Tensor, a: Tensor, k: int, include: Tensor) -> Tensor:
@@ -580,6 +888,52 @@ def _refine(
     return best_a, best_alpha, best_obj
 
 
+def spherical_kmeans_gram(
+    gram: Tensor,
+    weights: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    restarts: int = 4,
+    iters: int = 100,
+    refine: int = 0,
+) -> GramClustering:
+    """Weighted spherical k-means from the cosine Gram matrix of the directions alone.
+
+    The work of :func:`spherical_kmeans` without the points: ``gram`` (n, n) holds
+    <d_i, d_j> (unit diagonal; see :func:`cosine_gram`), and the centroids come back as
+    coefficients over the directions. The Lloyd iterations run in ``gram``'s dtype; the
+    objective is accumulated in float64.
+    """
+    g = _check_square(gram)
+    n = g.shape[0]
+    w = _as_weights(weights, n, g)
+    k = _check_k(k)
+    _check_counts(restarts, iters, refine)
+    if n and bool(((g.diagonal() - 1).abs() > 1e-3).any()):
+        raise ValueError("directions must have unit-norm rows (the Gram diagonal must be 1)")
+    if k >= n:
+        return GramClustering(torch.arange(n, device=g.device), torch.ones_like(w), 0.0)
+
+    uniforms = torch.rand(
+        restarts, k, generator=generator, dtype=torch.float64, device=generator.device
+    ).to(g.device)  # (R, k)
+    zero_tol = 16 * _eps(g.dtype)
+
+    def dissimilarity(idx: Tensor) -> Tensor:  # 1 - cos, rounding-level values set to 0
+        return torch.threshold(1.0 - g.index_select(0, idx), zero_tol, 0.0)
+
+    seeds, near = _kpp_seeds(w, k, uniforms, dissimilarity, nearest=True)
+    own = g[seeds.gather(1, near), torch.arange(n, device=g.device)]  # (R, n) seed cosines
+    a = _repair_empty(near, own, _spherical_residual(own, w), k)
+    a, alpha, own = _lloyd(g, w, k, a, iters, spherical=True)
+    obj = _spherical_residual(own, w).sum(dim=1)  # (R,) float64
+    if refine > 0:
+        a, alpha, obj = _refine(g, w, k, a, alpha, obj, refine)
+    best = int(torch.argmin(obj))
+    return GramClustering(a[best].clone(), alpha[best].clone(), float(obj[best]))
+
+
 def spherical_kmeans(
     directions: Tensor,
     weights: Tensor,
@@ -593,12 +947,14 @@ def spherical_kmeans(
 ) -> Clustering:
     """Weighted spherical k-means of unit directions (spec section 4, steps 2 and refinement).
 
-    Seeding: k-means++ on 1 - cos (first seed ~ weights). Lloyd: assign argmax cos, update
-    u_k = normalize(sum_{i in C_k} m_i d_i). Empty clusters take the units of largest residual.
-    Restarts are compared by sum_i r_i, r_i = m_i sin(theta_i) (m_i if cos < 0): the P5
-    certificate without rho and output norms. ``refine`` > 0 adds eigenvector/reassignment
-    rounds that keep the best state, so it never returns a worse objective. ``gram`` may be
-    the precomputed directions @ directions.T. k >= n: every unit its own cluster.
+    Seeding: k-means++ on 1 - cos (first seed ~ weights); each unit starts in its nearest
+    seed's cluster. Lloyd: assign argmax cos, update u_k = normalize(sum_{i in C_k} m_i d_i).
+    Empty clusters take the units of largest residual. Restarts are compared by sum_i r_i,
+    r_i = m_i sin(theta_i) (m_i if cos < 0): the P5 certificate without rho and output norms.
+    ``refine`` > 0 adds eigenvector/reassignment rounds that keep the best state, so it never
+    returns a worse objective. ``gram`` may be the precomputed directions @ directions.T
+    (default: :func:`gram_matrix`, float32 for large float64 inputs). k >= n: every unit its
+    own cluster. The centroids are combined and normalised in the directions' dtype.
     """
     d = _as_matrix(directions, "directions")
     n = d.shape[0]
@@ -609,86 +965,17 @@ def spherical_kmeans(
         gram = _check_gram(gram, d)
     if k >= n:
         return Clustering(torch.arange(n, device=d.device), d.clone(), 0.0)
-    g = d @ d.T if gram is None else gram  # (n, n)
-    if bool(((g.diagonal() - 1).abs() > 1e-3).any()):
-        raise ValueError("directions must have unit-norm rows")
-
-    uniforms = torch.rand(
-        restarts, k, generator=generator, dtype=torch.float64, device=generator.device
-    ).to(d.device)  # (R, k)
-    zero_tol = 16 * _eps(g.dtype)
-
-    def dissimilarity(idx: Tensor) -> Tensor:
-        dis = (1.0 - g.index_select(0, idx)).double()  # (R, n)
-        return dis.masked_fill(dis <= zero_tol, 0.0)
-
-    seeds = _kpp_seeds(w, k, uniforms, dissimilarity)
-    a = _spherical_seed_assignment(g, seeds, w)
-    alpha0 = w.expand(restarts, n)
-    a, alpha, own = _lloyd(
-        lambda x: _spherical_step(g, x, alpha0, k),
-        lambda c: _spherical_residual(c, w),
-        a,
-        k,
-        iters,
-    )
-    obj = _spherical_residual(own, w).sum(dim=1)  # (R,) float64
-    if refine > 0:
-        a, alpha, obj = _refine(g, w, k, a, alpha, obj, refine)
-    best = int(torch.argmin(obj))
-    u = _combine(d, a[best], alpha[best], k)  # (K, d)
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
-    return Clustering(a[best].clone(), u, float(obj[best]))
+    g = gram_matrix(d) if gram is None else gram  # (n, n)
+    res = spherical_kmeans_gram(g, w, k, generator=generator, restarts=restarts, iters=iters,
+                                refine=refine)
+    u = _combine(d, res.assignment, res.coefficients, k)  # (K, d)
+    u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
+    return Clustering(res.assignment, u, res.objective)
 
 
 # --------------------------------------------------------------------------------------------
 # Euclidean k-means in Gram space
 # --------------------------------------------------------------------------------------------
-
-
-def _euclidean_coeffs(a: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Coefficients alpha = w (1 inside clusters of total weight 0) and cluster totals W."""
-    r, n = a.shape
-    alpha = weights.expand(r, n)
-    total = _cluster_sum(alpha, a, k)  # (R, K)
-    zero = (_cluster_counts(a, k) > 0) & (total <= 0)
-    if bool(zero.any()):
-        alpha = torch.where(_gather(zero, a), torch.ones_like(alpha), alpha)
-        total = _cluster_sum(alpha, a, k)
-    return alpha, total
-
-
-def _euclidean_step(
-    gram: Tensor, a: Tensor, weights: Tensor, k: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Weighted means of assignment a (R, n) and one reassignment by nearest centroid.
-
-    Scores are -||x_j - c_k||^2 = 2 T[k, j] / W_k - G_jj - Q_k / W_k^2 with
-    Q_k = sum_{i, l in C_k} w_i w_l G_il. Returns (alpha, own, new_a, new_own) like
-    :func:`_spherical_step`.
-    """
-    r, n = a.shape
-    alpha, total = _euclidean_coeffs(a, weights, k)
-    own = gram.new_empty(r, n)
-    new_a = torch.empty_like(a)
-    new_own = gram.new_empty(r, n)
-    diag = gram.diagonal()
-    # rounding scale of -||x_j - c||^2 (||c||^2 <= max_i ||x_i||^2 for a convex combination)
-    tie_tol = 16 * _eps(gram.dtype) * (diag + diag.max())  # (n,)
-    for sl in _restart_chunks(r, 2 * k * n * gram.element_size()):
-        ac, al = a[sl], alpha[sl]
-        t = _scatter_columns(gram, ac, al, k)  # (c, K, n)
-        q = _cluster_sum(al * t.gather(1, ac[:, None]).squeeze(1), ac, k)  # (c, K)
-        wk = total[sl].clamp_min(torch.finfo(gram.dtype).tiny)
-        t.mul_((2.0 / wk)[..., None]).sub_(diag).sub_((q / (wk * wk))[..., None])
-        t.masked_fill_((_cluster_counts(ac, k) == 0)[..., None], -math.inf)
-        own[sl] = t.gather(1, ac[:, None]).squeeze(1)
-        best, arg = t.max(dim=1)
-        stay = own[sl] >= best - tie_tol  # rounding-level ties keep the current cluster
-        new_a[sl] = torch.where(stay, ac, arg)
-        new_own[sl] = torch.where(stay, own[sl], best)
-        del t
-    return alpha, own, new_a, new_own
 
 
 def kmeans(
@@ -704,9 +991,11 @@ def kmeans(
     """(Weighted) Euclidean k-means: k-means++ (D^2) seeding, Lloyd, best of ``restarts``.
 
     Objective = sum_i w_i ||x_i - c_{a(i)}||^2 (inertia). Empty clusters take the points of
-    largest weighted squared distance. Works in Gram space on the centred points (a given
-    ``gram`` = points @ points.T is double-centred; distances are translation invariant).
-    Centroids are the weighted means (plain means inside clusters of total weight 0).
+    largest weighted squared distance. Works in Gram space on the centred points (one
+    :func:`gram_matrix` product of ``points`` minus their mean, float32 for large float64
+    inputs; a given ``gram`` = points @ points.T is double-centred instead; distances are
+    translation invariant). Centroids are the weighted means (plain means inside clusters of
+    total weight 0), combined in the points' dtype.
     """
     x = _as_matrix(points, "points")
     n = x.shape[0]
@@ -718,11 +1007,11 @@ def kmeans(
     if k >= n:
         return Clustering(torch.arange(n, device=x.device), x.clone(), 0.0)
     if gram is None:
-        xc = x - x.mean(dim=0, keepdim=True)
-        g = xc @ xc.T  # (n, n)
+        g = gram_matrix(x, center=x.mean(dim=0))  # (n, n)
     else:
         row = gram.mean(dim=1)
         g = gram - row[:, None] - row[None, :] + row.mean()  # (n, n) double-centred
+    w = w.to(g.dtype)
 
     uniforms = torch.rand(
         restarts, k, generator=generator, dtype=torch.float64, device=generator.device
@@ -736,27 +1025,16 @@ def kmeans(
         floor = eps16 * (diag[None, :] + ds).abs().double()
         return dis.masked_fill(dis <= floor, 0.0)
 
-    seeds = _kpp_seeds(w, k, uniforms, dissimilarity)
-    a = torch.empty(restarts, n, dtype=torch.long, device=x.device)  # (R, n)
-    own = g.new_empty(restarts, n)
-    for sl in _restart_chunks(restarts, k * n * g.element_size()):
-        s = seeds[sl]
-        score = 2 * g[s] - diag[s][..., None] - diag  # (c, K, n) = -||x_j - x_s||^2
-        best, arg = score.max(dim=1)
-        a[sl], own[sl] = arg, best
-    a = _repair_empty(a, own, _euclidean_residual(own, w), k)
-    a, alpha, own = _lloyd(
-        lambda z: _euclidean_step(g, z, w, k),
-        lambda s: _euclidean_residual(s, w),
-        a,
-        k,
-        iters,
-    )
+    seeds, near = _kpp_seeds(w, k, uniforms, dissimilarity, nearest=True)
+    s = seeds.gather(1, near)  # (R, n) each unit's nearest seed
+    own = 2 * g[s, torch.arange(n, device=x.device)] - diag[s] - diag  # -||x_j - x_s||^2
+    a = _repair_empty(near, own, _euclidean_residual(own, w), k)
+    a, alpha, own = _lloyd(g, w, k, a, iters, spherical=False)
     obj = _euclidean_residual(own, w).sum(dim=1)  # (R,) float64
     best = int(torch.argmin(obj))
     al = alpha[best]
     total = _cluster_sum(al[None], a[best][None], k)[0]  # (K,)
-    centers = _combine(x, a[best], al, k) / total[:, None]  # (K, d)
+    centers = _combine(x, a[best], al, k) / total.to(x.dtype)[:, None]  # (K, d)
     return Clustering(a[best].clone(), centers, float(obj[best]))
 
 

@@ -1,18 +1,23 @@
 """Layer surgery: read a block's weights out of a model, and write a merge back into it.
 
-``extract`` folds BatchNorm (eval statistics) into the producer and returns a float64
-:class:`~tropnnc.block.Block`; ``apply`` replaces the producer and the consumer of a (copied)
-model by physically smaller modules in the original dtype and device, and the folded
-BatchNorm by an Identity.
+``extract`` folds BatchNorm (eval statistics) into the producer and returns a
+:class:`~tropnnc.block.Block`: float64 for ordinary blocks, the model's own dtype (at least
+float32) for large ones (see :func:`block_dtype`), on the CPU or on the weights' device;
+``apply`` replaces the producer and the consumer of a (copied) model by physically smaller
+modules in the original dtype and device, and the folded BatchNorm by an Identity.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from .block import Block, Merge
 from .graph import BlockSpec
+
+#: blocks with more weights than this (producer + consumer) are extracted in the model's dtype
+FLOAT64_MAX_WEIGHTS = 1 << 22
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -35,46 +40,71 @@ def fold_batchnorm(weight: Tensor, bias: Tensor, bn: nn.Module) -> tuple[Tensor,
 
 
 def _bn_stats(bn: nn.Module) -> dict[str, Tensor]:
+    """The BatchNorm's eval statistics per unit, float64, on its own device."""
     n = bn.num_features
-    f64 = {"dtype": torch.float64}
+    f64 = {"dtype": torch.float64, "device": bn.running_mean.device}
     return {
-        "weight": bn.weight.detach().to(**f64).cpu() if bn.affine else torch.ones(n, **f64),
-        "bias": bn.bias.detach().to(**f64).cpu() if bn.affine else torch.zeros(n, **f64),
-        "running_mean": bn.running_mean.detach().to(**f64).cpu(),
-        "running_var": bn.running_var.detach().to(**f64).cpu(),
+        "weight": bn.weight.detach().to(**f64) if bn.affine else torch.ones(n, **f64),
+        "bias": bn.bias.detach().to(**f64) if bn.affine else torch.zeros(n, **f64),
+        "running_mean": bn.running_mean.detach().to(**f64),
+        "running_var": bn.running_var.detach().to(**f64),
         "eps": torch.full((n,), float(bn.eps), **f64),
     }
 
 
-def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0) -> Block:
-    """The block described by ``spec``, with its current weights, as float64 tensors.
+def block_dtype(producer: nn.Module, consumer: nn.Module) -> torch.dtype:
+    """float64 for blocks of at most :data:`FLOAT64_MAX_WEIGHTS` weights and for float64
+    models; otherwise the model's floating dtype, at least float32 (float64 copies of large
+    layers cost memory and time for no accuracy the float32 model has: a 25,088 x 4,096
+    layer alone would take 822 MB)."""
+    dtype = producer.weight.dtype
+    if dtype == torch.float64 or (producer.weight.numel() + consumer.weight.numel()
+                                  <= FLOAT64_MAX_WEIGHTS):
+        return torch.float64
+    return torch.promote_types(dtype, torch.float32)
 
+
+def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0, *,
+            dtype: torch.dtype | None = None,
+            device: torch.device | str | None = "cpu") -> Block:
+    """The block described by ``spec``, with its current weights.
+
+    ``dtype``: None picks :func:`block_dtype` (float64 unless the block is large).
+    ``device``: where the block's tensors live; None keeps the weights' device. Large
+    blocks whose dtype and device match the consumer's weight keep ``out`` as a (read-only)
+    view of it instead of a copy; never modify a block's tensors in place.
     With a BatchNorm, ``block.weight`` holds the folded rows and ``block.bn`` the BN's
     eval statistics per unit (``weight``, ``bias``, ``running_mean``, ``running_var``,
     ``eps``) plus ``raw``: the unfolded rows (n, d+1), for methods that reason about BN.
     """
     producer = get_module(model, spec.producer)
     consumer = get_module(model, spec.consumer)
-    w = producer.weight.detach().to(torch.float64).cpu()  # (n, ...) incoming weights
+    dtype = block_dtype(producer, consumer) if dtype is None else dtype
+    to = {"dtype": dtype, "device": producer.weight.device if device is None else device}
+    w = producer.weight.detach().to(**to)  # (n, ...) incoming weights
     n = w.shape[0]
-    b = (producer.bias.detach().to(torch.float64).cpu() if producer.bias is not None
-         else torch.zeros(n, dtype=torch.float64))
+    b = (producer.bias.detach().to(**to) if producer.bias is not None
+         else torch.zeros(n, **to))
     bn = None
     if spec.bn is not None:
         bn_mod = get_module(model, spec.bn)
-        bn = _bn_stats(bn_mod)
-        bn["raw"] = torch.cat([w.flatten(1), b[:, None]], dim=1)  # (n, d+1) unfolded rows
-        w, b = fold_batchnorm(w, b, bn_mod)
+        raw = torch.cat([w.flatten(1), b[:, None]], dim=1)  # (n, d+1) unfolded rows
+        bn = {key: v.to(**to) for key, v in _bn_stats(bn_mod).items()}
+        bn["raw"] = raw
+        w, b = fold_batchnorm(w, b, bn_mod)  # folded in float64
+        w, b = w.to(**to), b.to(**to)
     weight = torch.cat([w.flatten(1), b[:, None]], dim=1)  # (n, d+1)
-    wc = consumer.weight.detach().to(torch.float64).cpu()
+    wc = consumer.weight.detach().to(**to)
     m = wc.shape[0]
     if isinstance(consumer, nn.Linear):
         out = wc.view(m, n, -1).permute(1, 0, 2)  # (n, m, H*W) column block of each unit
     else:
         out = wc.permute(1, 0, 2, 3).reshape(n, m, -1)  # (n, m, kh*kw)
-    cb = consumer.bias.detach().to(torch.float64).cpu() if consumer.bias is not None else None
+    if dtype == torch.float64 or wc.data_ptr() != consumer.weight.data_ptr():
+        out = out.contiguous()  # small blocks (or converted copies): one contiguous tensor
+    cb = consumer.bias.detach().to(**to) if consumer.bias is not None else None
     kind = "conv" if isinstance(producer, nn.Conv2d) else "linear"
-    return Block(spec.producer, weight, out.contiguous(), cb, radius, kind,
+    return Block(spec.producer, weight, out, cb, radius, kind,
                  tuple(producer.weight.shape[1:]), bn)
 
 
@@ -86,14 +116,14 @@ def apply(model: nn.Module, spec: BlockSpec, merge: Merge) -> None:
     k = merge.k
     rows = merge.rows
     needs_bias = producer.bias is not None or spec.bn is not None or bool(rows[:, -1].any())
-    if isinstance(producer, nn.Linear):
-        new_p: nn.Module = nn.Linear(producer.in_features, k, bias=needs_bias, **like)
+    if isinstance(producer, nn.Linear):  # skip_init: no random init of weights we overwrite
+        new_p: nn.Module = skip_init(nn.Linear, producer.in_features, k, bias=needs_bias, **like)
     else:
-        new_p = nn.Conv2d(producer.in_channels, k, producer.kernel_size, producer.stride,
-                          producer.padding, producer.dilation, bias=needs_bias,
-                          padding_mode=producer.padding_mode, **like)
+        new_p = skip_init(nn.Conv2d, producer.in_channels, k, producer.kernel_size,
+                          producer.stride, producer.padding, producer.dilation,
+                          bias=needs_bias, padding_mode=producer.padding_mode, **like)
     with torch.no_grad():
-        new_p.weight.copy_(rows[:, :-1].reshape((k,) + tuple(producer.weight.shape[1:])))
+        new_p.weight.view(k, -1).copy_(rows[:, :-1])
         if needs_bias:
             new_p.bias.copy_(rows[:, -1])
     new_p.train(producer.training)
@@ -103,19 +133,19 @@ def apply(model: nn.Module, spec: BlockSpec, merge: Merge) -> None:
 
     like = {"dtype": consumer.weight.dtype, "device": consumer.weight.device}
     m = merge.out.shape[1]
-    has_bias = consumer.bias is not None
+    has_bias = consumer.bias is not None or merge.consumer_bias is not None
     if isinstance(consumer, nn.Linear):
         reads = merge.out.shape[2]
-        new_c: nn.Module = nn.Linear(k * reads, m, bias=has_bias, **like)
-        weight = merge.out.permute(1, 0, 2).reshape(m, k * reads)
+        new_c: nn.Module = skip_init(nn.Linear, k * reads, m, bias=has_bias, **like)
     else:
-        new_c = nn.Conv2d(k, m, consumer.kernel_size, consumer.stride, consumer.padding,
-                          consumer.dilation, bias=has_bias, padding_mode=consumer.padding_mode,
-                          **like)
-        weight = merge.out.permute(1, 0, 2).reshape((m, k) + tuple(consumer.kernel_size))
-    with torch.no_grad():
-        new_c.weight.copy_(weight)
-        if has_bias:
+        new_c = skip_init(nn.Conv2d, k, m, consumer.kernel_size, consumer.stride,
+                          consumer.padding, consumer.dilation, bias=has_bias,
+                          padding_mode=consumer.padding_mode, **like)
+    with torch.no_grad():  # (m, k, reads) view of the new weight: no reshaped copy of out
+        new_c.weight.view(m, k, -1).copy_(merge.out.permute(1, 0, 2))
+        if merge.consumer_bias is not None:  # a data-free repair's corrected bias
+            new_c.bias.copy_(merge.consumer_bias)
+        elif has_bias:
             new_c.bias.copy_(consumer.bias)
     new_c.train(consumer.training)
     set_module(model, spec.consumer, new_c)

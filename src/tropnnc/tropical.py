@@ -27,6 +27,7 @@ __all__ = [
     "p5a_bound",
     "p5b_bound",
     "share_bound",
+    "share_errors",
     "tropical_forward",
     "zonotope_generators",
     "zonotope_support",
@@ -35,6 +36,7 @@ __all__ = [
 
 _FLAT_TOL = 1e-10  # relative singular value below which a point set counts as flat
 _CHUNK = 1 << 21  # max (points x facets) pairs handled at once in distance computations
+_CHUNK_ELEMENTS = 1 << 21  # float64 entries of one row chunk in share_errors (16 MB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,19 +377,42 @@ def hausdorff_grid(gens_a: Tensor, gens_b: Tensor, directions: int = 2048,
 # --------------------------------------------------------------------------------------------
 
 
+def share_errors(weight: Tensor, assignment: Tensor, shares: Tensor, rows: Tensor) -> Tensor:
+    """Per unit (n,), float64: ||w_i - lambda_i rows[a(i)]||, or ||w_i|| if dropped (a(i) = -1).
+
+    Computed in float64 from the rows as given (float32 rows are widened exactly), on their
+    device, in row chunks of bounded size: O(n D).
+    """
+    n, dim = weight.shape
+    f64 = {"dtype": torch.float64, "device": weight.device}
+    err = torch.empty(n, **f64)
+    step = max(1, _CHUNK_ELEMENTS // max(1, dim))
+    for s in range(0, n, step):
+        a = assignment[s:s + step]
+        w = weight[s:s + step].to(**f64, copy=True)  # (c, D) private float64 copy
+        if rows.shape[0]:
+            lam = shares[s:s + step].to(**f64) * (a >= 0)  # dropped units: approx 0
+            u = rows.index_select(0, a.clamp(min=0)).to(torch.float64)
+            w.addcmul_(u, lam[:, None], value=-1.0)  # w_i - lambda_i u_a(i)
+        err[s:s + step] = torch.linalg.vector_norm(w, dim=1)
+    return err
+
+
 def share_bound(weight: Tensor, out_abs: Tensor, assignment: Tensor, shares: Tensor,
                 rows: Tensor) -> Tensor:
     """P5 per output (m,): sum_i out_abs[i, j] * ||w_i - lambda_i rows[a(i)]||, without rho.
 
     Unit i was merged into new row a(i) with share lambda_i = ``shares[i]`` >= 0 (the new
     slices are share-weighted sums of the old ones); a(i) = -1 means dropped, error ||w_i||.
-    Valid for any rows and nonnegative shares, by L4 and C3 applied per unit.
+    Valid for any rows and nonnegative shares, by L4 and C3 applied per unit. float64, see
+    :func:`share_errors`.
     """
-    live = assignment >= 0  # (n,)
-    approx = torch.zeros_like(weight)  # (n, D): what unit i became, 0 if dropped
-    approx[live] = shares[live, None].to(weight.dtype) * rows[assignment[live]].to(weight.dtype)
-    err = (weight - approx).norm(dim=1)  # (n,)
-    return (out_abs * err[:, None]).sum(dim=0)  # (m,)
+    err = share_errors(weight, assignment, shares, rows)  # (n,)
+    bound = torch.zeros(out_abs.shape[1], dtype=torch.float64, device=weight.device)  # (m,)
+    step = max(1, _CHUNK_ELEMENTS // max(1, out_abs.shape[1]))
+    for s in range(0, err.shape[0], step):
+        bound += err[s:s + step] @ out_abs[s:s + step].to(torch.float64)
+    return bound
 
 
 def _cluster_means(values: Tensor, assignment: Tensor) -> Tensor:

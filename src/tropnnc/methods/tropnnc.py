@@ -5,6 +5,11 @@ Weighted spherical k-means groups the directions; cluster k becomes one unit of 
 u_k, and member i hands its output slices to it with share lambda_i = max(0, <w_i, u_k>).
 The error of output j is then at most rho * sum_i |c_ji| ||w_i - lambda_i u_k||, which is
 zero for units that are positive multiples of one another, whatever their output slices.
+
+Cost: one Gram product of the rows per block (:func:`tropnnc.cluster.cosine_gram`, float32
+for large blocks), shared by the sign groups and, through :func:`tropnnc.cluster.merged_gram`,
+by later ``steps``; clustering in Gram space; then O(n d) passes in point space (centroids,
+shares), chunked, on the block's device and dtype.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import torch
 from torch import Tensor
 
 from ..block import Block, Merge, compose, merge_by_shares
-from ..cluster import spherical_kmeans
+from ..cluster import cosine_gram, merged_gram, spherical_kmeans_gram
 from . import register
 from ._base import Method, is_single_output, split_by_sign
 
 NORMS = ("l1", "l2", "max")
+_ORDS = {"l1": 1, "l2": 2, "max": math.inf}
+_CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space passes
 
 
 @register
@@ -33,6 +40,8 @@ class TropNNC(Method):
     """
 
     name = "tropnnc"
+    #: merges blocks on their own device and dtype (see :func:`tropnnc.surgery.extract`)
+    device_aware = True
 
     def __init__(self, *, norm: str = "l2", refine: int = 0, steps: int = 1,
                  split_signs: bool | None = None, restarts: int = 4, iters: int = 100) -> None:
@@ -54,48 +63,88 @@ class TropNNC(Method):
                              f"{block.name!r} has {block.m} outputs")
         merge: Merge | None = None
         current = block
+        gram = None
         for width in _step_widths(block.n, k, self.steps):
-            step = self._merge_once(current, width, split, generator)
+            step, gram = self._merge_once(current, width, split, generator, gram,
+                                          want_gram=width != k)
             merge = step if merge is None else compose(merge, step)
             current = replace(block, weight=step.rows, out=step.out, bn=None, reads=None)
         assert merge is not None
         return merge
 
-    def _merge_once(self, block: Block, k: int, split: bool, generator: torch.Generator) -> Merge:
-        groups = [(torch.arange(block.n), k)]
+    def _merge_once(self, block: Block, k: int, split: bool, generator: torch.Generator,
+                    gram: Tensor | None = None, want_gram: bool = False
+                    ) -> tuple[Merge, Tensor | None]:
+        """One clustering to width k. ``gram``: the cosine Gram of ``block``'s rows when
+        already known; returns the merge and, with ``want_gram``, the merged rows' Gram."""
+        weight = block.weight
+        device = weight.device
+        norms = torch.linalg.vector_norm(weight, dim=1)  # (n,)
+        if gram is None:
+            gram = cosine_gram(weight, norms)  # (n, n) the one product over d
+        mass = norms * (block.out_norms if self.norm == "l2"
+                        else torch.linalg.vector_norm(block.out, ord=_ORDS[self.norm],
+                                                      dim=(1, 2)))
+        groups = [(None, k)]
         if split:
             pos = block.out[:, 0, 0] > 0  # P's generators; the rest are Q's
             n_pos = int(pos.sum())
             if k >= 2 or n_pos in (0, block.n):  # k = 1 with both signs: one joint cluster
                 k_pos, k_neg = split_by_sign(k, n_pos, block.n - n_pos)
                 groups = [(pos.nonzero().squeeze(1), k_pos), ((~pos).nonzero().squeeze(1), k_neg)]
-        assignment = torch.empty(block.n, dtype=torch.long)
-        rows, offset = [], 0
+        assignment = torch.empty(block.n, dtype=torch.long, device=device)
+        alpha = gram.new_zeros(block.n)  # u_c ~ sum_{a(i)=c} alpha_i d_i
+        offset = 0
         for idx, width in groups:
             if width == 0:
                 continue
-            a, u = self._cluster(block.weight[idx], self._mass(block.subset(idx)), width,
-                                 generator)
-            assignment[idx] = a + offset
-            rows.append(u)
+            if idx is None:
+                sub_gram, sub_mass = gram, mass
+            else:
+                sub_gram, sub_mass = gram[idx][:, idx], mass[idx]
+            res = spherical_kmeans_gram(sub_gram, sub_mass, width, generator=generator,
+                                        restarts=self.restarts, iters=self.iters,
+                                        refine=self.refine)
+            if idx is None:
+                assignment, alpha = res.assignment + offset, res.coefficients
+            else:
+                assignment[idx] = res.assignment + offset
+                alpha[idx] = res.coefficients
             offset += width
-        rows_t = torch.cat(rows)  # (k, d+1) unit directions
-        shares = (block.weight * rows_t[assignment]).sum(1).clamp(min=0)
-        return merge_by_shares(block, assignment, shares, rows_t)
+        # unit directions u_k (k, d+1), combined from the raw rows: sum (alpha_i/||w_i||) w_i
+        coef = alpha.to(weight.dtype) / norms.clamp_min(torch.finfo(weight.dtype).tiny)
+        rows = _scatter_rows(weight, assignment, coef, k)
+        rows /= torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(
+            torch.finfo(rows.dtype).tiny)
+        shares = _row_dots(weight, rows, assignment).clamp(min=0)
+        next_gram = merged_gram(gram, assignment, alpha, k) if want_gram else None
+        return merge_by_shares(block, assignment, shares, rows), next_gram
 
-    def _mass(self, block: Block) -> Tensor:
-        flat = block.out.flatten(1)  # (n, m*r)
-        c_norm = {"l1": lambda: flat.abs().sum(1), "l2": lambda: flat.norm(dim=1),
-                  "max": lambda: flat.abs().amax(1)}[self.norm]()
-        return block.weight.norm(dim=1) * c_norm
 
-    def _cluster(self, weight: Tensor, mass: Tensor, k: int,
-                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        norms = weight.norm(dim=1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
-        clustering = spherical_kmeans(weight / norms, mass, k, generator=generator,
-                                      restarts=self.restarts, iters=self.iters,
-                                      refine=self.refine)
-        return clustering.assignment, clustering.centroids
+def _row_step(width: int, element_size: int) -> int:
+    return max(1, _CHUNK_BYTES // max(1, width * element_size))
+
+
+def _scatter_rows(weight: Tensor, a: Tensor, coef: Tensor, k: int) -> Tensor:
+    """out[c] = sum_{a(i)=c} coef_i w_i, (k, d+1), in row chunks."""
+    n, width = weight.shape
+    out = weight.new_zeros(k, width)
+    step = _row_step(width, weight.element_size())
+    for s in range(0, n, step):
+        out.index_add_(0, a[s:s + step], weight[s:s + step] * coef[s:s + step, None])
+    return out
+
+
+def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:
+    """<w_i, rows[a(i)]> (the projection that minimises ||w_i - lambda u||), in ``weight``'s
+    dtype; any share gives a valid certificate, computed in float64 from these values."""
+    n, width = weight.shape
+    out = torch.empty(n, dtype=weight.dtype, device=weight.device)
+    step = _row_step(width, weight.element_size())
+    for s in range(0, n, step):
+        u = rows.index_select(0, a[s:s + step])
+        out[s:s + step] = torch.einsum("ij,ij->i", weight[s:s + step], u)
+    return out
 
 
 def _step_widths(n: int, k: int, steps: int) -> list[int]:
