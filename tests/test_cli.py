@@ -176,6 +176,25 @@ def test_compress_with_budget_and_calibration(tmp_path, capsys, lenet_files):
     assert plan["calibration"] == {"dataset": "fashion-mnist", "split": "train", "inputs": 64}
 
 
+def test_compress_budget_round_to_and_repair_flags(tmp_path, capsys, lenet_files):
+    code, stdout, err = run(capsys, "compress", "lenet-300-100", "--weights", lenet_files["st"],
+                            "-o", tmp_path / "r", "--budget", "0.4", "--round-to", "8",
+                            "--min-width", "16", "--repair", "bn", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    widths = [(b["units_after"], b["units_before"]) for b in data["blocks"]]
+    # multiples of 8 of at least 16, or the full width (allowed whatever round_to says)
+    assert all((w % 8 == 0 and w >= 16) or w == n for w, n in widths), widths
+    assert data["params_after"] <= 0.4 * data["params_before"]
+    # lenet has no BatchNorm: the repair is a recorded no-op
+    assert all(not b["repaired"] and "BatchNorm" in b["repair_note"] for b in data["blocks"])
+    plan = json.loads((tmp_path / "r" / "manifest.json").read_text())["compression"]
+    assert (plan["round_to"], plan["min_width"], plan["repair"]) == (8, 16, "bn")
+    code, _, err = run(capsys, "compress", "lenet-300-100", "--weights", lenet_files["st"],
+                       "-o", tmp_path / "x", "--repair", "magic")
+    assert code == 2 and "invalid choice: 'magic'" in err
+
+
 def test_compress_overwrite_and_strict(tmp_path, capsys, lenet_files, nets):
     out = tmp_path / "out"
     args = ["compress", "lenet-300-100", "--weights", lenet_files["st"], "-o", out]

@@ -38,7 +38,8 @@ COMPRESS_SETTINGS: dict[str, Any] = {
     "model": None, "weights": None, "zoo_config": None, "out": None, "keep": None,
     "method": "tropnnc", "seed": 0, "strict": False, "radius": 1.0, "options": None,
     "calibration": None, "dataset": None, "data_root": None, "budget": None,
-    "budget_unit": None, "overwrite": False, "trust_pickle": False, "trust_code": False,
+    "budget_unit": None, "allocator": None, "min_width": None, "round_to": None,
+    "repair": None, "overwrite": False, "trust_pickle": False, "trust_code": False,
     "device": None,
 }
 
@@ -198,8 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use N training inputs of --dataset as calibration data")
     p.add_argument("--dataset", help="dataset of --calibration")
     p.add_argument("--data-root", help="where to look for the dataset files")
-    p.add_argument("--budget", type=_positive_float, help="compression budget")
-    p.add_argument("--budget-unit", help="unit of --budget")
+    p.add_argument("--budget", type=_positive_float,
+                   help="fraction of the compressible layers' parameters (or MACs) to keep; "
+                        "per-layer widths are chosen for you (instead of --keep)")
+    p.add_argument("--budget-unit", choices=("params", "macs"), help="unit of --budget")
+    p.add_argument("--allocator", choices=("tropnnc", "tropnnc-log", "method"),
+                   help="how --budget is split between layers (default: tropnnc curves)")
+    p.add_argument("--min-width", type=_positive_int, help="smallest width with --budget")
+    p.add_argument("--round-to", type=_positive_int,
+                   help="widths chosen by --budget are multiples of this (e.g. 8)")
+    p.add_argument("--repair", choices=("bn", "bn-var"),
+                   help="data-free correction from BatchNorm statistics after each merge")
     p.add_argument("--config", help="JSON or TOML file with defaults for these options")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output directory")
@@ -487,11 +497,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               "radius": s["radius"]}
     if s["keep"] is not None:
         kwargs["keep"] = s["keep"]
-    for key in ("budget", "budget_unit"):
+    for key in ("budget", "budget_unit", "allocator", "min_width", "round_to", "repair"):
         if s[key] is not None:
-            if key not in inspect.signature(compress).parameters:
-                raise CLIError(f"--{key.replace('_', '-')} is not supported by this version "
-                               "of tropnnc.compress")
             kwargs[key] = s[key]
     if s["calibration"] is not None:
         kwargs["calibration"] = _calibration_inputs(s["dataset"], s["calibration"], s["seed"],
@@ -499,7 +506,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     result = compress(model, **kwargs, **s["options"])
     settings = {
         "keep": s["keep"], "strict": s["strict"], "radius": s["radius"],
-        "budget": s["budget"], "budget_unit": s["budget_unit"],
+        "budget": s["budget"], "budget_unit": s["budget_unit"], "allocator": s["allocator"],
+        "min_width": s["min_width"], "round_to": s["round_to"], "repair": s["repair"],
         "calibration": None if s["calibration"] is None else
         {"dataset": s["dataset"], "split": "train", "inputs": s["calibration"]},
         "source": {"model": s["model"], "weights": s["weights"], "zoo_config": s["zoo_config"]},
