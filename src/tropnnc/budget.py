@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .block import Block
-from .counting import infer_example_inputs
+from .counting import infer_example_inputs, output_positions
 from .graph import BlockSpec
 from .surgery import extract, get_module
 
@@ -303,7 +303,7 @@ def _layout(model: nn.Module, specs: list[BlockSpec], unit: str,
                         dtype=np.int64)
         coef = kernel
     else:
-        positions = _positions(model, names, inputs)
+        positions = output_positions(model, inputs)
         coef = kernel * np.array([positions[name] for name in names], dtype=np.int64)
         bias = np.zeros(size, dtype=np.int64)
     return _Layout(names, out_block, in_block, out_dim, in_dim, reads, coef, bias)
@@ -311,32 +311,6 @@ def _layout(model: nn.Module, specs: list[BlockSpec], unit: str,
 
 def _units(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
-def _positions(model: nn.Module, names: list[str], inputs: Tensor) -> dict[str, int]:
-    """Output positions per unit of each named layer (H*W for conv) on one sample."""
-    found: dict[str, int] = {}
-    handles = []
-    for name in names:
-        mod = get_module(model, name)
-
-        def hook(module: nn.Module, args: object, output: Tensor, name: str = name) -> None:
-            found[name] = output.numel() // _units(module)
-
-        handles.append(mod.register_forward_hook(hook))
-    param = next(model.parameters(), None)
-    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
-    sample = torch.zeros((1,) + tuple(inputs.shape[1:]), **like)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(sample)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return found
 
 
 def _inputs_for(model: nn.Module, unit: str, example_inputs: Tensor | None) -> Tensor | None:

@@ -11,25 +11,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per Linear and Conv2d layer (by module name), for one sample.
+def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """Output positions per unit (1 for Linear on flat inputs, H*W for Conv2d) of every
+    Linear and Conv2d layer, by module name, for one sample.
 
     Runs ``model`` once in eval mode on zeros shaped like ``example_inputs`` (a batch of two:
-    BatchNorm without running statistics rejects a batch of one) and counts, per layer,
-    output elements of one sample times the inputs each one reads (bias adds and
-    element-wise ops are not counted).
+    BatchNorm without running statistics rejects a batch of one).
     """
-    macs: dict[str, int] = {}
+    found: dict[str, int] = {}
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...],
                    output: torch.Tensor) -> None:
-            if isinstance(module, nn.Linear):
-                reads = module.in_features
-            else:
-                kh, kw = module.kernel_size
-                reads = (module.in_channels // module.groups) * kh * kw
-            macs[name] = macs.get(name, 0) + output[0].numel() * reads
+            units = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            found[name] = found.get(name, 0) + output[0].numel() // units
         return record
 
     handles = [mod.register_forward_hook(hook(name)) for name, mod in model.named_modules()
@@ -46,6 +41,23 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]
         model.train(was_training)
         for h in handles:
             h.remove()
+    return found
+
+
+def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per Linear and Conv2d layer (by module name), for one sample:
+    output elements times the inputs each one reads (bias adds and element-wise ops are
+    not counted)."""
+    macs = {}
+    modules = dict(model.named_modules())
+    for name, positions in output_positions(model, example_inputs).items():
+        mod = modules[name]
+        if isinstance(mod, nn.Linear):
+            macs[name] = positions * mod.out_features * mod.in_features
+        else:
+            kh, kw = mod.kernel_size
+            macs[name] = (positions * mod.out_channels * (mod.in_channels // mod.groups)
+                          * kh * kw)
     return macs
 
 
