@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -496,3 +497,154 @@ def test_value_errors():
         cosine_residual(d, w, torch.zeros(9, dtype=torch.long), d[:2])
     with pytest.raises(ValueError, match="threshold must be finite"):
         ward_threshold(d, -1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Gram products, dtypes and the incremental Lloyd engine
+# ------------------------------------------------------------------------------------------
+
+
+def clustered(seed: int, n: int = 90, k: int = 6, d: int = 40, spread: float = 0.15):
+    """Unit directions scattered around k random centres (angles ~ spread), random weights."""
+    g = gen(seed)
+    centres = unit(torch.randn(k, d, generator=g, dtype=F64))
+    labels = torch.randperm(n, generator=g) % k
+    dirs = unit(centres[labels] + spread * torch.randn(n, d, generator=g, dtype=F64) / d**0.5)
+    return dirs, torch.rand(n, generator=g, dtype=F64) + 0.2, labels
+
+
+@pytest.mark.parametrize("n", [5, 37, 100])
+def test_gram_matrix_strips_and_column_chunks(n, monkeypatch):
+    x = torch.randn(n, 23, generator=gen(n), dtype=F64)
+    monkeypatch.setattr(cl, "_GRAM_BLOCK", 8)  # several row strips
+    g = cl.gram_matrix(x)
+    assert g.dtype == F64
+    torch.testing.assert_close(g, x @ x.T, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(cl, "_CHUNK_BYTES", 64)  # float32 conversion a few columns at a time
+    g32 = cl.gram_matrix(x, torch.float32)
+    assert g32.dtype == torch.float32
+    torch.testing.assert_close(g32, (x @ x.T).float(), rtol=1e-5, atol=1e-5)
+    mean = x.mean(dim=0)
+    torch.testing.assert_close(cl.gram_matrix(x, center=mean), (x - mean) @ (x - mean).T)
+
+
+def test_gram_dtype_policy(monkeypatch):
+    small = torch.randn(10, 4, dtype=F64)
+    assert cl.gram_dtype(small) == F64
+    assert cl.gram_dtype(small.float()) == torch.float32
+    assert cl.gram_dtype(small.half()) == torch.float32
+    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 100)  # 10 * 10 * 4 > 100: a "big" product
+    assert cl.gram_dtype(small) == torch.float32
+    assert cl.gram_matrix(small).dtype == torch.float32
+
+
+def test_cosine_gram_normalises_without_copy_and_flags_zero_rows():
+    x = torch.randn(12, 5, generator=gen(1), dtype=F64) * torch.rand(12, 1, generator=gen(2))
+    x[3] = 0.0
+    g = cl.cosine_gram(x)
+    d = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    torch.testing.assert_close(g, d @ d.T)
+    assert g[3].abs().max() == 0 and g.diagonal()[3] == 0
+    assert bool((g.diagonal()[torch.arange(12) != 3] == 1).all())
+    with pytest.raises(ValueError, match="unit-norm rows"):  # a zero row has no direction
+        cl.spherical_kmeans_gram(g, torch.ones(12, dtype=F64), 3, generator=gen(0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_gram_agrees_with_float64_on_the_objective(seed):
+    d, w, labels = clustered(seed)
+    g64 = d @ d.T
+    a = cl.spherical_kmeans_gram(g64, w, 6, generator=gen(seed), refine=0)
+    b = cl.spherical_kmeans_gram(g64.float(), w, 6, generator=gen(seed), refine=0)
+    assert a.coefficients.dtype == F64 and b.coefficients.dtype == torch.float32
+    assert same_partition(a.assignment, labels) and same_partition(b.assignment, labels)
+    assert b.objective == pytest.approx(a.objective, rel=1e-4)
+    # the objective recomputed in float64 from the float32 run's centroids matches too
+    u = unit(cl._combine(d, b.assignment, b.coefficients.double(), 6))
+    assert float(direct_residual(d, w, b.assignment, u).sum()) == pytest.approx(a.objective,
+                                                                                 rel=1e-6)
+
+
+def test_spherical_kmeans_with_forced_float32_gram_is_exact_on_multiples(monkeypatch):
+    d, w, labels = planted(3)
+    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 0)  # every Gram in float32
+    c = spherical_kmeans(d, w, 5, generator=gen(4))
+    assert same_partition(c.assignment, labels)
+    assert c.centroids.dtype == F64  # combined from the float64 directions
+    assert float(direct_residual(d, w, c.assignment, c.centroids).sum()) < 1e-6
+
+
+def test_spherical_kmeans_gram_matches_spherical_kmeans():
+    d, w = random_dirs(12, 70, 6)
+    a = spherical_kmeans(d, w, 9, generator=gen(5), refine=2)
+    b = cl.spherical_kmeans_gram(d @ d.T, w, 9, generator=gen(5), refine=2)
+    assert torch.equal(a.assignment, b.assignment) and a.objective == b.objective
+    torch.testing.assert_close(a.centroids, unit(cl._combine(d, b.assignment,
+                                                              b.coefficients, 9)))
+    ident = cl.spherical_kmeans_gram(d @ d.T, w, 70, generator=gen(0))
+    assert torch.equal(ident.assignment, torch.arange(70)) and ident.objective == 0.0
+
+
+def test_merged_gram_is_the_gram_of_the_merged_directions():
+    d, w = random_dirs(13, 40, 5)
+    c = cl.spherical_kmeans_gram(d @ d.T, w, 7, generator=gen(1))
+    u = unit(cl._combine(d, c.assignment, c.coefficients, 7))
+    torch.testing.assert_close(cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7),
+                               u @ u.T)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_incremental_lloyd_reaches_a_true_fixed_point(spherical, monkeypatch):
+    """Only changed clusters are recomputed; the result must equal a from-scratch check."""
+    monkeypatch.setattr(cl, "_CHUNK_BYTES", 256)  # row chunks of a few rows
+    x = torch.randn(120, 4, generator=gen(7), dtype=F64)
+    w = torch.rand(120, generator=gen(8), dtype=F64) + 0.1
+    if spherical:
+        x = unit(x)
+        c = spherical_kmeans(x, w, 9, generator=gen(9), iters=1000)
+        sums = torch.zeros(9, 4, dtype=F64).index_add_(0, c.assignment, w[:, None] * x)
+        torch.testing.assert_close(c.centroids, unit(sums))
+        score = x @ c.centroids.T  # (n, K) cosines
+    else:
+        c = kmeans(x, 9, generator=gen(9), weights=w, iters=1000)
+        score = -torch.cdist(x, c.centroids) ** 2
+    own = score.gather(1, c.assignment[:, None]).squeeze(1)
+    assert bool((own >= score.max(dim=1).values - 1e-12).all())
+
+
+def test_row_chunk_size_does_not_change_results(monkeypatch):
+    d, w = random_dirs(14, 80, 5)
+    x = torch.randn(80, 3, generator=gen(3), dtype=F64)
+    a = spherical_kmeans(d, w, 11, generator=gen(6))
+    ka = kmeans(x, 7, generator=gen(6))
+    monkeypatch.setattr(cl, "_CHUNK_BYTES", 1)
+    b = spherical_kmeans(d, w, 11, generator=gen(6))
+    kb = kmeans(x, 7, generator=gen(6))
+    assert torch.equal(a.assignment, b.assignment) and a.objective == b.objective
+    assert torch.equal(ka.assignment, kb.assignment)  # (its Gram sums columns in chunks)
+    assert ka.objective == pytest.approx(kb.objective, rel=1e-12)
+
+
+def test_kpp_nearest_is_the_seeds_voronoi_assignment():
+    d, w = random_dirs(15, 50, 3)
+    d = d[torch.arange(50) % 25]  # duplicates: ties go to the earlier seed
+    g = d @ d.T
+    u = torch.rand(3, 12, generator=gen(0), dtype=F64)
+    dis = lambda idx: (1.0 - g[idx]).clamp_min(0)  # noqa: E731
+    seeds, near = cl._kpp_seeds(w, 12, u, dis, nearest=True)
+    assert torch.equal(seeds, cl._kpp_seeds(w, 12, u, dis))
+    for r in range(3):
+        table = (1.0 - g[seeds[r]]).clamp_min(0)  # (k, n)
+        best = table.min(dim=0).values
+        first = (table == best).to(torch.int8).argmax(dim=0)  # first minimal seed
+        assert torch.equal(near[r], first)
+
+
+def test_spherical_kmeans_gram_value_errors():
+    with pytest.raises(ValueError, match=r"gram must have shape \(n, n\)"):
+        cl.spherical_kmeans_gram(torch.eye(3, 4, dtype=F64), torch.ones(3), 2, generator=gen(0))
+    with pytest.raises(ValueError, match="gram must be finite"):
+        cl.spherical_kmeans_gram(torch.full((3, 3), math.nan), torch.ones(3), 2,
+                                 generator=gen(0))
+    with pytest.raises(ValueError, match="unit-norm rows"):
+        cl.spherical_kmeans_gram(2 * torch.eye(3, dtype=F64), torch.ones(3), 2, generator=gen(0))

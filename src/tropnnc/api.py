@@ -174,14 +174,17 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     work = _working_copy(model, specs, widths)
+    # blocks stay on the weights' device (and GPU) for methods that merge there, unless a
+    # calibration refit or a BN repair (CPU float64 code) runs
+    on_device = (None if getattr(algo, "device_aware", False) and batches is None
+                 and repair is None else "cpu")
     reports = []
     for spec in specs:
         if spec.producer not in widths:
             continue
         start = time.perf_counter()
         generator = _generator(seed, spec.producer)
-        block = extract(work, spec, radius,
-                        device=None if getattr(algo, "device_aware", False) else "cpu")
+        block = extract(work, spec, radius, device=on_device)
         positions = None
         if batches is not None:
             reads, positions = capture_reads(work, spec, batches, None, generator)

@@ -53,7 +53,7 @@ __all__ = [
     "ward_threshold",
 ]
 
-_MEMORY_BUDGET_BYTES = 1 << 26  # soft cap for one batch of (restarts, K, n) buffers / temporaries
+_MEMORY_BUDGET_BYTES = 1 << 25  # soft cap for one batch of (restarts, K, n) buffers / temporaries
 _CHUNK_BYTES = 1 << 24  # temporaries of row-chunked passes (small enough for malloc to recycle)
 _FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-adds use float32
 _GRAM_BLOCK = 512  # row strip of the symmetric Gram product
@@ -193,14 +193,15 @@ def gram_dtype(x: Tensor) -> torch.dtype:
 
 
 def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
-                center: Tensor | None = None) -> Tensor:
-    """G = (x - center)(x - center)^T, (n, n), on ``x``'s device.
+                center: Tensor | None = None, *, scale: Tensor | None = None) -> Tensor:
+    """G = (x - center)(x - center)^T, (n, n), on ``x``'s device; with ``scale`` (n,),
+    G_ij * scale_i * scale_j (applied strip by strip, no extra pass over G).
 
     ``dtype`` defaults to :func:`gram_dtype`. When ``x`` already has that dtype (and no
     ``center``), only the row strips on and above the diagonal are multiplied (about half the
-    multiply-adds of ``x @ x.T``) and mirrored, so G is exactly symmetric. Otherwise columns
-    are converted (and centred) a chunk at a time and accumulated, so no full-size converted
-    copy of ``x`` is ever made.
+    multiply-adds of ``x @ x.T``) and mirrored. Otherwise columns are converted (and
+    centred) a chunk at a time and accumulated, so no full-size converted copy of ``x`` is
+    ever made.
     """
     n, d = x.shape
     dtype = gram_dtype(x) if dtype is None else dtype
@@ -213,13 +214,22 @@ def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
                 xc = xc - center[s:s + step].to(xc.dtype)
             xc = xc.to(dtype)
             g.addmm_(xc, xc.T)
+        if scale is not None:
+            sc = scale.to(dtype)
+            g.mul_(sc[:, None]).mul_(sc[None, :])
         return g
+    sc = None if scale is None else scale.to(dtype)
     if n <= 2 * _GRAM_BLOCK:
-        return x @ x.T
+        g = x @ x.T
+        if sc is not None:
+            g.mul_(sc[:, None]).mul_(sc[None, :])
+        return g
     g = torch.empty(n, n, dtype=dtype, device=x.device)
     for i in range(0, n, _GRAM_BLOCK):
         j = min(n, i + _GRAM_BLOCK)
         strip = x[i:j] @ x[i:].T  # (b, n - i): the diagonal block and everything right of it
+        if sc is not None:
+            strip.mul_(sc[i:j, None]).mul_(sc[None, i:])
         g[i:j, i:] = strip
         g[j:, i:j] = strip[:, j - i:].T
     return g
@@ -235,11 +245,9 @@ def cosine_gram(x: Tensor, norms: Tensor | None = None, dtype: torch.dtype | Non
     """
     if norms is None:
         norms = torch.linalg.vector_norm(x, dim=1)
-    g = gram_matrix(x, dtype)
     nz = norms > 0
     inv = torch.where(nz, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    inv = inv.to(g.dtype)
-    g.mul_(inv[:, None]).mul_(inv[None, :])
+    g = gram_matrix(x, dtype, scale=inv)
     g.diagonal().copy_(nz.to(g.dtype))
     return g
 
@@ -437,33 +445,36 @@ def _kpp_seeds(
     n = weights.shape[0]
     dev = weights.device
     w = weights.double()  # (n,)
-    picked: list[Tensor] = []  # (R,) seed indices, stacked at the end
-    near = torch.zeros(r, n, dtype=torch.long, device=dev) if nearest else None
-    below = uniforms * _BELOW_ONE  # (R, k) as in _sample_rows, computed once
-    p = w.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
-    buf = torch.empty(r, n, dtype=torch.float64, device=dev)
-    mind: Tensor | None = None
-    for t in range(k):  # the ops of _sample_rows inlined: this loop runs k times
-        cdf = p.cumsum(dim=1)  # (R, n)
-        idx = torch.searchsorted(cdf, below[:, t:t + 1] * cdf[:, -1:], right=True)  # (R, 1)
-        if int(idx.max()) >= n:  # nothing left with positive weight * dissimilarity
-            chosen = torch.zeros(r, n, dtype=torch.bool, device=dev)  # (R, n)
-            if picked:
-                chosen.scatter_(1, torch.cat(picked, dim=1), True)
-            fallback = _sample_rows((~chosen).double(), uniforms[:, t])[:, None]
-            idx = torch.where(idx >= n, fallback, idx)
-        picked.append(idx)
-        if t + 1 < k or near is not None:
-            dis = dissimilarity(idx[:, 0])
-            if mind is None:
-                mind = dis
-            else:
-                if near is not None:
-                    near.masked_fill_(dis < mind, t)
-                torch.minimum(mind, dis, out=mind)
-            mind.scatter_(1, idx, 0.0)  # chosen units are never sampled again
-            p = torch.mul(w, mind, out=buf)
-    seeds = torch.cat(picked, dim=1)  # (R, k)
+    with torch.inference_mode():  # a long loop of small ops: skip autograd bookkeeping
+        picked: list[Tensor] = []  # (R,) seed indices, stacked at the end
+        near = torch.zeros(r, n, dtype=torch.long, device=dev) if nearest else None
+        below = uniforms * _BELOW_ONE  # (R, k) as in _sample_rows, computed once
+        p = w.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
+        buf = torch.empty(r, n, dtype=torch.float64, device=dev)
+        mind: Tensor | None = None
+        for t in range(k):  # the ops of _sample_rows inlined: this loop runs k times
+            cdf = p.cumsum(dim=1)  # (R, n)
+            idx = torch.searchsorted(cdf, below[:, t:t + 1] * cdf[:, -1:], right=True)  # (R, 1)
+            if int(idx.max()) >= n:  # nothing left with positive weight * dissimilarity
+                chosen = torch.zeros(r, n, dtype=torch.bool, device=dev)  # (R, n)
+                if picked:
+                    chosen.scatter_(1, torch.cat(picked, dim=1), True)
+                fallback = _sample_rows((~chosen).double(), uniforms[:, t])[:, None]
+                idx = torch.where(idx >= n, fallback, idx)
+            picked.append(idx)
+            if t + 1 < k or near is not None:
+                dis = dissimilarity(idx[:, 0])
+                if mind is None:
+                    mind = dis.clone()
+                else:
+                    if near is not None:
+                        near.masked_fill_(dis < mind, t)
+                    torch.minimum(mind, dis, out=mind)
+                mind.scatter_(1, idx, 0.0)  # chosen units are never sampled again
+                p = torch.mul(w, mind, out=buf)
+        seeds = torch.cat(picked, dim=1)  # (R, k)
+    seeds = seeds.clone()  # ordinary tensors outside inference mode
+    near = None if near is None else near.clone()
     return seeds if near is None else (seeds, near)
 
 
@@ -532,14 +543,22 @@ class _Lloyd:
                 am = torch.where(zero, torch.ones_like(am), am)
                 total = self.w.new_zeros(ck).index_add_(0, cid, am)
         everything = rows.numel() == ck
-        if everything:
-            self.flat.zero_()
+        if everything:  # each cluster's first member writes its row: no zeroing pass
+            m_ = cid.numel()
+            first = torch.full((ck,), m_, dtype=torch.long, device=a.device)
+            first.scatter_reduce_(0, cid, torch.arange(m_, device=a.device), reduce="amin")
+            lead = torch.zeros(m_, dtype=torch.bool, device=a.device)
+            lead[first[first < m_]] = True
+            parts = [(lead, self.flat.index_copy_), (~lead, self.flat.index_add_)]
         else:
             self.flat.index_fill_(0, rows, 0.0)
-        for s in range(0, cid.numel(), self.step):
-            t = self.gram.index_select(0, ji[s:s + self.step])
-            t.mul_(am[s:s + self.step, None])
-            self.flat.index_add_(0, cid[s:s + self.step], t)
+            parts = [(None, self.flat.index_add_)]
+        for sel, write in parts:
+            src, dst, coef = (ji, cid, am) if sel is None else (ji[sel], cid[sel], am[sel])
+            for s in range(0, src.numel(), self.step):
+                t = self.gram.index_select(0, src[s:s + self.step])
+                t.mul_(coef[s:s + self.step, None])
+                write(0, dst[s:s + self.step], t)
         q = self.w.new_zeros(ck).index_add_(0, cid, am * self.flat[cid, ji])  # ||u||^2 / Q
         if self.spherical:
             scale = self.w.new_zeros(ck).index_add_(0, cid, am.abs())

@@ -392,8 +392,8 @@ def share_errors(weight: Tensor, assignment: Tensor, shares: Tensor, rows: Tenso
         w = weight[s:s + step].to(**f64, copy=True)  # (c, D) private float64 copy
         if rows.shape[0]:
             lam = shares[s:s + step].to(**f64) * (a >= 0)  # dropped units: approx 0
-            u = rows.index_select(0, a.clamp(min=0)).to(torch.float64)
-            w.addcmul_(u, lam[:, None], value=-1.0)  # w_i - lambda_i u_a(i)
+            u = rows.index_select(0, a.clamp(min=0))  # widened inside addcmul_
+            w.addcmul_(u, lam[:, None], value=-1.0)  # w_i - lambda_i u_a(i), float64
         err[s:s + step] = torch.linalg.vector_norm(w, dim=1)
     return err
 
