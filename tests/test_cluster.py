@@ -520,6 +520,8 @@ def test_gram_matrix_strips_and_column_chunks(n, monkeypatch):
     g = cl.gram_matrix(x)
     assert g.dtype == F64
     torch.testing.assert_close(g, x @ x.T, rtol=1e-12, atol=1e-12)
+    sc = torch.rand(n, generator=gen(0), dtype=F64)
+    torch.testing.assert_close(cl.gram_matrix(x, scale=sc), sc[:, None] * (x @ x.T) * sc)
     monkeypatch.setattr(cl, "_CHUNK_BYTES", 64)  # float32 conversion a few columns at a time
     g32 = cl.gram_matrix(x, torch.float32)
     assert g32.dtype == torch.float32
@@ -648,3 +650,34 @@ def test_spherical_kmeans_gram_value_errors():
                                  generator=gen(0))
     with pytest.raises(ValueError, match="unit-norm rows"):
         cl.spherical_kmeans_gram(2 * torch.eye(3, dtype=F64), torch.ones(3), 2, generator=gen(0))
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, monkeypatch):
+    if truncated:  # gains over each candidate's 4 nearest units only
+        monkeypatch.setattr(cl, "_GREEDY_EXACT_WORK", 0)
+        monkeypatch.setattr(cl, "_GREEDY_NEIGHBOURS", 4)
+    d, w, _ = clustered(16, n=60, k=5)
+    d = d[torch.arange(60) % 30]  # duplicates
+    g = d @ d.T
+    u = torch.rand(3, 20, cl._local_trials(20), generator=gen(0), dtype=F64)
+    seeds, near = cl._greedy_cosine_seeds(g, w, 20, u, 1e-12)
+    for r in range(3):
+        assert len(set(seeds[r].tolist())) == 20
+        table = g[seeds[r]]  # (k, n) cosines to the seeds
+        first = (table == table.max(dim=0).values).to(torch.int8).argmax(dim=0)
+        assert torch.equal(near[r], first)
+
+
+def test_greedy_seeding_lowers_the_seeding_potential():
+    d, w, _ = clustered(17, n=200, k=20, d=30, spread=0.6)
+    g = d @ d.T
+    tol = 16 * torch.finfo(F64).eps
+
+    def potential(seeds):  # sum_j w_j min_s (1 - cos(s, j)) per restart
+        return ((1 - g[seeds]).clamp_min(0).amin(dim=1) * w).sum(dim=1)
+
+    u = torch.rand(8, 30, cl._local_trials(30), generator=gen(1), dtype=F64)
+    greedy, _ = cl._greedy_cosine_seeds(g, w, 30, u, tol)
+    plain = cl._kpp_seeds(w, 30, u[:, :, 0], lambda idx: (1 - g[idx]).clamp_min(0))
+    assert float(potential(greedy).mean()) < 0.9 * float(potential(plain).mean())

@@ -13,7 +13,8 @@ dimension of the points (later layers have 25,088-dim units) nor on the number o
 Lloyd iterations (:class:`_Lloyd`) keep every cluster's score row in one (restarts, K, n)
 buffer and, after a reassignment, recompute only the rows of clusters that gained or lost
 members; a step is then one ``amax`` pass over the buffer plus work proportional to what
-moved. k-means++ seeding tracks each unit's nearest seed, which is the initial assignment.
+moved. Seeding (greedy k-means++ for the spherical case, plain k-means++ for the Euclidean
+one) tracks each unit's nearest seed, which is the initial assignment.
 Restarts are processed in chunks whose buffer fits ``_MEMORY_BUDGET_BYTES`` (one buffer,
 reused); row-chunked passes keep their temporaries under ``_CHUNK_BYTES``. The refinement's
 per-cluster top eigenvectors are exact batched ``eigh`` of the padded Gram blocks for
@@ -23,10 +24,10 @@ power iterations, cluster-size buckets, restarts and memory chunks. Nothing here
 device: tensors stay where the inputs are.
 
 Randomness: every random number comes from the ``torch.Generator`` argument, drawn up front as
-one (restarts, k) float64 uniform matrix (row r drives restart r's seeding by inverse-CDF
-sampling). Restart r therefore depends only on the first (r + 1) * k draws and is computed
-independently of the others, so a run with more restarts contains the runs with fewer ones
-and reaches a lower or equal objective.
+one (restarts, k) float64 uniform matrix, (restarts, k, L) for greedy seeding with L trials
+(row r drives restart r's seeding by inverse-CDF sampling). Restart r therefore depends only
+on the first (r + 1) * k (* L) draws and is computed independently of the others, so a run
+with more restarts contains the runs with fewer ones and reaches a lower or equal objective.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "GramClustering",
     "cosine_gram",
     "cosine_residual",
+    "gram_dtype",
     "gram_matrix",
     "kmeans",
     "merged_gram",
@@ -57,6 +59,8 @@ _MEMORY_BUDGET_BYTES = 1 << 25  # soft cap for one batch of (restarts, K, n) buf
 _CHUNK_BYTES = 1 << 24  # temporaries of row-chunked passes (small enough for malloc to recycle)
 _FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-adds use float32
 _GRAM_BLOCK = 512  # row strip of the symmetric Gram product
+_GREEDY_EXACT_WORK = 1 << 28  # greedy seeding: exact gains while restarts*trials*n*k fits
+_GREEDY_NEIGHBOURS = 32  # otherwise gains over each candidate's nearest units only
 _POWER_MAX_ITER = 100  # power iterations per refinement step (clusters above _EIGH_MAX_SIZE)
 _EIGH_MAX_SIZE = 64  # clusters up to this size get an exact batched eigh
 
@@ -476,6 +480,68 @@ def _kpp_seeds(
     seeds = seeds.clone()  # ordinary tensors outside inference mode
     near = None if near is None else near.clone()
     return seeds if near is None else (seeds, near)
+
+
+def _local_trials(k: int) -> int:
+    """Candidates per greedy k-means++ step: 2 + ln k (Arthur & Vassilvitskii; scikit-learn)."""
+    return 2 + int(math.log(k)) if k > 1 else 1
+
+
+def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor,
+                         zero_tol: float) -> tuple[Tensor, Tensor]:
+    """Greedy k-means++ seeding on the dissimilarity 1 - cos, batched over restarts.
+
+    Step t draws L = ``uniforms.shape[2]`` candidates ~ weights * min dissimilarity to the
+    seeds so far (inverse-CDF, one uniform each; dissimilarities within ``zero_tol`` of 0
+    count as 0) and keeps the one that lowers the weighted potential sum_j w_j d_j the most:
+    gain(c) = sum_j w_j relu(cos(c, j) - s_j), s_j the best cosine to a seed so far. When
+    restarts * L * n * k exceeds ``_GREEDY_EXACT_WORK`` the gains of later steps are summed
+    over each candidate's ``_GREEDY_NEIGHBOURS`` most similar units only (the units it can
+    take over once seeds are dense). Returns (seeds (R, k), near (R, n)): the seeds and the
+    position t of each unit's most similar seed (the first on ties).
+    """
+    r, _, trials = uniforms.shape
+    n = gram.shape[0]
+    dev = gram.device
+    w64 = weights.double()
+    wg = weights.to(gram.dtype)
+    truncated = r * trials * n * k > _GREEDY_EXACT_WORK and n > _GREEDY_NEIGHBOURS
+    if truncated:  # (n, M) each unit's most similar units and their cosines and weights
+        nb_cos, nb_idx = torch.topk(gram, _GREEDY_NEIGHBOURS, dim=1)
+        nb_w = wg[nb_idx]
+    picked: list[Tensor] = []
+    with torch.inference_mode():  # a long loop of small ops: skip autograd bookkeeping
+        below = uniforms * _BELOW_ONE  # (R, k, L)
+        near = torch.zeros(r, n, dtype=torch.long, device=dev)
+        best_cos = torch.full((r, n), -1.0, dtype=gram.dtype, device=dev)  # s_j (no seed: -1)
+        p = w64.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
+        buf = torch.empty(r, n, dtype=torch.float64, device=dev)
+        for t in range(k):
+            cdf = p.cumsum(dim=1)  # (R, n)
+            cand = torch.searchsorted(cdf, below[:, t] * cdf[:, -1:], right=True)  # (R, L)
+            if int(cand.max()) >= n:  # nothing left with positive weight * dissimilarity
+                chosen = torch.zeros(r, n, dtype=torch.bool, device=dev)
+                if picked:
+                    chosen.scatter_(1, torch.cat(picked, dim=1), True)
+                fallback = _sample_rows((~chosen).double(), uniforms[:, t, 0])[:, None]
+                cand = torch.where(cand >= n, fallback, cand)
+            if truncated and t > 0:
+                c = cand.reshape(-1)
+                s_nb = best_cos.gather(1, nb_idx[c].view(r, -1)).view(r, trials, -1)
+                gain = (torch.relu(nb_cos[c].view(r, trials, -1) - s_nb)
+                        * nb_w[c].view(r, trials, -1)).sum(dim=2)  # (R, L)
+            else:
+                rows = gram.index_select(0, cand.reshape(-1)).view(r, trials, n)
+                gain = torch.relu(rows - best_cos[:, None, :]) @ wg  # (R, L)
+            idx = cand.gather(1, gain.argmax(dim=1, keepdim=True))  # (R, 1)
+            picked.append(idx)
+            cos = gram.index_select(0, idx[:, 0])  # (R, n)
+            near.masked_fill_(cos > best_cos, t)
+            torch.maximum(best_cos, cos, out=best_cos)
+            best_cos.scatter_(1, idx, 1.0)  # chosen units are never sampled again
+            p = torch.mul(w64, torch.threshold(1.0 - best_cos, zero_tol, 0.0), out=buf)
+        seeds = torch.cat(picked, dim=1)  # (R, k)
+    return seeds.clone(), near.clone()  # ordinary tensors outside inference mode
 
 
 # --------------------------------------------------------------------------------------------
@@ -935,14 +1001,10 @@ def spherical_kmeans_gram(
         return GramClustering(torch.arange(n, device=g.device), torch.ones_like(w), 0.0)
 
     uniforms = torch.rand(
-        restarts, k, generator=generator, dtype=torch.float64, device=generator.device
-    ).to(g.device)  # (R, k)
-    zero_tol = 16 * _eps(g.dtype)
-
-    def dissimilarity(idx: Tensor) -> Tensor:  # 1 - cos, rounding-level values set to 0
-        return torch.threshold(1.0 - g.index_select(0, idx), zero_tol, 0.0)
-
-    seeds, near = _kpp_seeds(w, k, uniforms, dissimilarity, nearest=True)
+        restarts, k, _local_trials(k), generator=generator, dtype=torch.float64,
+        device=generator.device,
+    ).to(g.device)  # (R, k, L)
+    seeds, near = _greedy_cosine_seeds(g, w, k, uniforms, 16 * _eps(g.dtype))
     own = g[seeds.gather(1, near), torch.arange(n, device=g.device)]  # (R, n) seed cosines
     a = _repair_empty(near, own, _spherical_residual(own, w), k)
     a, alpha, own = _lloyd(g, w, k, a, iters, spherical=True)
@@ -966,8 +1028,10 @@ def spherical_kmeans(
 ) -> Clustering:
     """Weighted spherical k-means of unit directions (spec section 4, steps 2 and refinement).
 
-    Seeding: k-means++ on 1 - cos (first seed ~ weights); each unit starts in its nearest
-    seed's cluster. Lloyd: assign argmax cos, update u_k = normalize(sum_{i in C_k} m_i d_i).
+    Seeding: greedy k-means++ on 1 - cos (:func:`_greedy_cosine_seeds`: 2 + ln k candidates
+    per seed ~ weights * min dissimilarity, the one lowering the weighted potential most is
+    kept); each unit starts in its nearest seed's cluster. Lloyd: assign argmax cos, update
+    u_k = normalize(sum_{i in C_k} m_i d_i).
     Empty clusters take the units of largest residual. Restarts are compared by sum_i r_i,
     r_i = m_i sin(theta_i) (m_i if cos < 0): the P5 certificate without rho and output norms.
     ``refine`` > 0 adds eigenvector/reassignment rounds that keep the best state, so it never
