@@ -150,8 +150,9 @@ def test_half_precision_compresses_and_round_trips_in_its_dtype(tmp_path, dtype)
     x = torch.rand(4, 1, 28, 28, dtype=dtype)
     assert torch.equal(loaded(x), result.model.eval()(x))
     # the compressed half model stays close to the float64 computation of the same merge
-    ref = tropnnc.compress(lenet().double(), 0.5).model.eval()
-    torch.testing.assert_close(loaded(x).double(), ref(x.double()), atol=0.05, rtol=0.05)
+    # (of the same rounded weights: a clustering of other weights may group other units)
+    ref = tropnnc.compress(lenet().to(dtype).double(), 0.5).model.eval()
+    torch.testing.assert_close(loaded(x).double(), ref(x.double()), atol=0.02, rtol=0.02)
 
 
 def test_training_mode_model_eval_semantics_and_mode_restored(factories):
