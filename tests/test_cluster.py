@@ -681,3 +681,15 @@ def test_greedy_seeding_lowers_the_seeding_potential():
     greedy, _ = cl._greedy_cosine_seeds(g, w, 30, u, tol)
     plain = cl._kpp_seeds(w, 30, u[:, :, 0], lambda idx: (1 - g[idx]).clamp_min(0))
     assert float(potential(greedy).mean()) < 0.9 * float(potential(plain).mean())
+
+
+def test_member_cosines_match_the_point_space_values():
+    x = torch.randn(40, 7, generator=gen(3), dtype=F64)
+    d = x / x.norm(dim=1, keepdim=True)
+    a = torch.randint(0, 5, (40,), generator=gen(4))
+    a[:5] = torch.arange(5)
+    alpha = torch.rand(40, generator=gen(5), dtype=F64)
+    cos, norm = cl.member_cosines(d @ d.T, a, alpha, 5)
+    r = torch.zeros(5, 7, dtype=F64).index_add_(0, a, alpha[:, None] * d)  # (5, 7) r_c
+    torch.testing.assert_close(norm, r.norm(dim=1))
+    torch.testing.assert_close(cos, (d * r[a]).sum(dim=1) / r.norm(dim=1)[a])

@@ -313,12 +313,12 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "E3": {"networks": ["lenet-300-100"], "dataset": "fashion-mnist", "methods": MULTI_METHODS,
            "keeps": [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], "seeds": [0, 1, 2, 3, 4], "layers": "all"},
     "E4": {"networks": ["vgg-small"], "dataset": "fashion-mnist",
-           "methods": ["random", "l1", "neuron-merging", "neural-path-kmeans", "tropnnc",
-                       "tropnnc+refit", "thinet"],
-           "keeps": [0.9, 0.75, 0.6, 0.5, 0.25, 0.1], "seeds": [0, 1],
+           "methods": ["random", "l1", "neuron-merging", "cup", "neural-path-kmeans",
+                       "srinivas-babu", "tropnnc", "tropnnc+refit", "thinet"],
+           "keeps": [0.9, 0.75, 0.6, 0.5, 0.25, 0.1], "seeds": [0, 1, 2, 3, 4],
            "layers": ["conv", "all"],
-           # CPU budget: two seeds, 2 epochs on 12,000 training images, 1,000 test images
-           "train_kw": {"epochs": 2, "train_size": 12000}, "test_size": 1000,
+           # CPU budget: at most 4 epochs on 30,000 training images, 2,000 test images
+           "train_kw": {"epochs": 4, "train_size": 30000}, "test_size": 2000,
            "calibration_size": 256},
 }
 

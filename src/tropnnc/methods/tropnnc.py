@@ -8,8 +8,10 @@ zero for units that are positive multiples of one another, whatever their output
 
 Cost: one Gram product of the rows per block (:func:`tropnnc.cluster.cosine_gram`, float32
 for large blocks), shared by the sign groups and, through :func:`tropnnc.cluster.merged_gram`,
-by later ``steps``; clustering in Gram space; then O(n d) passes in point space (centroids,
-shares), chunked, on the block's device and dtype.
+by later ``steps``; clustering in Gram space; when the Gram has the rows' dtype, the
+shares and the new rows' norms come from it too (:func:`tropnnc.cluster.member_cosines`,
+O(n^2)), so the only pass over the (n, d) rows after the product combines them into the new
+rows (chunked, on the block's device and dtype).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import torch
 from torch import Tensor
 
 from ..block import Block, Merge, compose, merge_by_shares
-from ..cluster import cosine_gram, merged_gram, spherical_kmeans_gram
+from ..cluster import combine_rows, cosine_gram, member_cosines, merged_gram, spherical_kmeans_gram
 from . import register
 from ._base import Method, is_single_output, split_by_sign
 
 NORMS = ("l1", "l2", "max")
 _ORDS = {"l1": 1, "l2": 2, "max": math.inf}
-_CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space passes
+_CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space pass
 
 
 @register
@@ -111,36 +113,31 @@ class TropNNC(Method):
                 assignment[idx] = res.assignment + offset
                 alpha[idx] = res.coefficients
             offset += width
-        # unit directions u_k (k, d+1), combined from the raw rows: sum (alpha_i/||w_i||) w_i
-        coef = alpha.to(weight.dtype) / norms.clamp_min(torch.finfo(weight.dtype).tiny)
-        rows = _scatter_rows(weight, assignment, coef, k)
-        rows /= torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(
-            torch.finfo(rows.dtype).tiny)
-        shares = _row_dots(weight, rows, assignment).clamp(min=0)
+        # unit directions u_c = r_c / ||r_c||, r_c = sum_{a(i)=c} alpha_i d_i, combined from
+        # the raw rows (d_i = w_i / ||w_i||), and the shares lambda_i = <w_i, u_a(i)>
+        inv_norms = torch.where(norms > 0, 1.0 / norms, 0.0)  # zero rows have no direction
+        if gram.dtype == weight.dtype:  # the Gram is as precise as the rows: ||r_c|| and
+            # lambda_i = ||w_i|| cos(d_i, r_a(i)) from it, O(n^2), instead of two O(n d) passes
+            cos_own, r_norm = member_cosines(gram, assignment, alpha, k)  # (n,), (k,)
+            r_own = r_norm[assignment]
+            coef = torch.where(r_own > 0, alpha / r_own, 0.0).to(weight.dtype) * inv_norms
+            rows = combine_rows(weight, assignment, coef, k)  # (k, d+1)
+            shares = (norms * cos_own).clamp(min=0)
+        else:  # float64 rows, float32 Gram: point-space values keep exact collapses exact
+            rows = combine_rows(weight, assignment, alpha.to(weight.dtype) * inv_norms, k)
+            rows /= torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(
+                torch.finfo(rows.dtype).tiny)
+            shares = _row_dots(weight, rows, assignment).clamp(min=0)
         next_gram = merged_gram(gram, assignment, alpha, k) if want_gram else None
         return merge_by_shares(block, assignment, shares, rows), next_gram
 
 
-def _row_step(width: int, element_size: int) -> int:
-    return max(1, _CHUNK_BYTES // max(1, width * element_size))
-
-
-def _scatter_rows(weight: Tensor, a: Tensor, coef: Tensor, k: int) -> Tensor:
-    """out[c] = sum_{a(i)=c} coef_i w_i, (k, d+1), in row chunks."""
-    n, width = weight.shape
-    out = weight.new_zeros(k, width)
-    step = _row_step(width, weight.element_size())
-    for s in range(0, n, step):
-        out.index_add_(0, a[s:s + step], weight[s:s + step] * coef[s:s + step, None])
-    return out
-
-
 def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:
-    """<w_i, rows[a(i)]> (the projection that minimises ||w_i - lambda u||), in ``weight``'s
-    dtype; any share gives a valid certificate, computed in float64 from these values."""
+    """<w_i, rows[a(i)]> (the projection that minimises ||w_i - lambda u||), (n,), in
+    ``weight``'s dtype, in row chunks of at most ``_CHUNK_BYTES``."""
     n, width = weight.shape
     out = torch.empty(n, dtype=weight.dtype, device=weight.device)
-    step = _row_step(width, weight.element_size())
+    step = max(1, _CHUNK_BYTES // max(1, width * weight.element_size()))
     for s in range(0, n, step):
         u = rows.index_select(0, a[s:s + step])
         out[s:s + step] = torch.einsum("ij,ij->i", weight[s:s + step], u)
