@@ -652,16 +652,19 @@ def test_spherical_kmeans_gram_value_errors():
         cl.spherical_kmeans_gram(2 * torch.eye(3, dtype=F64), torch.ones(3), 2, generator=gen(0))
 
 
+@pytest.mark.parametrize("per_step", [1, 3, 8])
 @pytest.mark.parametrize("truncated", [False, True])
-def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, monkeypatch):
+def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, per_step,
+                                                                 monkeypatch):
     if truncated:  # gains over each candidate's 4 nearest units only
         monkeypatch.setattr(cl, "_GREEDY_EXACT_WORK", 0)
         monkeypatch.setattr(cl, "_GREEDY_NEIGHBOURS", 4)
     d, w, _ = clustered(16, n=60, k=5)
     d = d[torch.arange(60) % 30]  # duplicates
+    w[7] = 50.0  # one unit with most of the mass: it straddles the slices of a step
     g = d @ d.T
     u = torch.rand(3, 20, cl._local_trials(20), generator=gen(0), dtype=F64)
-    seeds, near = cl._greedy_cosine_seeds(g, w, 20, u, 1e-12)
+    seeds, near = cl._greedy_cosine_seeds(g, w, 20, u, 1e-12, per_step=per_step)
     for r in range(3):
         assert len(set(seeds[r].tolist())) == 20
         table = g[seeds[r]]  # (k, n) cosines to the seeds
@@ -693,3 +696,16 @@ def test_member_cosines_match_the_point_space_values():
     r = torch.zeros(5, 7, dtype=F64).index_add_(0, a, alpha[:, None] * d)  # (5, 7) r_c
     torch.testing.assert_close(norm, r.norm(dim=1))
     torch.testing.assert_close(cos, (d * r[a]).sum(dim=1) / r.norm(dim=1)[a])
+
+
+@pytest.mark.parametrize("per_step", [1, 4])
+def test_greedy_seeding_restarts_are_independent(per_step):
+    """Restart r depends on its own row of uniforms only (more restarts never change it)."""
+    d, w, _ = clustered(18, n=80, k=8)
+    w[3] = 40.0  # repeated winners in early steps: restarts take different seed counts
+    g = d @ d.T
+    u = torch.rand(4, 24, cl._local_trials(24), generator=gen(2), dtype=F64)
+    seeds, near = cl._greedy_cosine_seeds(g, w, 24, u, 1e-12, per_step=per_step)
+    for r in range(4):
+        one, one_near = cl._greedy_cosine_seeds(g, w, 24, u[r:r + 1], 1e-12, per_step=per_step)
+        assert torch.equal(seeds[r:r + 1], one) and torch.equal(near[r:r + 1], one_near)

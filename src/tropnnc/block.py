@@ -97,6 +97,11 @@ class Block:
         return total
 
     @cached_property
+    def row_norms(self) -> Tensor:
+        """||w_i||_2 of each row (weights and bias), (n,), in the rows' dtype (computed once)."""
+        return torch.linalg.vector_norm(self.weight, dim=1)
+
+    @cached_property
     def out_norms(self) -> Tensor:
         """||c_i||_2 over each unit's (m, r) slices, (n,), in ``out``'s dtype (computed once,
         in the slices' memory order)."""
@@ -117,7 +122,7 @@ class Block:
         From 2-norms (fast reductions); units whose norm is 0, possibly by underflow of
         tiny entries, are checked exactly.
         """
-        live = (torch.linalg.vector_norm(self.weight, dim=1) > 0) & (self.out_norms > 0)
+        live = (self.row_norms > 0) & (self.out_norms > 0)
         zero = (~live).nonzero().squeeze(1)
         if zero.numel():
             live[zero] = ((self.weight[zero] != 0).any(dim=1)

@@ -63,6 +63,11 @@ _FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-a
 _GRAM_BLOCK = 512  # row strip of the symmetric Gram product
 _GREEDY_EXACT_WORK = 1 << 28  # greedy seeding: exact gains while restarts*trials*n*k fits
 _GREEDY_NEIGHBOURS = 32  # otherwise gains over each candidate's nearest units only
+# greedy seeding picks min(_GREEDY_MAX_PER_STEP, ceil(k / _GREEDY_SEEDS_PER_EXTRA)) seeds
+# per step: fewer steps of its loop of small ops; more than 4 per step measurably worsened
+# the certificate on VGG-16's fc6 (benchmarks/README.md)
+_GREEDY_SEEDS_PER_EXTRA = 128
+_GREEDY_MAX_PER_STEP = 4
 _POWER_MAX_ITER = 100  # power iterations per refinement step (clusters above _EIGH_MAX_SIZE)
 _EIGH_MAX_SIZE = 64  # clusters up to this size get an exact batched eigh
 
@@ -508,60 +513,103 @@ def _local_trials(k: int) -> int:
     return 2 + int(math.log(k)) if k > 1 else 1
 
 
+def _greedy_per_step(k: int) -> int:
+    """Seeds per step of greedy seeding for k clusters (1 up to k = 128, at most 4)."""
+    return min(_GREEDY_MAX_PER_STEP, -(-k // _GREEDY_SEEDS_PER_EXTRA))
+
+
 def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor,
-                         zero_tol: float) -> tuple[Tensor, Tensor]:
+                         zero_tol: float, per_step: int = 1) -> tuple[Tensor, Tensor]:
     """Greedy k-means++ seeding on the dissimilarity 1 - cos, batched over restarts.
 
-    Step t draws L = ``uniforms.shape[2]`` candidates ~ weights * min dissimilarity to the
+    Each seed gets L = ``uniforms.shape[2]`` candidates ~ weights * min dissimilarity to the
     seeds so far (inverse-CDF, one uniform each; dissimilarities within ``zero_tol`` of 0
     count as 0) and keeps the one that lowers the weighted potential sum_j w_j d_j the most:
     gain(c) = sum_j w_j relu(cos(c, j) - s_j), s_j the best cosine to a seed so far. When
     restarts * L * n * k exceeds ``_GREEDY_EXACT_WORK`` the gains of later steps are summed
     over each candidate's ``_GREEDY_NEIGHBOURS`` most similar units only (the units it can
-    take over once seeds are dense). Returns (seeds (R, k), near (R, n)): the seeds and the
-    position t of each unit's most similar seed (the first on ties).
+    take over once seeds are dense).
+
+    ``per_step`` = B > 1 picks up to B seeds per step (about k / B steps of this loop of
+    small ops): seed b of a step draws its candidates from the b-th of B equal slices of the
+    sampling mass, so the B winners are distinct units except when one unit's mass straddles
+    a slice boundary; a repeated winner is dropped and its restart takes fewer seeds that
+    step. Winners of one step do not see each other. Restart r consumes its uniforms in
+    order (row r, one row of L per seed), whatever the other restarts do.
+
+    Returns (seeds (R, k), near (R, n)): the seeds and the position of each unit's most
+    similar seed (the first on ties).
     """
     r, _, trials = uniforms.shape
     n = gram.shape[0]
     dev = gram.device
-    w64 = weights.double()
     wg = weights.to(gram.dtype)
     truncated = r * trials * n * k > _GREEDY_EXACT_WORK and n > _GREEDY_NEIGHBOURS
-    if truncated:  # (n, M) each unit's most similar units and their cosines and weights
+    if truncated:  # (n, M) each unit's most similar units, (n, 2M) their cosines and weights
         nb_cos, nb_idx = torch.topk(gram, _GREEDY_NEIGHBOURS, dim=1)
-        nb_w = wg[nb_idx]
-    picked: list[Tensor] = []
+        nb_cw = torch.cat([nb_cos, wg[nb_idx]], dim=1)
+    b = per_step
+    group = torch.arange(b, device=dev)  # (B,)
+    # (R, k B, L) sampling fractions: the uniforms of seed position s, in slice j of B, at
+    # s B + j; two ulps below one in the Gram's dtype, so (fraction * total) < total
+    frac_all = ((uniforms[:, :, None, :] + group[:, None]) / b).clamp_(
+        max=1.0 - 2.0 * torch.finfo(gram.dtype).eps).to(gram.dtype).view(r, k * b, trials)
     with torch.inference_mode():  # a long loop of small ops: skip autograd bookkeeping
-        below = uniforms * _BELOW_ONE  # (R, k, L)
+        seeds = torch.full((r, k + 1), n, dtype=torch.long, device=dev)  # column k: a sink
+        count = torch.zeros(r, dtype=torch.long, device=dev)  # seeds so far per restart
         near = torch.zeros(r, n, dtype=torch.long, device=dev)
         best_cos = torch.full((r, n), -1.0, dtype=gram.dtype, device=dev)  # s_j (no seed: -1)
-        p = w64.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
-        buf = torch.empty(r, n, dtype=torch.float64, device=dev)
-        for t in range(k):
-            cdf = p.cumsum(dim=1)  # (R, n)
-            cand = torch.searchsorted(cdf, below[:, t] * cdf[:, -1:], right=True)  # (R, L)
+        p = wg.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
+        buf = torch.empty(r, n, dtype=gram.dtype, device=dev)
+        cdf = torch.empty(r, n, dtype=gram.dtype, device=dev)
+        started = False
+        least, most = 0, 0
+        while least < k:
+            torch.cumsum(p, dim=1, out=cdf)  # (R, n)
+            slot = count[:, None] + group  # (R, B) the seed positions this step may fill
+            at = (slot.clamp(max=k - 1) * b + group)[:, :, None].expand(-1, -1, trials)
+            frac = frac_all.gather(1, at).view(r, -1)  # (R, B L)
+            cand = torch.searchsorted(cdf, frac * cdf[:, -1:], right=True)  # (R, B L)
             if int(cand.max()) >= n:  # nothing left with positive weight * dissimilarity
-                chosen = torch.zeros(r, n, dtype=torch.bool, device=dev)
-                if picked:
-                    chosen.scatter_(1, torch.cat(picked, dim=1), True)
-                fallback = _sample_rows((~chosen).double(), uniforms[:, t, 0])[:, None]
-                cand = torch.where(cand >= n, fallback, cand)
-            if truncated and t > 0:
-                c = cand.reshape(-1)
-                s_nb = best_cos.gather(1, nb_idx[c].view(r, -1)).view(r, trials, -1)
-                gain = (torch.relu(nb_cos[c].view(r, trials, -1) - s_nb)
-                        * nb_w[c].view(r, trials, -1)).sum(dim=2)  # (R, L)
+                chosen = torch.zeros(r, n + 1, dtype=torch.bool, device=dev)
+                chosen.scatter_(1, seeds, True)
+                u0 = uniforms[:, :, 0].gather(1, slot[:, :1].clamp(max=k - 1)).squeeze(1)
+                fallback = _sample_rows((~chosen[:, :n]).double(), u0)[:, None]
+                cand = torch.where(cand >= n, fallback, cand)  # (a repeated winner)
+            c = cand.view(-1)  # (R B L,)
+            if truncated and started:  # index_select: far cheaper than advanced indexing
+                s_nb = best_cos.gather(1, nb_idx.index_select(0, c).view(r, -1))  # (R, B L M)
+                cw = nb_cw.index_select(0, c).view(r, b * trials, 2, -1)  # (R, B L, 2, M)
+                gain = (torch.relu(cw[:, :, 0] - s_nb.view(r, b * trials, -1))
+                        * cw[:, :, 1]).sum(dim=2)  # (R, B L)
             else:
-                rows = gram.index_select(0, cand.reshape(-1)).view(r, trials, n)
-                gain = torch.relu(rows - best_cos[:, None, :]) @ wg  # (R, L)
-            idx = cand.gather(1, gain.argmax(dim=1, keepdim=True))  # (R, 1)
-            picked.append(idx)
-            cos = gram.index_select(0, idx[:, 0])  # (R, n)
-            near.masked_fill_(cos > best_cos, t)
-            torch.maximum(best_cos, cos, out=best_cos)
+                rows = gram.index_select(0, c).view(r, b * trials, n)
+                gain = torch.relu(rows - best_cos[:, None, :]) @ wg  # (R, B L)
+            idx = cand.view(r, b, trials).gather(
+                2, gain.view(r, b, trials).argmax(dim=2, keepdim=True)).squeeze(2)  # (R, B)
+            valid = slot < k
+            if b > 1:  # slots past k repeat group 0's winner; repeats are dropped
+                idx = torch.where(valid, idx, idx[:, :1])
+                keep = valid & ~(idx[:, :, None] == idx[:, None, :]).tril(-1).any(dim=2)
+                pos = torch.where(keep, count[:, None] + keep.cumsum(dim=1) - 1, k)  # (R, B)
+            else:  # one seed per step: every restart is at the same position
+                keep, pos = valid, slot
+            seeds.scatter_(1, pos, idx)
+            cos = gram.index_select(0, idx.view(-1)).view(r, b, n)  # (R, B, n)
+            active = (count < k)[:, None] if most >= k else None
+            for j in range(b):  # in order: ties go to the first seed; a repeated winner's
+                upd = cos[:, j] > best_cos  # row equals its original's, so never updates
+                if active is not None:  # restarts that are already complete stay as they are
+                    upd &= active
+                torch.where(upd, pos[:, j:j + 1], near, out=near)
+                torch.maximum(best_cos, cos[:, j], out=best_cos)
             best_cos.scatter_(1, idx, 1.0)  # chosen units are never sampled again
-            p = torch.mul(w64, torch.threshold(1.0 - best_cos, zero_tol, 0.0), out=buf)
-        seeds = torch.cat(picked, dim=1)  # (R, k)
+            p = torch.mul(wg, torch.threshold(1.0 - best_cos, zero_tol, 0.0), out=buf)
+            count += keep.sum(dim=1)
+            started = True
+            least, most = torch.aminmax(count)
+            least, most = int(least), int(most)
+        seeds = seeds[:, :k]  # (R, k)
     return seeds.clone(), near.clone()  # ordinary tensors outside inference mode
 
 
@@ -1025,7 +1073,8 @@ def spherical_kmeans_gram(
         restarts, k, _local_trials(k), generator=generator, dtype=torch.float64,
         device=generator.device,
     ).to(g.device)  # (R, k, L)
-    seeds, near = _greedy_cosine_seeds(g, w, k, uniforms, 16 * _eps(g.dtype))
+    seeds, near = _greedy_cosine_seeds(g, w, k, uniforms, 16 * _eps(g.dtype),
+                                       per_step=_greedy_per_step(k))
     own = g[seeds.gather(1, near), torch.arange(n, device=g.device)]  # (R, n) seed cosines
     a = _repair_empty(near, own, _spherical_residual(own, w), k)
     a, alpha, own = _lloyd(g, w, k, a, iters, spherical=True)
@@ -1051,7 +1100,8 @@ def spherical_kmeans(
 
     Seeding: greedy k-means++ on 1 - cos (:func:`_greedy_cosine_seeds`: 2 + ln k candidates
     per seed ~ weights * min dissimilarity, the one lowering the weighted potential most is
-    kept); each unit starts in its nearest seed's cluster. Lloyd: assign argmax cos, update
+    kept; up to 4 seeds per step for large k, from disjoint slices of the sampling mass); each
+    unit starts in its nearest seed's cluster. Lloyd: assign argmax cos, update
     u_k = normalize(sum_{i in C_k} m_i d_i).
     Empty clusters take the units of largest residual. Restarts are compared by sum_i r_i,
     r_i = m_i sin(theta_i) (m_i if cos < 0): the P5 certificate without rho and output norms.

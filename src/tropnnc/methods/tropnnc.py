@@ -81,7 +81,7 @@ class TropNNC(Method):
         already known; returns the merge and, with ``want_gram``, the merged rows' Gram."""
         weight = block.weight
         device = weight.device
-        norms = torch.linalg.vector_norm(weight, dim=1)  # (n,)
+        norms = block.row_norms  # (n,)
         if gram is None:
             gram = cosine_gram(weight, norms)  # (n, n) the one product over d
         mass = norms * (block.out_norms if self.norm == "l2"
