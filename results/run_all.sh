@@ -15,3 +15,7 @@ $PY -m tropnnc.experiments.sweep --experiment E2 --dataset mnist-subset --out re
     --threads 1
 $PY -m tropnnc.experiments.sweep --experiment E1 --out results/E1 --threads 1
 $PY -m tropnnc.experiments.sweep --experiment E4 --out results/E4 --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E3 --out results/E3-greedy-seeding \
+    --methods tropnnc tropnnc:norm=l1 tropnnc:refine=5 tropnnc+refit --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E2 --out results/E2-greedy-seeding \
+    --methods tropnnc tropnnc:norm=l1 tropnnc:refine=5 tropnnc+refit --threads 1
