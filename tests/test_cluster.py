@@ -698,9 +698,17 @@ def test_member_cosines_match_the_point_space_values():
     torch.testing.assert_close(cos, (d * r[a]).sum(dim=1) / r.norm(dim=1)[a])
 
 
+@pytest.mark.parametrize("exact_work", [None, 0, 2 * 5 * 80 * 24])
 @pytest.mark.parametrize("per_step", [1, 4])
-def test_greedy_seeding_restarts_are_independent(per_step):
-    """Restart r depends on its own row of uniforms only (more restarts never change it)."""
+def test_greedy_seeding_restarts_are_independent(per_step, exact_work, monkeypatch):
+    """Restart r depends on its own row of uniforms only (more restarts never change it).
+
+    exact_work 0: truncated gains (4 nearest units); 2 L n k: exact gains, a threshold that a
+    rule counting the work of all restarts together would cross at 4 restarts but not at 1.
+    """
+    if exact_work is not None:
+        monkeypatch.setattr(cl, "_GREEDY_EXACT_WORK", exact_work)
+        monkeypatch.setattr(cl, "_GREEDY_NEIGHBOURS", 4)
     d, w, _ = clustered(18, n=80, k=8)
     w[3] = 40.0  # repeated winners in early steps: restarts take different seed counts
     g = d @ d.T

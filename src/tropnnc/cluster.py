@@ -61,7 +61,7 @@ _MEMORY_BUDGET_BYTES = 1 << 25  # soft cap for one batch of (restarts, K, n) buf
 _CHUNK_BYTES = 1 << 24  # temporaries of row-chunked passes (small enough for malloc to recycle)
 _FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-adds use float32
 _GRAM_BLOCK = 512  # row strip of the symmetric Gram product
-_GREEDY_EXACT_WORK = 1 << 28  # greedy seeding: exact gains while restarts*trials*n*k fits
+_GREEDY_EXACT_WORK = 1 << 26  # greedy seeding: exact gains while trials*n*k fits (per restart)
 _GREEDY_NEIGHBOURS = 32  # otherwise gains over each candidate's nearest units only
 # greedy seeding picks min(_GREEDY_MAX_PER_STEP, ceil(k / _GREEDY_SEEDS_PER_EXTRA)) seeds
 # per step: fewer steps of its loop of small ops; more than 4 per step measurably worsened
@@ -526,7 +526,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
     seeds so far (inverse-CDF, one uniform each; dissimilarities within ``zero_tol`` of 0
     count as 0) and keeps the one that lowers the weighted potential sum_j w_j d_j the most:
     gain(c) = sum_j w_j relu(cos(c, j) - s_j), s_j the best cosine to a seed so far. When
-    restarts * L * n * k exceeds ``_GREEDY_EXACT_WORK`` the gains of later steps are summed
+    L * n * k exceeds ``_GREEDY_EXACT_WORK`` the gains of later steps are summed
     over each candidate's ``_GREEDY_NEIGHBOURS`` most similar units only (the units it can
     take over once seeds are dense).
 
@@ -544,7 +544,8 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
     n = gram.shape[0]
     dev = gram.device
     wg = weights.to(gram.dtype)
-    truncated = r * trials * n * k > _GREEDY_EXACT_WORK and n > _GREEDY_NEIGHBOURS
+    # (per restart, so that a restart's seeds do not depend on how many restarts run)
+    truncated = trials * n * k > _GREEDY_EXACT_WORK and n > _GREEDY_NEIGHBOURS
     if truncated:  # (n, M) each unit's most similar units, (n, 2M) their cosines and weights
         nb_cos, nb_idx = torch.topk(gram, _GREEDY_NEIGHBOURS, dim=1)
         nb_cw = torch.cat([nb_cos, wg[nb_idx]], dim=1)
