@@ -26,6 +26,9 @@ from torch import Tensor
 from .tropical import share_errors
 
 _CHUNK_BYTES = 1 << 24  # temporaries of unit-chunked passes over consumer slices
+#: norms of a unit's output slices c_i allowed in its mass m_i = ||w_i|| ||c_i||
+MASS_NORMS = ("l1", "l2", "max")
+_MASS_ORDS = {"l1": 1, "max": math.inf}
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,15 @@ class Block:
     def row_norms(self) -> Tensor:
         """||w_i||_2 of each row (weights and bias), (n,), in the rows' dtype (computed once)."""
         return torch.linalg.vector_norm(self.weight, dim=1)
+
+    def unit_mass(self, norm: str = "l2") -> Tensor:
+        """m_i = ||w_i||_2 ||c_i|| (n,): c_i over outputs and reads in ``norm`` (one of
+        :data:`MASS_NORMS`); the weight of each generator in TropNNC's clustering."""
+        if norm not in MASS_NORMS:
+            raise ValueError(f"norm must be one of {MASS_NORMS}, got {norm!r}")
+        c = (self.out_norms if norm == "l2"
+             else torch.linalg.vector_norm(self.out, ord=_MASS_ORDS[norm], dim=(1, 2)))
+        return self.row_norms * c
 
     @cached_property
     def out_norms(self) -> Tensor:

@@ -63,7 +63,6 @@ __all__ = [
 
 UNITS = ("params", "macs")
 ALLOCATORS = ("tropnnc", "tropnnc-log", "method")
-NORMS = ("l1", "l2", "max")
 _TINY = np.finfo(np.float64).tiny
 
 
@@ -196,16 +195,6 @@ def agglomerate(directions: Tensor | np.ndarray,
     return merges, cost
 
 
-def unit_mass(block: Block, norm: str = "l2") -> Tensor:
-    """m_i = ||w_i|| * ||c_i|| (c_i flattened over outputs and reads), as tropnnc uses it."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    flat = block.out.flatten(1)
-    c = {"l1": lambda: flat.abs().sum(1), "l2": lambda: flat.norm(dim=1),
-         "max": lambda: flat.abs().amax(1)}[norm]()
-    return block.weight.norm(dim=1) * c
-
-
 def certificate_curve(block: Block, norm: str = "l2") -> Tensor:
     """Normalised certificate curve e(K), K = 1..n (entry K-1), of one block, float64.
 
@@ -214,7 +203,7 @@ def certificate_curve(block: Block, norm: str = "l2") -> Tensor:
     K >= the number of live units. Made non-increasing in K (a running maximum), since more
     units never have to cost more. Cost: one Gram matrix plus O(n^2) vectorised work.
     """
-    mass = unit_mass(block, norm)
+    mass = block.unit_mass(norm)
     live = (mass > 0).numpy()
     w = block.weight.numpy()[live]
     d = w / np.linalg.norm(w, axis=1, keepdims=True)

@@ -22,13 +22,12 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..block import Block, Merge, compose, merge_by_shares
+from ..block import MASS_NORMS, Block, Merge, compose, merge_by_shares
 from ..cluster import combine_rows, cosine_gram, member_cosines, merged_gram, spherical_kmeans_gram
 from . import register
 from ._base import Method, is_single_output, split_by_sign
 
-NORMS = ("l1", "l2", "max")
-_ORDS = {"l1": 1, "l2": 2, "max": math.inf}
+NORMS = MASS_NORMS
 _CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space pass
 
 
@@ -84,9 +83,7 @@ class TropNNC(Method):
         norms = block.row_norms  # (n,)
         if gram is None:
             gram = cosine_gram(weight, norms)  # (n, n) the one product over d
-        mass = norms * (block.out_norms if self.norm == "l2"
-                        else torch.linalg.vector_norm(block.out, ord=_ORDS[self.norm],
-                                                      dim=(1, 2)))
+        mass = block.unit_mass(self.norm)  # (n,)
         groups = [(None, k)]
         if split:
             pos = block.out[:, 0, 0] > 0  # P's generators; the rest are Q's
