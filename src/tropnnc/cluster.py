@@ -59,6 +59,7 @@ __all__ = [
 
 _MEMORY_BUDGET_BYTES = 1 << 25  # soft cap for one batch of (restarts, K, n) buffers / temporaries
 _CHUNK_BYTES = 1 << 24  # temporaries of row-chunked passes (small enough for malloc to recycle)
+_CACHE_BYTES = 1 << 21  # temporaries of streaming passes that are consumed at once (in cache)
 _FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-adds use float32
 _GRAM_BLOCK = 512  # row strip of the symmetric Gram product
 _GREEDY_EXACT_WORK = 1 << 26  # greedy seeding: exact gains while trials*n*k fits (per restart)
@@ -555,6 +556,8 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
     # s B + j; two ulps below one in the Gram's dtype, so (fraction * total) < total
     frac_all = ((uniforms[:, :, None, :] + group[:, None]) / b).clamp_(
         max=1.0 - 2.0 * torch.finfo(gram.dtype).eps).to(gram.dtype).view(r, k * b, trials)
+    # slot count + j of slice j sits at (count + j) B + j; slots past k are never kept
+    at_offset = (group * (b + 1))[None, :, None]  # (1, B, 1)
     with torch.inference_mode():  # a long loop of small ops: skip autograd bookkeeping
         seeds = torch.full((r, k + 1), n, dtype=torch.long, device=dev)  # column k: a sink
         count = torch.zeros(r, dtype=torch.long, device=dev)  # seeds so far per restart
@@ -563,53 +566,62 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
         p = wg.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
         buf = torch.empty(r, n, dtype=gram.dtype, device=dev)
         cdf = torch.empty(r, n, dtype=gram.dtype, device=dev)
+        upd = torch.empty(r, n, dtype=torch.bool, device=dev)
         started = False
         least, most = 0, 0
         while least < k:
             torch.cumsum(p, dim=1, out=cdf)  # (R, n)
-            slot = count[:, None] + group  # (R, B) the seed positions this step may fill
-            at = (slot.clamp(max=k - 1) * b + group)[:, :, None].expand(-1, -1, trials)
-            frac = frac_all.gather(1, at).view(r, -1)  # (R, B L)
+            if b == 1:  # one seed per step: every restart is at position `least`
+                frac = frac_all[:, least]  # (R, L)
+            else:
+                at = (count[:, None, None] * b + at_offset).clamp_(max=k * b - 1)  # (R, B, 1)
+                frac = frac_all.gather(1, at.expand(-1, -1, trials)).view(r, -1)  # (R, B L)
             cand = torch.searchsorted(cdf, frac * cdf[:, -1:], right=True)  # (R, B L)
             if int(cand.max()) >= n:  # nothing left with positive weight * dissimilarity
                 chosen = torch.zeros(r, n + 1, dtype=torch.bool, device=dev)
                 chosen.scatter_(1, seeds, True)
-                u0 = uniforms[:, :, 0].gather(1, slot[:, :1].clamp(max=k - 1)).squeeze(1)
+                u0 = uniforms[:, :, 0].gather(1, count[:, None].clamp(max=k - 1)).squeeze(1)
                 fallback = _sample_rows((~chosen[:, :n]).double(), u0)[:, None]
                 cand = torch.where(cand >= n, fallback, cand)  # (a repeated winner)
             c = cand.view(-1)  # (R B L,)
             if truncated and started:  # index_select: far cheaper than advanced indexing
                 s_nb = best_cos.gather(1, nb_idx.index_select(0, c).view(r, -1))  # (R, B L M)
                 cw = nb_cw.index_select(0, c).view(r, b * trials, 2, -1)  # (R, B L, 2, M)
-                gain = (torch.relu(cw[:, :, 0] - s_nb.view(r, b * trials, -1))
-                        * cw[:, :, 1]).sum(dim=2)  # (R, B L)
-            else:
+                gain = torch.linalg.vecdot(
+                    cw[:, :, 0].sub(s_nb.view(r, b * trials, -1)).relu_(), cw[:, :, 1])
+            else:  # (R, B L): sum_j w_j relu(cos(c, j) - s_j)
                 rows = gram.index_select(0, c).view(r, b * trials, n)
-                gain = torch.relu(rows - best_cos[:, None, :]) @ wg  # (R, B L)
+                gain = rows.sub_(best_cos[:, None, :]).relu_() @ wg
             idx = cand.view(r, b, trials).gather(
                 2, gain.view(r, b, trials).argmax(dim=2, keepdim=True)).squeeze(2)  # (R, B)
-            valid = slot < k
-            if b > 1:  # slots past k repeat group 0's winner; repeats are dropped
+            if b == 1:
+                seeds[:, least] = idx[:, 0]
+                cos = gram.index_select(0, idx[:, 0])  # (R, n)
+                near.masked_fill_(torch.gt(cos, best_cos, out=upd), least)
+                torch.maximum(best_cos, cos, out=best_cos)
+                count += 1
+            else:  # slots past k repeat group 0's winner; repeats are dropped
+                valid = (count[:, None] + group) < k  # (R, B)
                 idx = torch.where(valid, idx, idx[:, :1])
                 keep = valid & ~(idx[:, :, None] == idx[:, None, :]).tril(-1).any(dim=2)
                 pos = torch.where(keep, count[:, None] + keep.cumsum(dim=1) - 1, k)  # (R, B)
-            else:  # one seed per step: every restart is at the same position
-                keep, pos = valid, slot
-            seeds.scatter_(1, pos, idx)
-            cos = gram.index_select(0, idx.view(-1)).view(r, b, n)  # (R, B, n)
-            active = (count < k)[:, None] if most >= k else None
-            for j in range(b):  # in order: ties go to the first seed; a repeated winner's
-                upd = cos[:, j] > best_cos  # row equals its original's, so never updates
-                if active is not None:  # restarts that are already complete stay as they are
-                    upd &= active
-                torch.where(upd, pos[:, j:j + 1], near, out=near)
-                torch.maximum(best_cos, cos[:, j], out=best_cos)
+                seeds.scatter_(1, pos, idx)
+                cos = gram.index_select(0, idx.t().reshape(-1)).view(b, r, n)  # (B, R, n)
+                active = (count < k)[:, None] if most >= k else None
+                for j in range(b):  # in order: ties go to the first seed; a repeated winner's
+                    torch.gt(cos[j], best_cos, out=upd)  # row equals its original's, so it
+                    if active is not None:  # never updates; restarts that are already
+                        upd &= active  # complete stay as they are
+                    torch.where(upd, pos[:, j:j + 1], near, out=near)
+                    torch.maximum(best_cos, cos[j], out=best_cos)
+                count += keep.sum(dim=1)
             best_cos.scatter_(1, idx, 1.0)  # chosen units are never sampled again
             p = torch.mul(wg, torch.threshold(1.0 - best_cos, zero_tol, 0.0), out=buf)
-            count += keep.sum(dim=1)
             started = True
-            least, most = torch.aminmax(count)
-            least, most = int(least), int(most)
+            if b == 1:
+                least = most = least + 1
+            else:
+                least, most = (int(v) for v in torch.aminmax(count))
         seeds = seeds[:, :k]  # (R, k)
     return seeds.clone(), near.clone()  # ordinary tensors outside inference mode
 
@@ -679,22 +691,19 @@ class _Lloyd:
                 am = torch.where(zero, torch.ones_like(am), am)
                 total = self.w.new_zeros(ck).index_add_(0, cid, am)
         everything = rows.numel() == ck
-        if everything:  # each cluster's first member writes its row: no zeroing pass
-            m_ = cid.numel()
-            first = torch.full((ck,), m_, dtype=torch.long, device=a.device)
-            first.scatter_reduce_(0, cid, torch.arange(m_, device=a.device), reduce="amin")
-            lead = torch.zeros(m_, dtype=torch.bool, device=a.device)
-            lead[first[first < m_]] = True
-            parts = [(lead, self.flat.index_copy_), (~lead, self.flat.index_add_)]
+        if everything:  # every unit is a member (ri, ji row-major): the Gram's rows in
+            self.flat.zero_()  # order, no gather; chunks of rows of every restart at once
+            step = max(1, _CACHE_BYTES // (c * n * self.gram.element_size()))
+            dst, coef = cid.view(c, n), am.view(c, n)
+            for s in range(0, n, step):
+                t = self.gram[None, s:s + step] * coef[:, s:s + step, None]  # (c, rows, n)
+                self.flat.index_add_(0, dst[:, s:s + step].reshape(-1), t.view(-1, n))
         else:
             self.flat.index_fill_(0, rows, 0.0)
-            parts = [(None, self.flat.index_add_)]
-        for sel, write in parts:
-            src, dst, coef = (ji, cid, am) if sel is None else (ji[sel], cid[sel], am[sel])
-            for s in range(0, src.numel(), self.step):
-                t = self.gram.index_select(0, src[s:s + self.step])
-                t.mul_(coef[s:s + self.step, None])
-                write(0, dst[s:s + self.step], t)
+            for s in range(0, ji.numel(), self.step):
+                t = self.gram.index_select(0, ji[s:s + self.step])
+                t.mul_(am[s:s + self.step, None])
+                self.flat.index_add_(0, cid[s:s + self.step], t)
         q = self.w.new_zeros(ck).index_add_(0, cid, am * self.flat[cid, ji])  # ||u||^2 / Q
         if self.spherical:
             scale = self.w.new_zeros(ck).index_add_(0, cid, am.abs())
