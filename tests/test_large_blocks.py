@@ -162,6 +162,7 @@ def view_block(seed: int = 0) -> Block:
 @pytest.mark.parametrize("layout", ["contiguous", "view"])
 def test_block_helpers_match_plain_definitions(layout, monkeypatch):
     monkeypatch.setattr(blk, "_CHUNK_BYTES", 64)  # many chunks
+    monkeypatch.setattr(blk, "_CACHE_BYTES", 300)  # consumer rows 2 at a time (5 = 2+2+1)
     block = view_block() if layout == "view" else random_block(9, 6, 5, seed=1, reads=4)
     assert block.out.is_contiguous() == (layout == "contiguous")
     out64 = block.out.double()
@@ -189,6 +190,23 @@ def test_block_helpers_match_plain_definitions(layout, monkeypatch):
     torch.testing.assert_close(certificate(block, merge),
                                block.rho * share_bound(block.weight, block.out_abs(), a,
                                                        shares, rows))
+
+
+def test_apply_adopts_slices_built_in_the_consumer_layout(monkeypatch):
+    monkeypatch.setattr(surgery, "FLOAT64_MAX_WEIGHTS", 0)
+    model = conv_flatten()
+    spec = discover(model)[0][1]  # Linear 108 -> 7 feeding Linear 7 -> 4
+    block = surgery.extract(model, spec)
+    merge = compress_block(get_method("tropnnc"), block, 3, gen(0))
+    assert merge.out.permute(1, 0, 2).is_contiguous()  # (m, K, r): the consumer's layout
+    copied = conv_flatten()  # the same merge from unit-major slices: copied into the layer
+    surgery.apply(copied, spec, blk.Merge(merge.rows, merge.out.contiguous(),
+                                          merge.assignment, merge.shares))
+    surgery.apply(model, spec, merge)
+    assert model[6].weight.data_ptr() == merge.out.data_ptr()  # adopted, not copied
+    assert model[6].weight.shape == (4, 3) and model[6].weight.requires_grad
+    x = torch.randn(6, 3, 8, 8, generator=gen(1))
+    torch.testing.assert_close(model(x), copied(x))
 
 
 def test_compress_block_without_dead_units_equals_merge_of_subset():

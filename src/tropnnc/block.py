@@ -26,6 +26,7 @@ from torch import Tensor
 from .tropical import share_errors
 
 _CHUNK_BYTES = 1 << 24  # temporaries of unit-chunked passes over consumer slices
+_CACHE_BYTES = 1 << 21  # consumer-row chunks whose transposes stay in cache
 #: norms of a unit's output slices c_i allowed in its mass m_i = ||w_i|| ||c_i||
 MASS_NORMS = ("l1", "l2", "max")
 _MASS_ORDS = {"l1": 1, "max": math.inf}
@@ -172,22 +173,44 @@ class Merge:
 
 
 def merge_by_shares(block: Block, assignment: Tensor, shares: Tensor, rows: Tensor) -> Merge:
-    """Build the merge whose new slices are share-weighted sums: out[k] = sum lambda_i c_i."""
+    """Build the merge whose new slices are share-weighted sums: out[k] = sum lambda_i c_i.
+
+    When ``block.out`` is a view of a consumer weight, the new slices are written in that
+    layout too (``out`` is then a permuted view of a (m, K, r) tensor, which
+    :func:`tropnnc.surgery.apply` adopts as the new consumer weight without a copy), a
+    chunk of consumer rows at a time so that the transposes stay in cache; otherwise unit
+    chunks are summed into a contiguous (K, m, r) tensor.
+    """
     k = rows.shape[0]
     src = block.out
-    out = torch.zeros((k,) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    n, m, r = src.shape
     lam = shares.to(src.dtype)
-    step = max(1, _CHUNK_BYTES // max(1, math.prod(src.shape[1:]) * src.element_size()))
-    for s in range(0, block.n, step):  # unit chunks: temporaries stay small
-        a, c = assignment[s:s + step], src[s:s + step]
-        live = a >= 0
-        if not bool(live.all()):
-            a, c, lam_s = a[live], c[live], lam[s:s + step][live]
-        else:
-            lam_s = lam[s:s + step]
-        t = torch.empty(c.shape, dtype=src.dtype, device=src.device)  # contiguous, even
-        torch.mul(c, lam_s[:, None, None], out=t)  # for a strided view of the consumer
-        out.index_add_(0, a, t)
+    a = assignment
+    if not bool((a >= 0).all()):  # dropped units (-1) add nothing
+        lam = torch.where(a >= 0, lam, 0.0)
+        a = a.clamp(min=0)
+    like = {"dtype": src.dtype, "device": src.device}
+    cols = block._consumer_layout()
+    if cols is not None and k > 0:
+        new = torch.empty(m, k, r, **like)  # the consumer's layout
+        step = max(1, _CACHE_BYTES // max(1, n * r * src.element_size()))
+        t = torch.empty(n, min(step, m), r, **like)
+        acc = torch.empty(k, min(step, m), r, **like)
+        lam3 = lam[:, None, None]
+        for s in range(0, m, step):  # consumer-row chunks: (n, rows, r) -> (K, rows, r)
+            e = min(m, s + step)
+            tc, ac = t[:, :e - s], acc[:, :e - s]
+            torch.mul(cols[s:e].view(e - s, n, r).permute(1, 0, 2), lam3, out=tc)
+            ac.zero_().index_add_(0, a, tc)
+            new[s:e].copy_(ac.permute(1, 0, 2))
+        return Merge(rows, new.permute(1, 0, 2), assignment, shares)
+    out = torch.zeros(k, m, r, **like)
+    step = max(1, _CHUNK_BYTES // max(1, m * r * src.element_size()))
+    for s in range(0, n, step):  # unit chunks: temporaries stay small
+        c = src[s:s + step]
+        t = torch.empty(c.shape, **like)  # contiguous, whatever the layout of ``out``
+        torch.mul(c, lam[s:s + step, None, None], out=t)
+        out.index_add_(0, a[s:s + step], t)
     return Merge(rows, out, assignment, shares)
 
 

@@ -141,8 +141,13 @@ def apply(model: nn.Module, spec: BlockSpec, merge: Merge) -> None:
         new_c = skip_init(nn.Conv2d, k, m, consumer.kernel_size, consumer.stride,
                           consumer.padding, consumer.dilation, bias=has_bias,
                           padding_mode=consumer.padding_mode, **like)
-    with torch.no_grad():  # (m, k, reads) view of the new weight: no reshaped copy of out
-        new_c.weight.view(m, k, -1).copy_(merge.out.permute(1, 0, 2))
+    with torch.no_grad():
+        slices = merge.out.permute(1, 0, 2)  # (m, k, reads)
+        if slices.is_contiguous() and slices.dtype == like["dtype"] and \
+                slices.device == new_c.weight.device:  # built in the consumer's layout
+            new_c.weight = nn.Parameter(slices.view(new_c.weight.shape))  # (no copy)
+        else:  # (m, k, reads) view of the new weight: no reshaped copy of out
+            new_c.weight.view(m, k, -1).copy_(slices)
         if merge.consumer_bias is not None:  # a data-free repair's corrected bias
             new_c.bias.copy_(merge.consumer_bias)
         elif has_bias:
