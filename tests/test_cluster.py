@@ -672,6 +672,21 @@ def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, per_
         assert torch.equal(near[r], first)
 
 
+def test_greedy_seeds_of_one_step_do_not_split_a_direction():
+    """Several seeds per step: a winner that is more similar to an earlier winner of its
+    step than to any seed so far yields, so duplicated directions never give two seeds
+    (with independent winners every restart here took some direction twice)."""
+    for seed in range(5):
+        d, w, _ = clustered(16 + seed, n=60, k=5)
+        d = d[torch.arange(60) % 30]  # every direction twice
+        g = d @ d.T
+        u = torch.rand(4, 20, cl._local_trials(20), generator=gen(seed), dtype=F64)
+        seeds, _ = cl._greedy_cosine_seeds(g, w, 20, u, 1e-12, per_step=8)
+        for r in range(4):
+            cos = g[seeds[r]][:, seeds[r]] - 2 * torch.eye(20, dtype=F64)  # off-diagonal
+            assert float(cos.max()) < 1 - 1e-12
+
+
 def test_greedy_seeding_lowers_the_seeding_potential():
     d, w, _ = clustered(17, n=200, k=20, d=30, spread=0.6)
     g = d @ d.T

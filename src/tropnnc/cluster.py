@@ -64,11 +64,12 @@ _FLOAT32_GRAM_MACS = 1 << 27  # float64 Gram products above this many multiply-a
 _GRAM_BLOCK = 512  # row strip of the symmetric Gram product
 _GREEDY_EXACT_WORK = 1 << 26  # greedy seeding: exact gains while trials*n*k fits (per restart)
 _GREEDY_NEIGHBOURS = 32  # otherwise gains over each candidate's nearest units only
-# greedy seeding picks min(_GREEDY_MAX_PER_STEP, ceil(k / _GREEDY_SEEDS_PER_EXTRA)) seeds
-# per step: fewer steps of its loop of small ops; more than 4 per step measurably worsened
-# the certificate on VGG-16's fc6 (benchmarks/README.md)
-_GREEDY_SEEDS_PER_EXTRA = 128
-_GREEDY_MAX_PER_STEP = 4
+# greedy seeding takes one seed per step up to k = _GREEDY_ONE_PER_STEP clusters, else up to
+# min(_GREEDY_MAX_PER_STEP, k // _GREEDY_SEEDS_PER_EXTRA) per step: fewer steps of its loop
+# of small ops (a step with several seeds costs 2-8x a one-seed step; benchmarks/README.md)
+_GREEDY_ONE_PER_STEP = 128
+_GREEDY_SEEDS_PER_EXTRA = 32
+_GREEDY_MAX_PER_STEP = 16
 _POWER_MAX_ITER = 100  # power iterations per refinement step (clusters above _EIGH_MAX_SIZE)
 _EIGH_MAX_SIZE = 64  # clusters up to this size get an exact batched eigh
 
@@ -515,8 +516,11 @@ def _local_trials(k: int) -> int:
 
 
 def _greedy_per_step(k: int) -> int:
-    """Seeds per step of greedy seeding for k clusters (1 up to k = 128, at most 4)."""
-    return min(_GREEDY_MAX_PER_STEP, -(-k // _GREEDY_SEEDS_PER_EXTRA))
+    """Seeds per step of greedy seeding for k clusters (1 up to k = 128, then k / 32, at
+    most 16)."""
+    if k <= _GREEDY_ONE_PER_STEP:
+        return 1
+    return min(_GREEDY_MAX_PER_STEP, k // _GREEDY_SEEDS_PER_EXTRA)
 
 
 def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor,
@@ -533,10 +537,12 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
 
     ``per_step`` = B > 1 picks up to B seeds per step (about k / B steps of this loop of
     small ops): seed b of a step draws its candidates from the b-th of B equal slices of the
-    sampling mass, so the B winners are distinct units except when one unit's mass straddles
-    a slice boundary; a repeated winner is dropped and its restart takes fewer seeds that
-    step. Winners of one step do not see each other. Restart r consumes its uniforms in
-    order (row r, one row of L per seed), whatever the other restarts do.
+    sampling mass. Winner j of a step is dropped (its restart takes fewer seeds that step)
+    when it repeats an earlier winner i of the step (one unit's mass straddling a slice
+    boundary) or is more similar to one than to its nearest seed so far: taken one at a
+    time, i would have claimed most of j's gain. The kept winners' gains are otherwise not
+    updated for each other. Restart r consumes its uniforms in order (row r, one row of L
+    per seed), whatever the other restarts do.
 
     Returns (seeds (R, k), near (R, n)): the seeds and the position of each unit's most
     similar seed (the first on ties).
@@ -558,6 +564,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
         max=1.0 - 2.0 * torch.finfo(gram.dtype).eps).to(gram.dtype).view(r, k * b, trials)
     # slot count + j of slice j sits at (count + j) B + j; slots past k are never kept
     at_offset = (group * (b + 1))[None, :, None]  # (1, B, 1)
+    flat_gram = gram.reshape(-1)  # (n^2,) cosines between a step's winners
     with torch.inference_mode():  # a long loop of small ops: skip autograd bookkeeping
         seeds = torch.full((r, k + 1), n, dtype=torch.long, device=dev)  # column k: a sink
         count = torch.zeros(r, dtype=torch.long, device=dev)  # seeds so far per restart
@@ -568,7 +575,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
         cdf = torch.empty(r, n, dtype=gram.dtype, device=dev)
         upd = torch.empty(r, n, dtype=torch.bool, device=dev)
         started = False
-        least, most = 0, 0
+        least = 0
         while least < k:
             torch.cumsum(p, dim=1, out=cdf)  # (R, n)
             if b == 1:  # one seed per step: every restart is at position `least`
@@ -603,25 +610,30 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
             else:  # slots past k repeat group 0's winner; repeats are dropped
                 valid = (count[:, None] + group) < k  # (R, B)
                 idx = torch.where(valid, idx, idx[:, :1])
-                keep = valid & ~(idx[:, :, None] == idx[:, None, :]).tril(-1).any(dim=2)
+                # winner j also yields to an earlier winner i of its step that is more similar
+                # to it than its nearest seed so far (the two would split one region; one
+                # seed at a time, j's gain would mostly be gone)
+                pair = flat_gram.index_select(0, (idx[:, :, None] * n + idx[:, None, :]).view(-1))
+                clash = (idx[:, :, None] == idx[:, None, :]) | (
+                    pair.view(r, b, b) > best_cos.gather(1, idx)[:, :, None])  # (R, B, B) [j, i]
+                keep = valid & ~clash.tril(-1).any(dim=2)
                 pos = torch.where(keep, count[:, None] + keep.cumsum(dim=1) - 1, k)  # (R, B)
                 seeds.scatter_(1, pos, idx)
+                idx = torch.where(keep, idx, idx[:, :1])  # a dropped winner: group 0's row
                 cos = gram.index_select(0, idx.t().reshape(-1)).view(b, r, n)  # (B, R, n)
-                active = (count < k)[:, None] if most >= k else None
-                for j in range(b):  # in order: ties go to the first seed; a repeated winner's
-                    torch.gt(cos[j], best_cos, out=upd)  # row equals its original's, so it
-                    if active is not None:  # never updates; restarts that are already
-                        upd &= active  # complete stay as they are
-                    torch.where(upd, pos[:, j:j + 1], near, out=near)
-                    torch.maximum(best_cos, cos[j], out=best_cos)
+                top = cos.amax(dim=0)  # (R, n) each unit's most similar winner
+                upd = top > best_cos
+                if bool((count >= k).any()):  # restarts that are complete stay as they are
+                    upd &= (count < k)[:, None]
+                ri, ui = upd.nonzero(as_tuple=True)  # the units a winner takes: the first
+                first = (cos[:, ri, ui] == top[ri, ui]).byte().argmax(dim=0)  # on ties
+                near[ri, ui] = pos[ri, first]
+                torch.maximum(best_cos, top, out=best_cos)
                 count += keep.sum(dim=1)
             best_cos.scatter_(1, idx, 1.0)  # chosen units are never sampled again
             p = torch.mul(wg, torch.threshold(1.0 - best_cos, zero_tol, 0.0), out=buf)
             started = True
-            if b == 1:
-                least = most = least + 1
-            else:
-                least, most = (int(v) for v in torch.aminmax(count))
+            least = least + 1 if b == 1 else int(count.min())
         seeds = seeds[:, :k]  # (R, k)
     return seeds.clone(), near.clone()  # ordinary tensors outside inference mode
 

@@ -36,7 +36,7 @@ __all__ = [
 
 _FLAT_TOL = 1e-10  # relative singular value below which a point set counts as flat
 _CHUNK = 1 << 21  # max (points x facets) pairs handled at once in distance computations
-_CHUNK_ELEMENTS = 1 << 21  # float64 entries of one row chunk in share_errors (16 MB)
+_CHUNK_ELEMENTS = 1 << 19  # float64 entries of one row chunk in share_errors (4 MB: in cache)
 
 
 # --------------------------------------------------------------------------------------------
