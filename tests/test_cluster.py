@@ -687,6 +687,22 @@ def test_greedy_seeds_of_one_step_do_not_split_a_direction():
             assert float(cos.max()) < 1 - 1e-12
 
 
+@pytest.mark.parametrize("per_step", [2, 4])
+def test_greedy_seeding_of_all_but_one_unit(per_step):
+    """k = n - 1 with several seeds per step: the last steps fall back to the units left,
+    which must not count winners a step dropped as chosen (it raised an IndexError)."""
+    for seed in range(10):
+        x = torch.randn(40, 6, generator=gen(seed), dtype=F64)
+        d = x / x.norm(dim=1, keepdim=True)
+        w = torch.rand(40, generator=gen(seed + 100), dtype=F64)
+        u = torch.rand(3, 39, cl._local_trials(39), generator=gen(seed + 200), dtype=F64)
+        seeds, near = cl._greedy_cosine_seeds(d @ d.T, w, 39, u, 1e-12, per_step=per_step)
+        for r in range(3):
+            assert len(set(seeds[r].tolist())) == 39
+            table = (d @ d.T)[seeds[r]]
+            assert torch.equal(near[r], (table == table.max(0).values).byte().argmax(0))
+
+
 def test_greedy_seeding_lowers_the_seeding_potential():
     d, w, _ = clustered(17, n=200, k=20, d=30, spread=0.6)
     g = d @ d.T

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .tropical import share_errors
 
-_CHUNK_BYTES = 1 << 24  # temporaries of unit-chunked passes over consumer slices
+_CHUNK_BYTES = 1 << 22  # temporaries of chunked passes over consumer slices (4 MB: in cache)
 _CACHE_BYTES = 1 << 21  # consumer-row chunks whose transposes stay in cache
 #: norms of a unit's output slices c_i allowed in its mass m_i = ||w_i|| ||c_i||
 MASS_NORMS = ("l1", "l2", "max")

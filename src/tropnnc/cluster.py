@@ -575,7 +575,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
         cdf = torch.empty(r, n, dtype=gram.dtype, device=dev)
         upd = torch.empty(r, n, dtype=torch.bool, device=dev)
         started = False
-        least = 0
+        least, most = 0, 0
         while least < k:
             torch.cumsum(p, dim=1, out=cdf)  # (R, n)
             if b == 1:  # one seed per step: every restart is at position `least`
@@ -586,7 +586,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
             cand = torch.searchsorted(cdf, frac * cdf[:, -1:], right=True)  # (R, B L)
             if int(cand.max()) >= n:  # nothing left with positive weight * dissimilarity
                 chosen = torch.zeros(r, n + 1, dtype=torch.bool, device=dev)
-                chosen.scatter_(1, seeds, True)
+                chosen.scatter_(1, seeds[:, :k], True)  # (column k: dropped winners)
                 u0 = uniforms[:, :, 0].gather(1, count[:, None].clamp(max=k - 1)).squeeze(1)
                 fallback = _sample_rows((~chosen[:, :n]).double(), u0)[:, None]
                 cand = torch.where(cand >= n, fallback, cand)  # (a repeated winner)
@@ -623,17 +623,20 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
                 cos = gram.index_select(0, idx.t().reshape(-1)).view(b, r, n)  # (B, R, n)
                 top = cos.amax(dim=0)  # (R, n) each unit's most similar winner
                 upd = top > best_cos
-                if bool((count >= k).any()):  # restarts that are complete stay as they are
+                if most >= k:  # restarts that are complete stay as they are
                     upd &= (count < k)[:, None]
                 ri, ui = upd.nonzero(as_tuple=True)  # the units a winner takes: the first
-                first = (cos[:, ri, ui] == top[ri, ui]).byte().argmax(dim=0)  # on ties
-                near[ri, ui] = pos[ri, first]
+                won = cos.permute(1, 2, 0)[ri, ui] == top[ri, ui, None]  # (U, B)  on ties
+                near[ri, ui] = pos[ri, won.byte().argmax(dim=1)]
                 torch.maximum(best_cos, top, out=best_cos)
                 count += keep.sum(dim=1)
             best_cos.scatter_(1, idx, 1.0)  # chosen units are never sampled again
             p = torch.mul(wg, torch.threshold(1.0 - best_cos, zero_tol, 0.0), out=buf)
             started = True
-            least = least + 1 if b == 1 else int(count.min())
+            if b == 1:
+                least += 1
+            else:
+                least, most = (int(v) for v in torch.aminmax(count))
         seeds = seeds[:, :k]  # (R, k)
     return seeds.clone(), near.clone()  # ordinary tensors outside inference mode
 
