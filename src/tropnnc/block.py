@@ -27,6 +27,7 @@ from .tropical import share_errors
 
 _CHUNK_BYTES = 1 << 22  # temporaries of chunked passes over consumer slices (4 MB: in cache)
 _CACHE_BYTES = 1 << 21  # consumer-row chunks whose transposes stay in cache
+_ABS_SUM_MIN_READS = 4  # consumer views with this many reads keep sum_t |c_jit| (m, n)
 #: norms of a unit's output slices c_i allowed in its mass m_i = ||w_i|| ||c_i||
 MASS_NORMS = ("l1", "l2", "max")
 _MASS_ORDS = {"l1": 1, "max": math.inf}
@@ -79,11 +80,16 @@ class Block:
     def weighted_out_abs(self, weights: Tensor) -> Tensor:
         """sum_i weights_i |c_ji| (reads summed): (m,) float64, without an (n, m) matrix.
 
-        Matrix-vector products over chunks of the slices in their memory order (consumer
-        rows for a view of a consumer weight, units otherwise), converted to float64.
+        From the read-summed |c| that :attr:`out_norms` keeps for consumer views with several
+        reads (one small product); otherwise matrix-vector products over chunks of the slices
+        in their memory order (consumer rows for a view of a consumer weight, units
+        otherwise), converted to float64.
         """
         n, m, r = self.out.shape
         f64 = {"dtype": torch.float64, "device": self.out.device}
+        abs_sums = self._slice_sums[1]
+        if abs_sums is not None:
+            return abs_sums @ weights.to(**f64)
         cols = self._consumer_layout()
         if cols is not None:
             e = weights.to(**f64).repeat_interleave(r)  # (n * r,)
@@ -114,20 +120,32 @@ class Block:
              else torch.linalg.vector_norm(self.out, ord=_MASS_ORDS[norm], dim=(1, 2)))
         return self.row_norms * c
 
-    @cached_property
+    @property
     def out_norms(self) -> Tensor:
         """||c_i||_2 over each unit's (m, r) slices, (n,), in ``out``'s dtype (computed once,
         in the slices' memory order)."""
+        return self._slice_sums[0]
+
+    @cached_property
+    def _slice_sums(self) -> tuple[Tensor, Tensor | None]:
+        """One pass over the slices: :attr:`out_norms` and, when ``out`` is a view of a
+        consumer weight with at least ``_ABS_SUM_MIN_READS`` reads, the (m, n) float64 matrix
+        sum_t |c_jit| (at most 2 / r of the slices' float32 bytes) that certificates reuse
+        instead of a second float64 pass over the consumer (else None)."""
         n, m, r = self.out.shape
         cols = self._consumer_layout()
         if cols is None or n == 0:
-            return torch.linalg.vector_norm(self.out.reshape(n, -1), dim=1)
+            return torch.linalg.vector_norm(self.out.reshape(n, -1), dim=1), None
         acc = torch.zeros(n * r, dtype=self.out.dtype, device=self.out.device)
+        abs_sums = (torch.empty(m, n, dtype=torch.float64, device=self.out.device)
+                    if r >= _ABS_SUM_MIN_READS else None)
         step = max(1, _CHUNK_BYTES // max(1, n * r * self.out.element_size()))
         for s in range(0, m, step):  # column sums of squares over consumer-row chunks
             c = cols[s:s + step]
             acc += (c * c).sum(dim=0)
-        return acc.view(n, r).sum(dim=1).sqrt()
+            if abs_sums is not None:
+                abs_sums[s:s + step] = c.abs().view(-1, n, r).sum(dim=2, dtype=torch.float64)
+        return acc.view(n, r).sum(dim=1).sqrt(), abs_sums
 
     def live(self) -> Tensor:
         """(n,) bool: units with w_i != 0 and c_i != 0 (the others are dead).
