@@ -364,13 +364,13 @@ def main() -> None:
           f"{peak_abs / MB / model_mb:.2f} x model |")
     fc6 = raw["fc6_tropnnc"][0]
     print(f"| fc6 alone ({fc6['dim']}-dim rows), tropnnc | {f_s:.2f} s, certificate "
-          f"{fc6['certificate']:.4g} (sum {fc6['certificate_sum']:.4g}) |")
+          f"{fc6['certificate']:.6g} (sum {fc6['certificate_sum']:.6g}) |")
     if raw["fc6_sklearn"]:
         b_s = med([r["seconds"] for r in raw["fc6_sklearn"]])
         sk = raw["fc6_sklearn"][0]
         print(f"| (b) fc6, sklearn KMeans defaults ({sk['iterations']} iterations) | "
-              f"{b_s:.1f} s, certificate {sk['certificate']:.4g} "
-              f"(sum {sk['certificate_sum']:.4g}) |")
+              f"{b_s:.1f} s, certificate {sk['certificate']:.6g} "
+              f"(sum {sk['certificate_sum']:.6g}) |")
         print(f"| (b)/(a) on fc6 | {b_s / f_s:.0f} |")
     m = raw["macs"][0]
     print(f"| MAC counting (224x224 forward, original + compressed), not in (a) | "

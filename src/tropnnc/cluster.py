@@ -1125,7 +1125,8 @@ def spherical_kmeans(
 
     Seeding: greedy k-means++ on 1 - cos (:func:`_greedy_cosine_seeds`: 2 + ln k candidates
     per seed ~ weights * min dissimilarity, the one lowering the weighted potential most is
-    kept; up to 4 seeds per step for large k, from disjoint slices of the sampling mass); each
+    kept; for k > 128 up to min(16, k / 32) seeds per step, from disjoint slices of the
+    sampling mass, a winner yielding to a more similar winner of its step); each
     unit starts in its nearest seed's cluster. Lloyd: assign argmax cos, update
     u_k = normalize(sum_{i in C_k} m_i d_i).
     Empty clusters take the units of largest residual. Restarts are compared by sum_i r_i,
