@@ -114,6 +114,20 @@ def test_float32_block_collapses_multiples(monkeypatch):
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_float32_conv_block_collapses_into_a_conv_consumer(monkeypatch):
+    """conv -> conv in float32: slices merged in the consumer's (out, in, kh, kw) layout and
+    adopted by apply, certificate from the norms pass; exact multiples stay exact."""
+    monkeypatch.setattr(surgery, "FLOAT64_MAX_WEIGHTS", 0)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 5, 3)).eval()
+    set_multiples(model[0], 4)
+    result = tropnnc.compress(model, {"0": 4}, radius=3.0)
+    assert result.model[2].weight.shape == (5, 4, 3, 3)
+    assert result.blocks[0].certificate < 1e-4
+    x = torch.randn(4, 3, 9, 9, generator=gen(2))
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_extract_large_block_views_the_consumer(monkeypatch):
     model = conv_flatten()
     spec = discover(model)[0][0]
