@@ -593,6 +593,11 @@ def test_merged_gram_is_the_gram_of_the_merged_directions():
     u = unit(cl._combine(d, c.assignment, c.coefficients, 7))
     torch.testing.assert_close(cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7),
                                u @ u.T)
+    ag = cl.combine_rows(d @ d.T, c.assignment, c.coefficients, 7)  # (7, 40) A G, given
+    torch.testing.assert_close(
+        cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7, product=ag), u @ u.T)
+    cos, _ = cl.member_cosines(d @ d.T, c.assignment, c.coefficients, 7, product=ag)
+    torch.testing.assert_close(cos, (d * u[c.assignment]).sum(dim=1))
 
 
 @pytest.mark.parametrize("spherical", [True, False])

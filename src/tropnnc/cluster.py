@@ -265,14 +265,16 @@ def cosine_gram(x: Tensor, norms: Tensor | None = None, dtype: torch.dtype | Non
     return g
 
 
-def merged_gram(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int) -> Tensor:
+def merged_gram(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, *,
+                product: Tensor | None = None) -> Tensor:
     """Cosine Gram (k, k) of the merged directions u_c ~ sum_{a(i)=c} coefficients_i d_i.
 
     ``gram`` is the cosine Gram of the d_i. A G A^T with A the (k, n) coefficient matrix, in
     O(k n) instead of a new product over the point dimension (re-clustering a merged layer).
+    ``product``: A G (k, n) when the caller has it (:func:`member_cosines` forms it too).
     """
     alpha = coefficients.to(gram.dtype)
-    t = combine_rows(gram, assignment, alpha, k)  # (k, n) = A G
+    t = combine_rows(gram, assignment, alpha, k) if product is None else product  # A G
     g2 = combine_rows(t.T, assignment, alpha, k)  # (k, k) = A (A G)^T
     g2 = 0.5 * (g2 + g2.T)
     diag = g2.diagonal().clone()
@@ -282,17 +284,18 @@ def merged_gram(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int) 
     return g2
 
 
-def member_cosines(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int
-                   ) -> tuple[Tensor, Tensor]:
+def member_cosines(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, *,
+                   product: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Each unit's cosine to its own merged direction, and the merged vectors' norms.
 
     With r_c = sum_{a(i)=c} coefficients_i d_i and ``gram`` the cosine Gram of the d_i:
     returns (cos(d_i, r_{a(i)}) (n,), ||r_c|| (k,)), both in ``gram``'s dtype, from
     t = A G (k, n): ||r_c||^2 = sum_{a(i)=c} alpha_i t[c, i]. O(n^2) instead of two passes
     over the (n, d) points (the projections <w_i, u_c> and the norms of the new rows).
+    ``product``: A G when the caller has it, as in :func:`merged_gram`.
     """
     alpha = coefficients.to(gram.dtype)
-    t = combine_rows(gram, assignment, alpha, k)  # (k, n) = A G
+    t = combine_rows(gram, assignment, alpha, k) if product is None else product  # A G
     own = t.gather(0, assignment[None, :]).squeeze(0)  # (n,) <d_i, r_a(i)>
     sq = gram.new_zeros(k).index_add_(0, assignment, alpha * own)  # (k,) ||r_c||^2
     norm = sq.clamp_min(0).sqrt()

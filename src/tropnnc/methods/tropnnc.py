@@ -113,9 +113,12 @@ class TropNNC(Method):
         # unit directions u_c = r_c / ||r_c||, r_c = sum_{a(i)=c} alpha_i d_i, combined from
         # the raw rows (d_i = w_i / ||w_i||), and the shares lambda_i = <w_i, u_a(i)>
         inv_norms = torch.where(norms > 0, 1.0 / norms, 0.0)  # zero rows have no direction
+        product = None  # A G (k, n), shared by member_cosines and merged_gram
         if gram.dtype == weight.dtype:  # the Gram is as precise as the rows: ||r_c|| and
             # lambda_i = ||w_i|| cos(d_i, r_a(i)) from it, O(n^2), instead of two O(n d) passes
-            cos_own, r_norm = member_cosines(gram, assignment, alpha, k)  # (n,), (k,)
+            product = combine_rows(gram, assignment, alpha.to(gram.dtype), k)
+            cos_own, r_norm = member_cosines(gram, assignment, alpha, k,
+                                             product=product)  # (n,), (k,)
             r_own = r_norm[assignment]
             coef = torch.where(r_own > 0, alpha / r_own, 0.0).to(weight.dtype) * inv_norms
             rows = combine_rows(weight, assignment, coef, k)  # (k, d+1)
@@ -125,7 +128,8 @@ class TropNNC(Method):
             rows /= torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(
                 torch.finfo(rows.dtype).tiny)
             shares = _row_dots(weight, rows, assignment).clamp(min=0)
-        next_gram = merged_gram(gram, assignment, alpha, k) if want_gram else None
+        next_gram = (merged_gram(gram, assignment, alpha, k, product=product) if want_gram
+                     else None)
         return merge_by_shares(block, assignment, shares, rows), next_gram
 
 
