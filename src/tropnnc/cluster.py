@@ -208,7 +208,7 @@ def gram_dtype(x: Tensor) -> torch.dtype:
 def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
                 center: Tensor | None = None, *, scale: Tensor | None = None) -> Tensor:
     """G = (x - center)(x - center)^T, (n, n), on ``x``'s device; with ``scale`` (n,),
-    G_ij * scale_i * scale_j (applied strip by strip, no extra pass over G).
+    G_ij * scale_i * scale_j (on the strip path, strip by strip: no extra pass over G).
 
     ``dtype`` defaults to :func:`gram_dtype`. When ``x`` already has that dtype (and no
     ``center``), only the row strips on and above the diagonal are multiplied (about half the
@@ -218,6 +218,7 @@ def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
     """
     n, d = x.shape
     dtype = gram_dtype(x) if dtype is None else dtype
+    sc = None if scale is None else scale.to(dtype)
     if x.dtype != dtype or center is not None:
         g = torch.zeros(n, n, dtype=dtype, device=x.device)
         step = _row_step(n, max(x.element_size(), torch.finfo(dtype).bits // 8))
@@ -227,17 +228,20 @@ def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
                 xc = xc - center[s:s + step].to(xc.dtype)
             xc = xc.to(dtype)
             g.addmm_(xc, xc.T)
-        if scale is not None:
-            sc = scale.to(dtype)
-            g.mul_(sc[:, None]).mul_(sc[None, :])
-        return g
-    sc = None if scale is None else scale.to(dtype)
-    if n <= 2 * _GRAM_BLOCK:
+    elif n <= 2 * _GRAM_BLOCK:
         g = x @ x.T
-        if sc is not None:
-            g.mul_(sc[:, None]).mul_(sc[None, :])
-        return g
-    g = torch.empty(n, n, dtype=dtype, device=x.device)
+    else:
+        return _gram_strips(x, sc)
+    if sc is not None:
+        g.mul_(sc[:, None]).mul_(sc[None, :])
+    return g
+
+
+def _gram_strips(x: Tensor, sc: Tensor | None) -> Tensor:
+    """x x^T (n, n) from the row strips on and above the diagonal, mirrored; each strip
+    scaled by sc_i sc_j as it is made."""
+    n = x.shape[0]
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
     for i in range(0, n, _GRAM_BLOCK):
         j = min(n, i + _GRAM_BLOCK)
         strip = x[i:j] @ x[i:].T  # (b, n - i): the diagonal block and everything right of it
@@ -576,7 +580,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
         p = wg.expand(r, n)  # (R, n) sampling weights, 0 on chosen units
         buf = torch.empty(r, n, dtype=gram.dtype, device=dev)
         cdf = torch.empty(r, n, dtype=gram.dtype, device=dev)
-        upd = torch.empty(r, n, dtype=torch.bool, device=dev)
+        above = torch.empty(r, n, dtype=torch.bool, device=dev) if b == 1 else None
         started = False
         least, most = 0, 0
         while least < k:
@@ -607,7 +611,7 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
             if b == 1:
                 seeds[:, least] = idx[:, 0]
                 cos = gram.index_select(0, idx[:, 0])  # (R, n)
-                near.masked_fill_(torch.gt(cos, best_cos, out=upd), least)
+                near.masked_fill_(torch.gt(cos, best_cos, out=above), least)
                 torch.maximum(best_cos, cos, out=best_cos)
                 count += 1
             else:  # slots past k repeat group 0's winner; repeats are dropped

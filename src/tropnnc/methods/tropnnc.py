@@ -27,7 +27,6 @@ from ..cluster import combine_rows, cosine_gram, member_cosines, merged_gram, sp
 from . import register
 from ._base import Method, is_single_output, split_by_sign
 
-NORMS = MASS_NORMS
 _CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space pass
 
 
@@ -54,8 +53,8 @@ class TropNNC(Method):
         self.iters = iters
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        if self.norm not in NORMS:
-            raise ValueError(f"tropnnc: norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm not in MASS_NORMS:
+            raise ValueError(f"tropnnc: norm must be one of {MASS_NORMS}, got {self.norm!r}")
         if self.steps < 1 or self.refine < 0:
             raise ValueError("tropnnc: steps must be >= 1 and refine >= 0")
         split = is_single_output(block) if self.split_signs is None else self.split_signs
