@@ -68,6 +68,13 @@ class UnitModel:
             1, self.assignment.clamp(min=0), dz * self.coef)
 
 
+def weight_gram(weight: Tensor) -> Tensor:
+    """<w_i, w_j> (n, n) of the incoming weights (bias excluded), computed in the rows' dtype
+    (float32 for large blocks: the one O(n^2 d) product) and returned in float64."""
+    w = weight[:, :-1]
+    return (w @ w.T).double()
+
+
 def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0,
                      gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mean (n,) and covariance (n, n) of the pre-activations of rows ``weight`` (n, d+1).
@@ -77,8 +84,7 @@ def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float 
     mean the bias, covariance sigma^2 W W^T. ``gram``: W W^T of the weights (bias excluded)
     if the caller has it.
     """
-    w = weight[:, :-1].double()
-    g = w @ w.T if gram is None else gram.double()  # (n, n)
+    g = weight_gram(weight) if gram is None else gram.double()  # (n, n)
     if bn is None:
         return weight[:, -1].double().clone(), sigma * sigma * g
     var = bn["running_var"].double().clamp(min=0)
@@ -96,8 +102,7 @@ def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
     solution of sum_i alpha_i w_i = u_c (weights, bias excluded), from the members' Gram
     matrix, batched over clusters padded to the largest one. Units with assignment -1 get 0.
     """
-    w = weight[:, :-1].double()
-    n = w.shape[0]
+    n = weight.shape[0]
     alpha = torch.zeros(n, dtype=torch.float64)
     live = (assignment >= 0).nonzero().squeeze(1)
     if live.numel() == 0 or k == 0:
@@ -113,9 +118,14 @@ def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
     index[labels, slot] = members  # (k, L) members of each cluster, -1 padding
     valid = index >= 0
     safe = index.clamp(min=0)
-    g = w @ w.T if gram is None else gram.double()
+    g = weight_gram(weight) if gram is None else gram.double()
     gc = g[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
-    rhs = (w[members] * rows[labels, :-1].double()).sum(dim=1)  # <w_i, u_a(i)>
+    rhs = torch.empty(members.numel(), dtype=torch.float64)  # <w_i, u_a(i)>, in row chunks
+    step = max(1, _PAIR_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, members.numel(), step):
+        part = slice(start, start + step)
+        rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)
+                     ).sum(dim=1, dtype=torch.float64)
     b = torch.zeros(k, width, dtype=torch.float64)
     b[labels, slot] = rhs
     evals, evecs = torch.linalg.eigh(gc)  # (k, L), (k, L, L): min-norm pseudo-inverse
@@ -131,8 +141,7 @@ def unit_model(weight: Tensor, bn: dict[str, Tensor] | None, rows: Tensor,
     """The joint Gaussian model of the original rows ``weight`` (n, d+1) and the merged
     ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring)."""
     k = rows.shape[0]
-    w = weight[:, :-1].double()
-    gram = w @ w.T
+    gram = weight_gram(weight)
     mean, cov = block_statistics(weight, bn, sigma, gram)
     alpha = member_maps(weight, rows, assignment, k, gram)
     a = assignment.clamp(min=0)
@@ -305,17 +314,25 @@ def _corr(cov: Tensor, s_rows: Tensor, s_cols: Tensor) -> Tensor:
     return torch.where(den > 0, cov / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
 
 
+def _pairwise(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, cov: Tensor) -> Tensor:
+    """E[relu(z1_i) relu(z2_j)] (len(m1), len(m2)) from the covariance ``cov`` of the pairs,
+    in row chunks that bound the quadrature's temporaries."""
+    out = torch.empty(cov.shape, dtype=torch.float64)
+    step = max(1, _PAIR_ELEMENTS // max(1, cov.shape[1]))
+    for start in range(0, cov.shape[0], step):
+        rows = slice(start, start + step)
+        rho = _corr(cov[rows], s1[rows], s2)
+        out[rows] = relu_cross(m1[rows, None], s1[rows, None], m2[None, :], s2[None, :], rho)
+    return out
+
+
 def _relu_moments(model: UnitModel) -> ActivationMoments:
     s = _std(model.cov)
     s_new = _std(model.new_cov)
     mean = relu_mean(model.mean, s)
     new_mean = relu_mean(model.new_mean, s_new)
-    rho_x = _corr(model.cross, s_new, s)  # (k, n)
-    e_cross = relu_cross(model.new_mean[:, None], s_new[:, None], model.mean[None, :],
-                         s[None, :], rho_x)
-    rho_n = _corr(model.new_cov, s_new, s_new)
-    e_new = relu_cross(model.new_mean[:, None], s_new[:, None], model.new_mean[None, :],
-                       s_new[None, :], rho_n)
+    e_cross = _pairwise(model.new_mean, s_new, model.mean, s, model.cross)  # (k, n)
+    e_new = _pairwise(model.new_mean, s_new, model.new_mean, s_new, model.new_cov)  # (k, k)
     diag = relu_second(model.new_mean, s_new)
     e_new = e_new - torch.diag(e_new.diagonal()) + torch.diag(diag)
     cross = e_cross - new_mean[:, None] * mean[None, :]
@@ -360,15 +377,8 @@ def activation_correlation(weight: Tensor, bn: dict[str, Tensor] | None, sigma: 
     """
     mean, cov = block_statistics(weight, bn, sigma)
     s = _std(cov)
-    rho = _corr(cov, s, s)
     mu = relu_mean(mean, s)
-    n = mean.numel()
-    second = torch.empty(n, n, dtype=torch.float64)
-    step = max(1, _PAIR_ELEMENTS // max(1, n))
-    for start in range(0, n, step):  # row chunks bound the quadrature temporaries
-        rows = slice(start, start + step)
-        second[rows] = relu_cross(mean[rows, None], s[rows, None], mean[None, :], s[None, :],
-                                  rho[rows])
+    second = _pairwise(mean, s, mean, s, cov)
     second.diagonal().copy_(relu_second(mean, s))
     act_cov = second - mu[:, None] * mu[None, :]
     sd = act_cov.diagonal().clamp(min=0).sqrt()

@@ -34,7 +34,8 @@ from .moments import activation_moments, unit_model
 class Reconstruction:
     """Options of the least-squares reconstruction.
 
-    ``ridge``: lambda relative to the mean variance of the new units. ``shrink`` in [0, 1]:
+    ``ridge``: lambda relative to the mean variance of the new units; it pulls P toward the
+    method's own share-form projection (toward 0 for merges without shares). ``shrink`` in [0, 1]:
     weight of the method's share-form projection in the final one (0: pure least squares).
     ``sigma``: std of the isotropic input of blocks without BatchNorm. ``samples``: Monte
     Carlo draws (0: closed form for ReLU; other activations always sample).
@@ -76,15 +77,24 @@ def least_squares_projection(block: Block, merge: Merge, options: Reconstruction
     factor, info = torch.linalg.cholesky_ex(cov + lam * eye)
     if int(info) != 0:
         return "the merged units' covariance is not positive definite"
-    p = torch.cholesky_solve(moments.cross, factor)  # (K, n)
+    share = _share_projection(merge, cov.shape[0], moments.cross.shape[1])
+    # ridge toward the method's own projection (0 without shares): where that merge is
+    # already exact (duplicates, keep = 1) it is also the least-squares optimum, so it stays
+    p = torch.cholesky_solve(moments.cross + lam * share, factor)  # (K, n)
     if not bool(torch.isfinite(p).all()):
         return "the least-squares projection is not finite"
-    if options.shrink > 0 and merge.shares is not None:
-        share = torch.zeros_like(p)
-        live = (merge.assignment.cpu() >= 0).nonzero().squeeze(1)
-        share[merge.assignment.cpu()[live], live] = merge.shares.cpu()[live].double()
+    if options.shrink > 0:
         p = (1.0 - options.shrink) * p + options.shrink * share
     return p, moments.mean, moments.new_mean
+
+
+def _share_projection(merge: Merge, k: int, n: int) -> Tensor:
+    """The merge's own projection (K, n): P_a(i) i = lambda_i (zeros without shares)."""
+    share = torch.zeros(k, n, dtype=torch.float64)
+    if merge.shares is not None:
+        live = (merge.assignment.cpu() >= 0).nonzero().squeeze(1)
+        share[merge.assignment.cpu()[live], live] = merge.shares.cpu()[live].double()
+    return share
 
 
 def reconstruct_merge(block: Block, merge: Merge, options: Reconstruction | None = None,

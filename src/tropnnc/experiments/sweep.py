@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from ..api import compress
+from ..api import DEFAULT_PIPELINE, compress
 from ..counting import count_macs, count_params, infer_example_inputs
 from ..graph import discover
 from ..methods import method_class
@@ -47,6 +47,7 @@ FIELDS = ["dataset", "network", "layers", "method", "options", "keep", "seed", "
           "parameters", "macs", "certificate", "seconds", "data_driven", "label",
           "params_before", "macs_before", "baseline_accuracy"]
 BASELINE = "uncompressed"  # label of the rows holding the uncompressed model
+DEFAULT_LABEL = "default"  # label of compress()'s default pipeline
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,12 @@ def _value(text: str) -> Any:
 
 
 def parse_method(spec: str) -> MethodSpec:
-    """Parse ``name[+refit][:k=v,...]``; unknown names or bad options raise ValueError."""
+    """Parse ``name[+refit|+ls][:k=v,...]``, or ``default`` (what ``compress(model, keep)``
+    runs: :data:`tropnnc.api.DEFAULT_PIPELINE`); unknown names or bad options raise
+    ValueError."""
+    if spec.strip() == DEFAULT_LABEL:
+        name, options, recon = DEFAULT_PIPELINE
+        return MethodSpec(DEFAULT_LABEL, name, dict(options), False, asdict(recon))
     head, _, opts = spec.strip().partition(":")
     refit = head.endswith("+refit")
     ls = head.endswith("+ls")
