@@ -97,7 +97,10 @@ def test_report_certificates_and_table():
     assert all(b.certificate > 0 and b.certificate <= b.certificate_sum for b in result.blocks)
     assert "1" in result.table() and "parameters" in result.table()
     d = result.to_dict()
-    assert d["method"] == "tropnnc" and len(d["blocks"]) == 2
+    assert d["method"] == "adaptive" and len(d["blocks"]) == 2  # the default pipeline
+    assert d["reconstruction"]["bn_shrink"] == 0.8 and all(b.reconstructed for b in result.blocks)
+    paper = tropnnc.compress(lenet(), 0.5, "tropnnc", radius=2.0).to_dict()
+    assert paper["method"] == "tropnnc" and paper["reconstruction"] is None
 
 
 def test_single_output_network_with_zonotope_kmeans():
@@ -126,7 +129,7 @@ def test_bad_keep_type():
 
 
 def test_unknown_method_lists_valid():
-    with pytest.raises(ValueError, match="valid methods: cup, l1, "):
+    with pytest.raises(ValueError, match="valid methods: adaptive, cup, l1, "):
         tropnnc.compress(lenet(), 0.5, "magic")
 
 

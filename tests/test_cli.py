@@ -108,8 +108,10 @@ def test_compress_writes_model_directory_and_input_is_untouched(tmp_path, capsys
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")} == inputs
     manifest = json.loads((out / "manifest.json").read_text())
     plan = manifest["compression"]
-    assert (plan["method"], plan["seed"], plan["keep"], plan["radius"]) == ("tropnnc", 2, 0.3, 2)
+    assert (plan["method"], plan["seed"], plan["keep"], plan["radius"]) == ("adaptive", 2, 0.3, 2)
     assert plan["options"]["refine"] == 1 and plan["widths"] == {"1": 90, "3": 30}
+    assert plan["reconstruction"]["bn_shrink"] == 0.8  # the default pipeline's
+    assert all(b["reconstructed"] for b in plan["blocks"])
     assert plan["source"]["weights"] == str(lenet_files["st"])
     model = io.load(out)
     assert model[1].out_features == 90 and model[3].out_features == 30
@@ -228,7 +230,7 @@ def test_compress_bfloat16_weights_keeps_the_dtype_and_info_shows_the_plan(tmp_p
     assert {p.dtype for p in io.load(out).parameters()} == {torch.bfloat16}
     code, stdout, _ = run(capsys, "info", out)
     assert code == 0 and "torch.bfloat16" in stdout
-    assert "compressed with tropnnc (seed 0), widths {'1': 150, '3': 50}" in stdout
+    assert "compressed with adaptive (seed 0), widths {'1': 150, '3': 50}" in stdout
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,9 +292,9 @@ BAD_INPUTS = [
     ("keep and budget", ["compress", *LENET, "--budget", "0.5", "--keep", "0.5"], 1,
      "pass either keep or budget, not both"),
     ("unknown method", ["compress", *LENET, "--method", "magic"], 1,
-     "unknown method 'magic'; valid methods: cup, l1"),
+     "unknown method 'magic'; valid methods: adaptive, cup, l1"),
     ("unknown method option", ["compress", *LENET, "--option", "speed=11"], 1,
-     "method 'tropnnc' got unknown option(s) speed"),
+     "method 'adaptive' got unknown option(s) speed"),
     ("bad option syntax", ["compress", *LENET, "--option", "refine"], 2,
      "--option expects key=value"),
     ("pickled module without the flag", ["compress", "{whole}"], 1,

@@ -22,7 +22,26 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def test_registry_lists_every_method():
     assert ALL == sorted(["tropnnc", "zonotope-kmeans", "neural-path-kmeans", "random", "l1",
-                          "neuron-merging", "cup", "srinivas-babu", "thinet", "model-folding"])
+                          "neuron-merging", "cup", "srinivas-babu", "thinet", "model-folding",
+                          "adaptive"])
+
+
+def test_adaptive_runs_model_folding_on_batchnorm_blocks_and_tropnnc_elsewhere():
+    g = torch.Generator().manual_seed(2)
+    w, out = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(
+        12, 3, 1, generator=g, dtype=torch.float64)
+    plain = Block("fc", w, out, None, 1.0, "linear", (4,))
+    bn = {"weight": torch.rand(12, generator=g, dtype=torch.float64) + 0.5,
+          "bias": torch.randn(12, generator=g, dtype=torch.float64),
+          "running_var": torch.rand(12, generator=g, dtype=torch.float64) + 0.5,
+          "running_mean": torch.zeros(12, dtype=torch.float64),
+          "eps": torch.full((12,), 1e-5, dtype=torch.float64)}
+    with_bn = Block("fc", w, out, None, 1.0, "linear", (4,), bn)
+    for block, name in [(plain, "tropnnc"), (with_bn, "model-folding")]:
+        got = get_method("adaptive").merge(block, 4, gen(3))
+        want = get_method(name).merge(block, 4, gen(3))
+        assert torch.equal(got.assignment, want.assignment)
+        torch.testing.assert_close(got.rows, want.rows)
 
 
 @pytest.mark.parametrize("name", CERTIFIED)
@@ -196,7 +215,8 @@ def test_zonotope_kmeans_rejects_multi_output():
 
 
 def test_unknown_method_and_option():
-    with pytest.raises(ValueError, match="unknown method 'foo'; valid methods: cup, l1"):
+    with pytest.raises(ValueError,
+                       match="unknown method 'foo'; valid methods: adaptive, cup, l1"):
         get_method("foo")
     with pytest.raises(TypeError, match="unknown option"):
         get_method("tropnnc", colour="red")

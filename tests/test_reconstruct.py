@@ -127,8 +127,24 @@ def test_degenerate_model_falls_back_with_a_reason():
     assert new is merge and "no variance" in note
 
 
+def test_bn_shrink_applies_to_blocks_with_batchnorm_statistics_only():
+    block = random_block(8, 4, 3, seed=11)
+    merge = _merged(block, 3)
+    plain = least_squares_projection(block, merge, Reconstruction(bn_shrink=1.0))[0]
+    assert not torch.allclose(plain, least_squares_projection(
+        block, merge, Reconstruction(shrink=1.0))[0])  # no BN: bn_shrink is not used
+    bn = {"weight": torch.ones(8, dtype=F64), "bias": torch.zeros(8, dtype=F64),
+          "running_var": torch.ones(8, dtype=F64), "eps": torch.zeros(8, dtype=F64)}
+    with_bn = Block("fc", block.weight, block.out, block.consumer_bias, 1.0, "linear", (4,), bn)
+    p = least_squares_projection(with_bn, merge, Reconstruction(bn_shrink=1.0))[0]
+    share = torch.zeros_like(p)
+    share[merge.assignment, torch.arange(8)] = merge.shares
+    torch.testing.assert_close(p, share)  # full shrink: the method's own projection
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"ridge": -1.0}, "ridge must be"), ({"shrink": 1.5}, "shrink must be in"),
+    ({"bn_shrink": -0.1}, "bn_shrink must be in"),
     ({"samples": -3}, "samples must be"), ({"sigma": float("inf")}, "sigma must be")])
 def test_bad_reconstruction_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -155,7 +171,7 @@ def test_compress_with_reconstruction_reports_and_certifies():
     assert all(b.reconstructed and b.reconstruct_note is None for b in result.blocks)
     assert all(b.certificate > 0 and b.certificate == b.certificate for b in result.blocks)
     assert result.to_dict()["reconstruction"] == {"ridge": 1e-6, "shrink": 0.0, "sigma": 1.0,
-                                                  "samples": 0}
+                                                  "samples": 0, "bn_shrink": None}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     x = torch.randn(5, 6)
     assert result.model(x).shape == (5, 3)

@@ -108,7 +108,7 @@ class CompressionResult:
 #: what ``compress(model, keep)`` runs when no method is named: the best data-free pipeline
 #: we measured (README "Results"): a method with options, and a reconstruction
 DEFAULT_PIPELINE: tuple[str, dict[str, object], Reconstruction] = (
-    "tropnnc", {}, Reconstruction())
+    "adaptive", {}, Reconstruction(bn_shrink=0.8))
 
 
 def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None = None, *,

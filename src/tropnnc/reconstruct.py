@@ -38,13 +38,15 @@ class Reconstruction:
     method's own share-form projection (toward 0 for merges without shares). ``shrink`` in [0, 1]:
     weight of the method's share-form projection in the final one (0: pure least squares).
     ``sigma``: std of the isotropic input of blocks without BatchNorm. ``samples``: Monte
-    Carlo draws (0: closed form for ReLU; other activations always sample).
+    Carlo draws (0: closed form for ReLU; other activations always sample). ``bn_shrink``:
+    the shrink of blocks whose model comes from BatchNorm statistics (None: ``shrink``).
     """
 
     ridge: float = 1e-6
     shrink: float = 0.0
     sigma: float = 1.0
     samples: int = 0
+    bn_shrink: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("ridge", "sigma"):
@@ -52,8 +54,12 @@ class Reconstruction:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"reconstruction {name} must be a finite number >= 0, "
                                  f"got {value!r}")
-        if not (isinstance(self.shrink, (int, float)) and 0.0 <= self.shrink <= 1.0):
-            raise ValueError(f"reconstruction shrink must be in [0, 1], got {self.shrink!r}")
+        for name in ("shrink", "bn_shrink"):
+            value = getattr(self, name)
+            if value is None and name == "bn_shrink":
+                continue
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"reconstruction {name} must be in [0, 1], got {value!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) \
                 or self.samples < 0:
             raise ValueError(f"reconstruction samples must be an int >= 0, got "
@@ -83,8 +89,11 @@ def least_squares_projection(block: Block, merge: Merge, options: Reconstruction
     p = torch.cholesky_solve(moments.cross + lam * share, factor)  # (K, n)
     if not bool(torch.isfinite(p).all()):
         return "the least-squares projection is not finite"
-    if options.shrink > 0:
-        p = (1.0 - options.shrink) * p + options.shrink * share
+    shrink = options.shrink
+    if block.bn is not None and options.bn_shrink is not None:
+        shrink = options.bn_shrink
+    if shrink > 0:
+        p = (1.0 - shrink) * p + shrink * share
     return p, moments.mean, moments.new_mean
 
 

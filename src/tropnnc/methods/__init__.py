@@ -44,6 +44,7 @@ def get_method(name: str, **options: object) -> Method:
 
 # Importing the modules registers them.
 from . import (  # noqa: E402,F401
+    adaptive,
     cup,
     l1,
     model_folding,

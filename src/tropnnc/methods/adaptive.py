@@ -1,0 +1,57 @@
+"""The default pipeline's merge: Model Folding on BatchNorm blocks, TropNNC elsewhere.
+
+Measured (README "Results", results/expected-error): on blocks whose producer had BatchNorm,
+Model Folding's clustering of [row, consumer slices] with its data-free repair (exact in mean
+and std through the BN statistics) held up best at strong compression; on blocks without BN,
+TropNNC's clustering of unit directions did. Followed by ``compress(reconstruct=...)``, as
+the default pipeline runs it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block import Block, Merge
+from . import register
+from ._base import Method
+from .model_folding import ModelFolding
+from .tropnnc import TropNNC
+
+
+@register
+class Adaptive(Method):
+    """Per block: ``model-folding`` when the producer had BatchNorm, ``tropnnc`` otherwise.
+
+    Takes the options of both: ``restarts`` and ``iters`` go to either, ``norm``,
+    ``refine``, ``steps``, ``split_signs``, ``kernel`` and ``rows`` to tropnnc, ``features``,
+    ``normalize`` and ``approx_repair`` to model-folding.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, *, restarts: int = 4, iters: int = 100, norm: str = "l2",
+                 refine: int = 0, steps: int = 1, split_signs: bool | None = None,
+                 kernel: str = "weights", rows: str = "directions", features: str = "both",
+                 normalize: bool | None = None, approx_repair: bool = True) -> None:
+        self.restarts = restarts
+        self.iters = iters
+        self.norm = norm
+        self.refine = refine
+        self.steps = steps
+        self.split_signs = split_signs
+        self.kernel = kernel
+        self.rows = rows
+        self.features = features
+        self.normalize = normalize
+        self.approx_repair = approx_repair
+
+    def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
+        common = {"restarts": self.restarts, "iters": self.iters}
+        if block.bn is not None:
+            inner: Method = ModelFolding(features=self.features, normalize=self.normalize,
+                                         approx_repair=self.approx_repair, **common)
+        else:
+            inner = TropNNC(norm=self.norm, refine=self.refine, steps=self.steps,
+                            split_signs=self.split_signs, kernel=self.kernel, rows=self.rows,
+                            **common)
+        return inner.merge(block, k, generator)
