@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,11 @@ NETS = textwrap.dedent('''
                               nn.Linear(8, 2))
         model.input_shape = (6,)
         return model
+
+
+    def plain_cnn():  # says nothing about its input shape
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
 ''')
 
 
@@ -440,6 +446,77 @@ def test_bad_inputs(tmp_path, capsys, lenet_files, name, argv, code, message):
         assert err.startswith("tropnnc: error: ") and err.count("\n") == 1  # one line
         assert "Traceback" not in err
     assert tree(tmp_path) == before  # no output, no temp dirs, inputs untouched
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, lenet_files, monkeypatch):
+    """SIGTERM while the output is being written: exit 143, nothing left behind."""
+    def not_handled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    def terminated_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        monkeypatch.setattr(io, "save_file", terminated_while_writing)
+        before = tree(tmp_path)
+        code, _, err = run(capsys, "compress", "lenet-300-100", "--weights", lenet_files["st"],
+                           "-o", tmp_path / "out")
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (code, err) == (143, "tropnnc: error: terminated\n")
+    assert tree(tmp_path) == before
+
+
+def test_stale_staging_left_by_a_killed_run_is_cleaned(tmp_path, capsys, lenet_files):
+    """A run killed while writing leaves .out.tropnnc-PID.*.tmp; the next run removes it
+    (only when that process is gone), and restores a previous output it had set aside."""
+    dead = 4_194_305  # above Linux's largest pid: never a running process
+    stale = tmp_path / f".out.tropnnc-{dead}.k1ll3d.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.tropnnc-{os.getppid()}.busy.tmp"  # a run still going
+    live.mkdir()
+    args = ["compress", "lenet-300-100", "--weights", lenet_files["st"], "-o", tmp_path / "out"]
+    code, _, err = run(capsys, *args, "--keep", "0.5")
+    assert code == 0, err
+    assert not stale.exists() and live.is_dir()
+    # killed between setting the previous output aside and moving the new one in
+    backup = tmp_path / f".out.tropnnc-{dead}.s3t4s1de.old"
+    backup.mkdir()
+    (tmp_path / "out").rename(backup / "previous")
+    code, _, err = run(capsys, *args, "--keep", "0.2")
+    assert code == 1 and f"output {tmp_path / 'out'} already exists" in err  # restored first
+    assert io.load(tmp_path / "out")[1].out_features == 150 and not backup.exists()
+    export = tmp_path / f".m.pt2.tropnnc-{dead}.x.tmp.pt2"
+    export.write_bytes(b"half")
+    code, _, err = run(capsys, "export", *args[1:4], "-o", tmp_path / "m.pt2")
+    assert code == 0, err
+    assert not export.exists()
+
+
+def test_compress_input_shape_for_macs(tmp_path, capsys, nets, lenet_files):
+    torch.manual_seed(0)
+    model = io.load_model(f"{FACTORY_MODULE}:plain_cnn", random_init=True)
+    save_file(model.state_dict(), str(tmp_path / "cnn.safetensors"))
+    spec = [f"{FACTORY_MODULE}:plain_cnn", "--weights", tmp_path / "cnn.safetensors"]
+    code, _, err = run(capsys, "compress", *spec, "-o", tmp_path / "a", "--budget", "0.5",
+                       "--budget-unit", "macs")
+    assert code == 2 and "--budget-unit macs needs the input shape of " \
+        f"{FACTORY_MODULE}:plain_cnn, which the model does not say: give --input-shape" in err
+    code, stdout, err = run(capsys, "compress", *spec, "-o", tmp_path / "b", "--budget", "0.5",
+                            "--budget-unit", "macs", "--input-shape", "1,10,10", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    # conv1 8*1*9*64 + conv2 8*8*9*36 + fc 8*2 per sample
+    assert data["macs_before"] == 4608 + 20736 + 16
+    assert data["macs_after"] <= 0.5 * data["macs_before"] + 16
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["input_shape"] == [1, 10, 10]
+    code, stdout, _ = run(capsys, "compress", "lenet-300-100", "--weights", lenet_files["st"],
+                          "-o", tmp_path / "c", "--json")  # the zoo network says its shape
+    assert code == 0 and json.loads(stdout)["macs_before"] == 266200
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys):

@@ -576,6 +576,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     for key in ("budget", "budget_unit", "allocator", "min_width", "round_to", "repair"):
         if s[key] is not None:
             kwargs[key] = s[key]
+    if s["budget_unit"] == "macs" and args.input_shape is None and \
+            _example_inputs(model, None) is None:
+        raise UsageError(f"--budget-unit macs needs the input shape of {s['model']}, which the "
+                         "model does not say: give --input-shape (one sample, e.g. 3,224,224)")
     if args.input_shape is not None:
         kwargs["example_inputs"] = torch.zeros((1,) + args.input_shape)
         if getattr(model, "input_shape", None) is None:  # recorded in the manifest too
