@@ -271,3 +271,23 @@ def test_seed_and_radius_ranges():
     with pytest.raises(ValueError, match="radius 1e\\+200 is too large"):
         tropnnc.compress(lenet(), 0.5, radius=1e200)
     assert tropnnc.compress(lenet(), 0.5, "l1", radius=1e100).blocks
+
+
+def test_no_compressible_block_message_is_a_summary():
+    """Dozens of skipped layers give one short line: counts per reason, the first three."""
+    layers = [m for _ in range(30) for m in (nn.Linear(4, 4), nn.GELU())] + [nn.Linear(4, 2)]
+    with pytest.raises(ValueError) as err:
+        tropnnc.compress(nn.Sequential(*layers), 0.5)
+    message = str(err.value)
+    assert message.startswith("compress: Sequential has no compressible block (producer -> "
+                              "ReLU -> consumer); skipped: 30 non-ReLU activation, 1 output "
+                              "layer; first: 0: 1 (GELU) after 0 is not a ReLU")
+    assert message.endswith("(and 28 more); verbose logging (-v) lists every layer")
+    assert len(message) < 500 and "\n" not in message
+
+
+def test_linear_bottleneck_reason():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    reasons = {s.layer: s.reason for s in tropnnc.graph.discover(model)[1]}
+    assert reasons["0"] == "0 feeds 1 (Linear) with no activation in between (a linear " \
+                           "bottleneck): there is no ReLU to compress across"

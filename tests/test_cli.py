@@ -268,6 +268,7 @@ def _bad_files(tmp: Path, lenet_files: dict[str, Path]) -> None:
         "nosha": lambda m: m["weights"].pop("sha256"),
         "nofile": lambda m: m["weights"].pop("file"),
         "layerlist": lambda m: m.update(layers=[1]),
+        "width": lambda m: m["layers"]["1"].update(out_features=-5),
     }
     for name, change in variants.items():
         shutil.copytree(tmp / "A", tmp / name, ignore=shutil.ignore_patterns("inner", "c.json"))
@@ -378,6 +379,9 @@ BAD_INPUTS = [
      "corrupt manifest ('weights' has no 'file' string"),
     ("manifest layers not an object", ["compress", "{tmp}/layerlist"], 1,
      "corrupt manifest ('layers' must be a JSON object, found list)"),
+    ("manifest width of -5", ["compress", "{tmp}/width"], 1,
+     "manifest.json: bad record for layer '1' (sizes must be positive integers, got "
+     "{{'out_features': -5}})"),
     ("manifest nested 100k deep", ["compress", "{tmp}/deep"], 1,
      "corrupt manifest (JSON nested too deeply)"),
     ("config sets trust_pickle", ["compress", "{whole}", "--config", "{tmp}/trust.json"], 2,

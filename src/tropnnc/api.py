@@ -335,7 +335,8 @@ def _check_single_output(model: nn.Module, specs: list[BlockSpec], widths: dict[
 SKIP_KINDS = (("output", "output layer"), ("residual", "residual connection"),
               ("concatenation", "concatenation"), ("grouped or depthwise", "grouped conv"),
               ("not a ReLU", "non-ReLU activation"), ("times", "shared module"),
-              ("multiplies", "attention/gating"), ("reshape", "reshape"))
+              ("multiplies", "attention/gating"), ("reshape", "reshape"),
+              ("linear bottleneck", "no activation"), ("before the ReLU", "op before the ReLU"))
 
 
 def _skip_summary(skipped: list[Skip], first: int = 3) -> str:

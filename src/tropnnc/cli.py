@@ -125,8 +125,8 @@ def parse_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"--option expects key=value, got {text!r}")
     key = key.strip().replace("-", "_")
     if key in FLAG_OPTIONS:
-        raise argparse.ArgumentTypeError(f"{key} is not a method option: use --{key} "
-                                         f"{value.strip()}")
+        raise argparse.ArgumentTypeError(f"{key} is not a method option: use "
+                                         f"--{key.replace('_', '-')} {value.strip()}")
     parsed = parse_value(value)
     if isinstance(parsed, int) and not isinstance(parsed, bool) and \
             not -(1 << 63) <= parsed < 1 << 63:
@@ -837,6 +837,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.dataset is None and args.reference is None:
         raise UsageError("nothing to evaluate: give --dataset (accuracy) and/or --reference "
                          "(fidelity)")
+    if args.reference is not None:
+        _check_reference_weights(args.reference, args.reference_weights)
     model = _model_from_args(args)
     data: dict[str, Any] = {"model": args.model}
     lines = []
@@ -855,7 +857,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         lines.append(f"accuracy on {args.dataset} {args.split} ({len(dataset)} examples): "
                      f"{accuracy:.4f}")
     if args.reference is not None:
-        _check_reference_weights(args.reference, args.reference_weights)
         reference = _load(args.reference, args.reference_weights, args.reference_zoo_config,
                           args.trust_pickle, args.trust_code, args.device)
         if args.inputs is not None:

@@ -399,6 +399,13 @@ def _layer_record(module: nn.Module) -> dict[str, Any] | None:
 def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module:
     """An uninitialized layer of the recorded shape (its weights are loaded next)."""
     kind = record.get("class")
+    sizes = {k: v for k, v in record.items()
+             if k in ("in_features", "out_features", "in_channels", "out_channels", "groups")}
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int)
+           or v < 1}
+    if bad:
+        raise ModelFileError(f"{manifest}: bad record for layer {path!r} (sizes must be "
+                             f"positive integers, got {bad})")
     try:
         if kind == "Linear":
             return nn.utils.skip_init(nn.Linear, record["in_features"], record["out_features"],
@@ -413,7 +420,7 @@ def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module
                 record["padding_mode"])
         if kind == "Identity":
             return nn.Identity()
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{manifest}: bad record for layer {path!r} "
                              f"({type(exc).__name__}: {exc})") from None
     raise ModelFileError(f"{manifest}: layer {path!r} has unknown class {kind!r}")
