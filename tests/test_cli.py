@@ -283,9 +283,10 @@ def _bad_files(tmp: Path, lenet_files: dict[str, Path]) -> None:
         save_file({k: v.to(getattr(torch, dtype)) for k, v in state.items()},
                   str(tmp / f"{dtype}.safetensors"))
     save_file({**state, "3.weight": state["3.weight"].double()}, str(tmp / "mixed.safetensors"))
-    (tmp / "trust.json").write_text(json.dumps({"trust_pickle": True}))
-    (tmp / "factory.json").write_text(json.dumps({"model": "os:getcwd", "out": str(tmp / "o")}))
-    (tmp / "keepopt.json").write_text(json.dumps({"options": {"keep": 0.1}}))
+    out = str(tmp / "o")
+    (tmp / "trust.json").write_text(json.dumps({"trust_pickle": True, "out": out}))
+    (tmp / "factory.json").write_text(json.dumps({"model": "os:getcwd", "out": out}))
+    (tmp / "keepopt.json").write_text(json.dumps({"options": {"keep": 0.1}, "out": out}))
 
 
 LENET = ["lenet-300-100", "--weights", "{st}"]
