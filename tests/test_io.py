@@ -446,3 +446,20 @@ def test_killed_overwrite_without_atomic_exchange_is_recovered(tmp_path):
     io.clean_stale(out)  # what the next run does first
     assert io.load(out)[1].out_features == 150
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failed_overwrite_leaves_no_empty_backup(tmp_path, monkeypatch):
+    out = io.save(tropnnc.compress(lenet(), 0.5), tmp_path / "out")
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False, raising=False)
+    rename = os.rename
+
+    def refused(src, dst):
+        if Path(src) == out:
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises(ModelFileError, match="cannot write .*out: Permission denied"):
+        io.save(tropnnc.compress(lenet(), 0.2), out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert io.load(out)[1].out_features == 150

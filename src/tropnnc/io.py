@@ -586,13 +586,14 @@ def _commit(tmp: Path, target: Path, overwrite: bool, directory: bool) -> None:
     # until the new one is in place; if the process dies in between, the next run restores
     # it (clean_stale)
     old = Path(tempfile.mkdtemp(prefix=_stage_prefix(target), suffix=".old", dir=target.parent))
-    os.rename(target, old / "previous")
     try:
-        os.rename(tmp, target)
-    except OSError:
-        os.rename(old / "previous", target)
-        raise
-    finally:
+        os.rename(target, old / "previous")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(old / "previous", target)
+            raise
+    finally:  # also when the first rename fails: no empty backup folder is left
         _remove(old)
 
 
