@@ -491,9 +491,12 @@ def test_stale_staging_left_by_a_killed_run_is_cleaned(tmp_path, capsys, lenet_f
     backup = tmp_path / f".out.tropnnc-{dead}.s3t4s1de.old"
     backup.mkdir()
     (tmp_path / "out").rename(backup / "previous")
+    other = tmp_path / f".other.tropnnc-{dead}.s3t4s1de.old"  # another target's: kept
+    other.mkdir()
     code, _, err = run(capsys, *args, "--keep", "0.2")
     assert code == 1 and f"output {tmp_path / 'out'} already exists" in err  # restored first
     assert io.load(tmp_path / "out")[1].out_features == 150 and not backup.exists()
+    assert other.is_dir()
     export = tmp_path / f".m.pt2.tropnnc-{dead}.x.tmp.pt2"
     export.write_bytes(b"half")
     code, _, err = run(capsys, "export", *args[1:4], "-o", tmp_path / "m.pt2")

@@ -619,12 +619,15 @@ def clean_stale(path: str | os.PathLike[str]) -> None:
         found = _STAGE.match(entry.name)
         if found is None or _alive(int(found["pid"])):
             continue
-        previous = entry / "previous"
-        if found["kind"] == "old" and found["name"] == target.name and previous.exists() \
-                and not (target.exists() or target.is_symlink()):
-            with contextlib.suppress(OSError):
-                os.rename(previous, target)
-                log.warning("restored %s from %s, left by an interrupted run", target, entry)
+        if found["kind"] == "old":  # a previous output set aside: only for this target
+            if found["name"] != target.name:
+                continue
+            previous = entry / "previous"
+            if previous.exists() and not (target.exists() or target.is_symlink()):
+                with contextlib.suppress(OSError):
+                    os.rename(previous, target)
+                    log.warning("restored %s from %s, left by an interrupted run", target,
+                                entry)
         log.info("removing %s, left by an interrupted run", entry)
         _remove(entry)
 
