@@ -78,6 +78,18 @@ def test_parse_method_and_keep_mapping():
     assert not sweep.parse_method("l1").data_driven
     with pytest.raises(ValueError, match="unknown method"):
         sweep.parse_method("nope")
+    ls = sweep.parse_method("model-folding+ls:restarts=2,ls.shrink=0.5")
+    assert (ls.name, ls.options, ls.reconstruct) == ("model-folding", {"restarts": 2},
+                                                     {"shrink": 0.5})
+    assert ls.method == "model-folding+ls" and not ls.data_driven
+    assert ls.reconstruction().shrink == 0.5
+    with pytest.raises(ValueError, match="needs the '\\+ls' suffix"):
+        sweep.parse_method("tropnnc:ls.shrink=0.5")
+    with pytest.raises(ValueError, match="shrink must be in"):
+        sweep.parse_method("tropnnc+ls:ls.shrink=2")
+    default = sweep.parse_method("default")
+    assert (default.label, default.name) == ("default", tropnnc.api.DEFAULT_PIPELINE[0])
+    assert default.reconstruction() == tropnnc.api.DEFAULT_PIPELINE[2]
     torch.manual_seed(0)
     cnn = tropnnc.zoo.build("e2-cnn")
     assert sweep.keep_mapping(cnn, "fc", 0.5) == {"classifier.1": 0.5}

@@ -25,6 +25,7 @@ from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
 from .graph import BlockSpec, Skip, discover
 from .methods import get_method
+from .reconstruct import Reconstruction, reconstruct_merge
 from .repair import bn_repair, check_repair
 from .surgery import apply, extract, get_module
 
@@ -52,6 +53,8 @@ class BlockReport:
     shares: list[float] | None = field(repr=False)
     repaired: bool = False  # compress(repair=...) corrected the consumer bias
     repair_note: str | None = None  # why a requested repair was a no-op (None: not asked/done)
+    reconstructed: bool = False  # compress(reconstruct=...) rebuilt the consumer
+    reconstruct_note: str | None = None  # why a requested reconstruction was not done
 
 
 @dataclass
@@ -69,6 +72,7 @@ class CompressionResult:
     macs_before: int | None
     macs_after: int | None
     allocation: Allocation | None = None  # budgeted widths (compress(budget=...)), else None
+    reconstruction: Reconstruction | None = None  # compress(reconstruct=...) options, else None
 
     def table(self) -> str:
         """A plain-text table of the per-block report."""
@@ -96,15 +100,25 @@ class CompressionResult:
             "params_before": self.params_before, "params_after": self.params_after,
             "macs_before": self.macs_before, "macs_after": self.macs_after,
             "allocation": None if self.allocation is None else asdict(self.allocation),
+            "reconstruction": (None if self.reconstruction is None
+                               else asdict(self.reconstruction)),
         }
 
 
-def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropnnc", *,
+#: what ``compress(model, keep)`` runs when no method is named: the best data-free pipeline
+#: we measured (README "Results"): a method with options, and a reconstruction
+DEFAULT_PIPELINE: tuple[str, dict[str, object], Reconstruction] = (
+    "tropnnc", {}, Reconstruction())
+
+
+def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None = None, *,
              seed: int = 0, example_inputs: torch.Tensor | None = None, strict: bool = False,
              radius: float = 1.0, calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
              budget: float | None = None, budget_unit: str = "params",
              allocator: str | None = None, min_width: int = 1, round_to: int = 1,
-             repair: str | None = None, **options: object) -> CompressionResult:
+             repair: str | None = None,
+             reconstruct: str | Reconstruction | None = "auto",
+             **options: object) -> CompressionResult:
     """Compress every compressible hidden layer of ``model`` without data.
 
     ``keep``: a float in (0, 1] is the fraction of units kept per block
@@ -131,11 +145,28 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
     statistics, for merges without shares, or when a calibration refit runs.
     ``repair="bn-var"`` also rescales each merged unit's consumer slices to keep the
     variance it feeds the consumer (same model; see :mod:`tropnnc.repair`).
+    ``reconstruct="ls"`` (or a :class:`~tropnnc.reconstruct.Reconstruction` with its
+    options; "auto": the default pipeline's when ``method`` is None, else none): after each
+    merge, rebuild the consumer slices and bias by least squares under
+    a Gaussian model of the block's input (from BatchNorm statistics when the producer had
+    BN; data-free; the certificate covers the result). Exclusive with ``repair``; replaced
+    by the refit when ``calibration`` is given.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be a torch.nn.Module, got {type(model).__name__}")
-    algo = get_method(method, **options)
     check_repair(repair)
+    if method is None:
+        method, defaults, default_recon = DEFAULT_PIPELINE
+        options = {**defaults, **options}
+        if reconstruct == "auto":
+            reconstruct = None if repair is not None else default_recon
+    elif reconstruct == "auto":
+        reconstruct = None
+    algo = get_method(method, **options)
+    recon = _reconstruction(reconstruct)
+    if recon is not None and repair is not None:
+        raise ValueError("compress: pass either repair or reconstruct, not both "
+                         "(reconstruct='ls' supersedes the BatchNorm repair)")
     batches = None if calibration is None else as_batches(calibration)
     if algo.data_driven and batches is None:
         raise ValueError(f"method {method!r} is data-driven: pass calibration=<unlabeled "
@@ -186,7 +217,7 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
     # blocks stay on the weights' device (and GPU) for methods that merge there, unless a
     # calibration refit or a BN repair (CPU float64 code) runs
     on_device = (None if getattr(algo, "device_aware", False) and batches is None
-                 and repair is None else "cpu")
+                 and repair is None and recon is None else "cpu")
     reports = []
     for spec in specs:
         if spec.producer not in widths:
@@ -205,6 +236,14 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
                 repair_note = "replaced by the least-squares refit on calibration data"
             else:
                 merge, repair_note = bn_repair(block, merge, variance=repair == "bn-var")
+        recon_note = None
+        if recon is not None:
+            if batches is not None and not algo.data_driven:
+                recon_note = "replaced by the least-squares refit on calibration data"
+            else:
+                merge, recon_note = reconstruct_merge(block, merge, recon, generator)
+                if recon_note is not None:
+                    log.warning("%s: reconstruction skipped: %s", spec.producer, recon_note)
         apply(work, spec, merge)
         if batches is not None and not algo.data_driven:
             new_reads, _ = capture_reads(work, spec, batches, positions, generator)
@@ -216,13 +255,24 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
             float(bound.sum()), radius, method, time.perf_counter() - start,
             batches is not None, merge.assignment.tolist(),
             None if merge.shares is None else merge.shares.tolist(),
-            repair is not None and repair_note is None, repair_note))
+            repair is not None and repair_note is None, repair_note,
+            recon is not None and recon_note is None, recon_note))
         log.info("%s: %d -> %d units, certificate %.4g", spec.producer, block.n, merge.k,
                  reports[-1].certificate)
     return CompressionResult(
         work, method, algo.options(), seed, reports, skipped, count_params(model),
         count_params(work), None if inputs is None else count_macs(model, inputs),
-        None if inputs is None else count_macs(work, inputs), allocation)
+        None if inputs is None else count_macs(work, inputs), allocation, recon)
+
+
+def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None:
+    """The reconstruction options for ``compress(reconstruct=...)``."""
+    if value is None or isinstance(value, Reconstruction):
+        return value
+    if value == "ls":
+        return Reconstruction()
+    raise ValueError(f"reconstruct must be None, 'auto', 'ls' or a "
+                     f"tropnnc.reconstruct.Reconstruction, got {value!r}")
 
 
 def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Merge:

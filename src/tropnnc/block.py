@@ -52,6 +52,7 @@ class Block:
     # plus 'raw', the unfolded rows (n, d+1)
     bn: dict[str, Tensor] | None = field(default=None, compare=False)
     reads: Tensor | None = field(default=None, compare=False)  # (S, n, r) calibration reads
+    activation: str = "relu"  # the producer's activation (see tropnnc.moments.ACTIVATIONS)
 
     @property
     def n(self) -> int:
@@ -184,6 +185,9 @@ class Merge:
     kept: Tensor | None = None
     # new consumer bias (m,) written by surgery.apply (data-free repair); None: unchanged
     consumer_bias: Tensor | None = None
+    # (K, n) P with out[k] = sum_i P_ki c_i (a reconstruction, :mod:`tropnnc.reconstruct`);
+    # certifies merges that are not of share form
+    projection: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -267,13 +271,43 @@ def compose(first: Merge, second: Merge) -> Merge:
 
 
 def certificate(block: Block, merge: Merge) -> Tensor:
-    """Per-output bound (m,) on |y_j - y~_j| over ||(x,1)|| <= rho (spec P5); NaN if unknown."""
-    if merge.shares is None:
+    """Per-output bound (m,) on |y_j - y~_j| over ||(x,1)|| <= rho; NaN if unknown.
+
+    Share-form merges: sum_i |c_ji| ||w_i - lambda_i u_a(i)|| (P5). Merges with a
+    ``projection`` P: :func:`projection_errors` per unit instead. Either way plus the change
+    of the consumer bias.
+    """
+    if merge.shares is not None:
+        err = share_errors(block.weight, merge.assignment, merge.shares, merge.rows)  # (n,)
+    elif merge.projection is not None:
+        err = projection_errors(block.weight, merge.assignment, merge.projection, merge.rows)
+    else:
         return torch.full((block.m,), math.nan, dtype=torch.float64, device=block.out.device)
-    err = share_errors(block.weight, merge.assignment, merge.shares, merge.rows)  # (n,)
     bound = block.rho * block.weighted_out_abs(err)
     if merge.consumer_bias is not None:  # C3's |beta_j - beta~_j| (no consumer bias: 0)
         base = (block.consumer_bias if block.consumer_bias is not None
                 else torch.zeros(block.m, dtype=torch.float64, device=bound.device))
         bound = bound + (merge.consumer_bias.to(bound.dtype) - base.to(bound.dtype)).abs()
     return bound
+
+
+def projection_errors(weight: Tensor, assignment: Tensor, projection: Tensor, rows: Tensor
+                      ) -> Tensor:
+    """Per unit (n,), float64: how far unit i's output can move when its consumer slices are
+    spread over the new units as out~[k] = sum_i P_ki c_i (see docs/expected-error.md).
+
+    relu(w_i.x) - sum_k P_ki relu(u_k.x) is at most, in units of rho,
+    ||w_i - p u_a|| + sum_{k != a} |P_ki| ||u_k|| with a = a(i), p = P_ai, when p >= 0
+    (positive homogeneity and 1-Lipschitz ReLU), and ||w_i|| + sum_k |P_ki| ||u_k||
+    otherwise. (The bound with ||w_i - p u_a|| for a negative p is false: w = -u, p = -1
+    gives 0 while relu(-u.x) + relu(u.x) = |u.x|.)
+    """
+    p = projection.to(torch.float64)
+    a = assignment.to(p.device)
+    own = a >= 0
+    diag = torch.where(own, p[a.clamp(min=0), torch.arange(p.shape[1], device=p.device)], 0.0)
+    use = own & (diag >= 0)
+    u_norms = torch.linalg.vector_norm(rows.to(torch.float64), dim=1)  # (K,)
+    spread = p.abs().T @ u_norms  # (n,) sum_k |P_ki| ||u_k||
+    err = share_errors(weight, torch.where(use, a, -1), torch.where(use, diag, 0.0), rows)
+    return err + spread - torch.where(use, diag * u_norms[a.clamp(min=0)], 0.0)

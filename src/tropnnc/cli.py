@@ -38,11 +38,11 @@ PROG = "tropnnc"
 #: compress settings: name -> default (None: not passed on unless given)
 COMPRESS_SETTINGS: dict[str, Any] = {
     "model": None, "weights": None, "zoo_config": None, "out": None, "keep": None,
-    "method": "tropnnc", "seed": 0, "strict": False, "radius": 1.0, "options": None,
+    "method": None, "seed": 0, "strict": False, "radius": 1.0, "options": None,
     "calibration": None, "dataset": None, "data_root": None, "budget": None,
     "budget_unit": None, "allocator": None, "min_width": None, "round_to": None,
-    "repair": None, "overwrite": False, "trust_pickle": False, "trust_code": False,
-    "device": None,
+    "repair": None, "reconstruct": None, "overwrite": False, "trust_pickle": False,
+    "trust_code": False, "device": None,
 }
 
 
@@ -64,7 +64,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 #: compress settings that have their own flag: refused as --option KEY=VALUE
 FLAG_OPTIONS = ("keep", "budget", "budget_unit", "allocator", "min_width", "round_to",
-                "repair", "seed", "strict", "radius", "calibration", "method")
+                "repair", "reconstruct", "seed", "strict", "radius", "calibration", "method")
 
 #: settings that let a file run code: only the command line (or the API call) may give them
 TRUST_SETTINGS = ("trust_pickle", "trust_code")
@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="output model directory (must not exist, see --overwrite)")
     p.add_argument("--keep", type=parse_keep,
                    help="fraction kept (0.5), width (64) or per layer (fc1=0.3,fc2=40)")
-    p.add_argument("--method", help="compression method (default: tropnnc)")
+    p.add_argument("--method", help="compression method (default: the default pipeline, "
+                                    "tropnnc with the least-squares reconstruction; "
+                                    "'--method tropnnc' alone is the paper's algorithm)")
     p.add_argument("--seed", type=_seed, help="seed for every random choice (default: 0)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="fail on a block with an op the method cannot reason about")
@@ -257,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="widths chosen by --budget are multiples of this (e.g. 8)")
     p.add_argument("--repair", choices=("bn", "bn-var"),
                    help="data-free correction from BatchNorm statistics after each merge")
+    p.add_argument("--reconstruct", choices=("ls", "none"),
+                   help="rebuild each consumer by least squares under a Gaussian model of the "
+                        "block's input (data-free; BatchNorm statistics when present); "
+                        "default: on for the default pipeline, off for a named --method")
     p.add_argument("--config", help="JSON or TOML file with defaults for these options")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output directory")
@@ -573,9 +579,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               "radius": s["radius"]}
     if s["keep"] is not None:
         kwargs["keep"] = s["keep"]
-    for key in ("budget", "budget_unit", "allocator", "min_width", "round_to", "repair"):
+    for key in ("budget", "budget_unit", "allocator", "min_width", "round_to", "repair",
+                "reconstruct"):
         if s[key] is not None:
-            kwargs[key] = s[key]
+            kwargs[key] = None if s[key] == "none" else s[key]
     if s["budget_unit"] == "macs" and args.input_shape is None and \
             _example_inputs(model, None) is None:
         raise UsageError(f"--budget-unit macs needs the input shape of {s['model']}, which the "
@@ -592,6 +599,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "keep": s["keep"], "strict": s["strict"], "radius": s["radius"],
         "budget": s["budget"], "budget_unit": s["budget_unit"], "allocator": s["allocator"],
         "min_width": s["min_width"], "round_to": s["round_to"], "repair": s["repair"],
+        "reconstruct": s["reconstruct"],
         "calibration": None if s["calibration"] is None else
         {"dataset": s["dataset"], "split": "train", "inputs": s["calibration"]},
         "source": {"model": s["model"], "weights": s["weights"], "zoo_config": s["zoo_config"]},

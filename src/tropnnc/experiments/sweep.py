@@ -4,7 +4,9 @@ Every finished compression appends one row to ``results.csv`` (so an interrupted
 without redoing rows); ``results.json``, ``table.md`` and the PNG figures are regenerated from
 all rows at the end (atomic writes). Method specs are ``name[+refit][:opt=value,...]``, e.g.
 ``tropnnc``, ``tropnnc:norm=l1,refine=5``, ``tropnnc+refit`` (the data-free merge followed by a
-least-squares refit of the consumer on calibration inputs: data-driven) or ``thinet``.
+least-squares refit of the consumer on calibration inputs: data-driven), ``model-folding+ls``
+(the data-free least-squares reconstruction, ``compress(reconstruct=...)``; options prefixed
+``ls.`` go to it, e.g. ``model-folding+ls:ls.shrink=0.5``) or ``thinet``.
 
 Run the experiments of the spec with ``python -m tropnnc.experiments.sweep --experiment E3``.
 """
@@ -19,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,11 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from ..api import compress
+from ..api import DEFAULT_PIPELINE, compress
 from ..counting import count_macs, count_params, infer_example_inputs
 from ..graph import discover
 from ..methods import method_class
+from ..reconstruct import Reconstruction
 from ..surgery import get_module
 from ..train import evaluate
 from ..zoo import CNN
@@ -44,6 +47,7 @@ FIELDS = ["dataset", "network", "layers", "method", "options", "keep", "seed", "
           "parameters", "macs", "certificate", "seconds", "data_driven", "label",
           "params_before", "macs_before", "baseline_accuracy"]
 BASELINE = "uncompressed"  # label of the rows holding the uncompressed model
+DEFAULT_LABEL = "default"  # label of compress()'s default pipeline
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class MethodSpec:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     refit: bool = False
+    reconstruct: dict[str, Any] | None = None  # Reconstruction options (``+ls``), else None
 
     @property
     def data_driven(self) -> bool:
@@ -61,7 +66,12 @@ class MethodSpec:
 
     @property
     def method(self) -> str:
-        return self.name + ("+refit" if self.refit else "")
+        return self.name + ("+refit" if self.refit else "") + (
+            "+ls" if self.reconstruct is not None else "")
+
+    def reconstruction(self) -> Reconstruction | None:
+        """The ``compress(reconstruct=...)`` argument of this spec."""
+        return None if self.reconstruct is None else Reconstruction(**self.reconstruct)
 
 
 def _value(text: str) -> Any:
@@ -74,18 +84,33 @@ def _value(text: str) -> Any:
 
 
 def parse_method(spec: str) -> MethodSpec:
-    """Parse ``name[+refit][:k=v,...]``; unknown names or bad options raise ValueError."""
+    """Parse ``name[+refit|+ls][:k=v,...]``, or ``default`` (what ``compress(model, keep)``
+    runs: :data:`tropnnc.api.DEFAULT_PIPELINE`); unknown names or bad options raise
+    ValueError."""
+    if spec.strip() == DEFAULT_LABEL:
+        name, options, recon = DEFAULT_PIPELINE
+        return MethodSpec(DEFAULT_LABEL, name, dict(options), False, asdict(recon))
     head, _, opts = spec.strip().partition(":")
     refit = head.endswith("+refit")
-    name = head[:-len("+refit")] if refit else head
+    ls = head.endswith("+ls")
+    name = head[:-len("+refit")] if refit else head[:-len("+ls")] if ls else head
     method_class(name)
     options: dict[str, Any] = {}
+    recon: dict[str, Any] | None = {} if ls else None
     for item in filter(None, (o.strip() for o in opts.split(","))):
         key, eq, val = item.partition("=")
         if not eq:
             raise ValueError(f"method option {item!r} in {spec!r} must be key=value")
-        options[key.strip()] = _value(val.strip())
-    return MethodSpec(spec.strip(), name, options, refit)
+        key = key.strip()
+        if key.startswith("ls."):
+            if recon is None:
+                raise ValueError(f"option {key!r} in {spec!r} needs the '+ls' suffix")
+            recon[key[3:]] = _value(val.strip())
+        else:
+            options[key] = _value(val.strip())
+    parsed = MethodSpec(spec.strip(), name, options, refit, recon)
+    parsed.reconstruction()  # bad reconstruction options fail here, not mid-sweep
+    return parsed
 
 
 def keep_mapping(model: nn.Module, layers: str | None, keep: float) -> dict[str, float]:
@@ -268,7 +293,7 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
                 start = time.perf_counter()
                 result = compress(model, mapping, spec.name, seed=seed,
                                   calibration=calib if spec.data_driven else None,
-                                  **spec.options)
+                                  reconstruct=spec.reconstruction(), **spec.options)
                 seconds = time.perf_counter() - start
                 acc = evaluator(result.model)
                 certs = [b.certificate for b in result.blocks]

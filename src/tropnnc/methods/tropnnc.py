@@ -24,10 +24,13 @@ from torch import Tensor
 
 from ..block import MASS_NORMS, Block, Merge, compose, merge_by_shares
 from ..cluster import combine_rows, cosine_gram, member_cosines, merged_gram, spherical_kmeans_gram
+from ..moments import activation_correlation, moment_rows
 from . import register
 from ._base import Method, is_single_output, split_by_sign
 
 _CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space pass
+KERNELS = ("weights", "activations")
+ROWS = ("directions", "moments")
 
 
 @register
@@ -37,6 +40,12 @@ class TropNNC(Method):
     Options: ``norm`` of c_i in the mass m_i (l1, l2, max); ``refine`` rank-1 refinement
     iterations; ``steps`` > 1 reaches the width in several re-clusterings; ``split_signs``
     (None = automatic: on for single-output blocks); ``restarts`` and ``iters`` of k-means.
+    ``kernel``: what the k-means compares, the paper's "weights" (cosines of the units'
+    input vectors, masses ||w_i|| ||c_i||) or "activations" (correlations of the units'
+    ReLU outputs under the block's Gaussian input model, masses ||c_i|| std(a_i); see
+    :mod:`tropnnc.moments`). ``rows``: the merged units' rows, the paper's "directions"
+    (unit vectors, members hand over their slices with shares <w_i, u>) or "moments" (rows
+    that keep the members' mean pre-activation mean and std under the model; shares 1).
     """
 
     name = "tropnnc"
@@ -44,19 +53,27 @@ class TropNNC(Method):
     device_aware = True
 
     def __init__(self, *, norm: str = "l2", refine: int = 0, steps: int = 1,
-                 split_signs: bool | None = None, restarts: int = 4, iters: int = 100) -> None:
+                 split_signs: bool | None = None, restarts: int = 4, iters: int = 100,
+                 kernel: str = "weights", rows: str = "directions") -> None:
         self.norm = norm
         self.refine = refine
         self.steps = steps
         self.split_signs = split_signs
         self.restarts = restarts
         self.iters = iters
+        self.kernel = kernel
+        self.rows = rows
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         if self.norm not in MASS_NORMS:
             raise ValueError(f"tropnnc: norm must be one of {MASS_NORMS}, got {self.norm!r}")
         if self.steps < 1 or self.refine < 0:
             raise ValueError("tropnnc: steps must be >= 1 and refine >= 0")
+        if self.kernel not in KERNELS or self.rows not in ROWS:
+            raise ValueError(f"tropnnc: kernel must be one of {KERNELS} and rows one of "
+                             f"{ROWS}, got {self.kernel!r} and {self.rows!r}")
+        if (self.kernel, self.rows) != ("weights", "directions") and self.steps != 1:
+            raise ValueError("tropnnc: steps > 1 needs kernel='weights', rows='directions'")
         split = is_single_output(block) if self.split_signs is None else self.split_signs
         if split and not is_single_output(block):
             raise ValueError(f"tropnnc: split_signs=True needs a single-output block; "
@@ -80,9 +97,14 @@ class TropNNC(Method):
         weight = block.weight
         device = weight.device
         norms = block.row_norms  # (n,)
-        if gram is None:
-            gram = cosine_gram(weight, norms)  # (n, n) the one product over d
-        mass = block.unit_mass(self.norm)  # (n,)
+        if self.kernel == "activations":
+            gram, std = activation_correlation(weight.cpu(), _cpu(block.bn))  # float64
+            c_norm = block.unit_mass(self.norm) / torch.where(norms > 0, norms, 1.0)
+            gram, mass = gram.to(device), (c_norm.cpu().double() * std).to(device)
+        else:
+            if gram is None:
+                gram = cosine_gram(weight, norms)  # (n, n) the one product over d
+            mass = block.unit_mass(self.norm)  # (n,)
         groups = [(None, k)]
         if split:
             pos = block.out[:, 0, 0] > 0  # P's generators; the rest are Q's
@@ -113,8 +135,12 @@ class TropNNC(Method):
         # the raw rows (d_i = w_i / ||w_i||), and the shares lambda_i = <w_i, u_a(i)>
         inv_norms = torch.where(norms > 0, 1.0 / norms, 0.0)  # zero rows have no direction
         product = None  # A G (k, n), shared by member_cosines and merged_gram
-        if gram.dtype == weight.dtype:  # the Gram is as precise as the rows: ||r_c|| and
-            # lambda_i = ||w_i|| cos(d_i, r_a(i)) from it, O(n^2), instead of two O(n d) passes
+        if self.rows == "moments":
+            rows, shares = moment_rows(weight.cpu(), _cpu(block.bn), assignment.cpu(), k)
+            rows, shares = rows.to(device), shares.to(device=device, dtype=weight.dtype)
+        elif gram.dtype == weight.dtype and self.kernel == "weights":  # the Gram is as precise
+            # as the rows: ||r_c|| and lambda_i = ||w_i|| cos(d_i, r_a(i)) from it, O(n^2),
+            # instead of two O(n d) passes
             product = combine_rows(gram, assignment, alpha.to(gram.dtype), k)
             cos_own, r_norm = member_cosines(gram, assignment, alpha, k,
                                              product=product)  # (n,), (k,)
@@ -130,6 +156,10 @@ class TropNNC(Method):
         next_gram = (merged_gram(gram, assignment, alpha, k, product=product) if want_gram
                      else None)
         return merge_by_shares(block, assignment, shares, rows), next_gram
+
+
+def _cpu(bn: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if bn is None else {key: v.cpu() for key, v in bn.items()}
 
 
 def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:

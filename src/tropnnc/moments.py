@@ -1,0 +1,435 @@
+"""A Gaussian input model of one block, and the moments of its activations under it.
+
+Data-free compression can only be as good as its guess of where the inputs are. This module
+makes that guess explicit (docs/expected-error.md): the pre-activations z = W x + b of a
+block's units are modelled as jointly Gaussian,
+
+* from the BatchNorm statistics when the producer had BatchNorm: unit i has mean beta_i and
+  std |gamma_i| sqrt(v_i / (v_i + eps)) (exact for the training data), and two units are
+  correlated like their incoming weights (the correlation of two linear maps of an isotropic
+  input): rho_ij = cos(w_i, w_j);
+* otherwise from a layer-local isotropic input x ~ N(0, sigma^2 I): mean b_i and covariance
+  sigma^2 <w_i, w_j> (bias excluded).
+
+A merged unit u_k is modelled as the linear map of its cluster's members that reproduces its
+incoming weights: u_k = sum_i alpha_ki w_i, hence z~_k = e_k + sum_i alpha_ki (z_i - b_i).
+Originals and merged units then live in one Gaussian model, whatever the method that made
+them, and the BN means and stds stay exact.
+
+The second half gives E[act(z)] and E[act(z_i) act(z~_k)]: in closed form for ReLU (the
+bivariate normal CDF by Genz's algorithm), by Monte Carlo for any other activation.
+All functions are pure: float64 tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_SQRT2 = math.sqrt(2.0)
+_TWO_PI = 2.0 * math.pi
+_INV_SQRT_2PI = 1.0 / math.sqrt(_TWO_PI)
+#: activations with Monte Carlo moments (ReLU also has closed forms)
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "relu6": lambda z: z.clamp(0.0, 6.0),
+    "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.01),
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "hardswish": torch.nn.functional.hardswish,
+}
+
+
+@dataclass(frozen=True)
+class UnitModel:
+    """Jointly Gaussian pre-activations of a block's n original and k merged units.
+
+    ``mean`` (n,), ``cov`` (n, n): the originals; ``new_mean`` (k,), ``cross`` (k, n) =
+    Cov(z~, z), ``new_cov`` (k, k): the merged units. All float64.
+    """
+
+    mean: Tensor
+    cov: Tensor
+    new_mean: Tensor
+    cross: Tensor
+    new_cov: Tensor
+    assignment: Tensor  # (n,) merged unit of each original unit (-1: none)
+    coef: Tensor  # (n,) alpha_i: member i's weight in its merged unit's map (0: none)
+
+    def map_new(self, dz: Tensor) -> Tensor:
+        """z~ - new_mean (S, k) for centred original pre-activations dz (S, n): A dz."""
+        k = self.new_mean.numel()
+        return torch.zeros(dz.shape[0], k, dtype=dz.dtype).index_add_(
+            1, self.assignment.clamp(min=0), dz * self.coef)
+
+
+def weight_gram(weight: Tensor) -> Tensor:
+    """<w_i, w_j> (n, n) of the incoming weights (bias excluded), computed in the rows' dtype
+    (float32 for large blocks: the one O(n^2 d) product) and returned in float64."""
+    w = weight[:, :-1]
+    return (w @ w.T).double()
+
+
+def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0,
+                     gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean (n,) and covariance (n, n) of the pre-activations of rows ``weight`` (n, d+1).
+
+    With ``bn`` (the folded BatchNorm's statistics): mean beta, std |gamma| sqrt(v/(v+eps)),
+    correlation the cosine of the incoming weights. Without: isotropic input N(0, sigma^2 I),
+    mean the bias, covariance sigma^2 W W^T. ``gram``: W W^T of the weights (bias excluded)
+    if the caller has it.
+    """
+    g = weight_gram(weight) if gram is None else gram.double()  # (n, n)
+    if bn is None:
+        return weight[:, -1].double().clone(), sigma * sigma * g
+    var = bn["running_var"].double().clamp(min=0)
+    std = bn["weight"].double().abs() * (var / (var + bn["eps"].double())).sqrt()
+    norms = g.diagonal().clamp(min=0).sqrt()
+    scale = torch.where(norms > 0, std / torch.where(norms > 0, norms, 1.0), 0.0)  # s_i/||w_i||
+    return bn["bias"].double().clone(), scale[:, None] * g * scale[None, :]
+
+
+def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
+                gram: Tensor | None = None, rcond: float = 1e-10) -> Tensor:
+    """alpha (n,): merged row k's incoming weights as a combination of its members'.
+
+    For each cluster c (members i with assignment[i] = c) the minimum-norm least-squares
+    solution of sum_i alpha_i w_i = u_c (weights, bias excluded), from the members' Gram
+    matrix, batched over clusters padded to the largest one. Units with assignment -1 get 0.
+    """
+    n = weight.shape[0]
+    alpha = torch.zeros(n, dtype=torch.float64)
+    live = (assignment >= 0).nonzero().squeeze(1)
+    if live.numel() == 0 or k == 0:
+        return alpha
+    a = assignment[live]
+    order = torch.argsort(a, stable=True)
+    members, labels = live[order], a[order]  # members grouped by cluster
+    sizes = torch.bincount(labels, minlength=k)
+    width = int(sizes.max())
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(members.numel()) - starts[labels]  # position inside its cluster
+    index = torch.full((k, width), -1, dtype=torch.long)
+    index[labels, slot] = members  # (k, L) members of each cluster, -1 padding
+    valid = index >= 0
+    safe = index.clamp(min=0)
+    g = weight_gram(weight) if gram is None else gram.double()
+    gc = g[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+    rhs = torch.empty(members.numel(), dtype=torch.float64)  # <w_i, u_a(i)>, in row chunks
+    step = max(1, _PAIR_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, members.numel(), step):
+        part = slice(start, start + step)
+        rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)
+                     ).sum(dim=1, dtype=torch.float64)
+    b = torch.zeros(k, width, dtype=torch.float64)
+    b[labels, slot] = rhs
+    evals, evecs = torch.linalg.eigh(gc)  # (k, L), (k, L, L): min-norm pseudo-inverse
+    cut = rcond * evals.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(evals > cut, 1.0 / torch.where(evals > cut, evals, 1.0), 0.0)
+    sol = evecs @ (inv * (evecs.transpose(1, 2) @ b[:, :, None]).squeeze(2))[:, :, None]
+    alpha[members] = sol.squeeze(2)[labels, slot]
+    return alpha
+
+
+def unit_model(weight: Tensor, bn: dict[str, Tensor] | None, rows: Tensor,
+               assignment: Tensor, sigma: float = 1.0) -> UnitModel:
+    """The joint Gaussian model of the original rows ``weight`` (n, d+1) and the merged
+    ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring)."""
+    k = rows.shape[0]
+    gram = weight_gram(weight)
+    mean, cov = block_statistics(weight, bn, sigma, gram)
+    alpha = member_maps(weight, rows, assignment, k, gram)
+    a = assignment.clamp(min=0)
+    coef = torch.where(assignment >= 0, alpha, 0.0)
+    # z~_k = e_k + sum_i alpha_i (z_i - b_i): linear in the members
+    new_mean = rows[:, -1].double().clone().index_add_(
+        0, a, coef * (mean - weight[:, -1].double()))
+    cross = torch.zeros(k, cov.shape[0], dtype=torch.float64).index_add_(
+        0, a, coef[:, None] * cov)  # (k, n) = A S
+    new_cov = torch.zeros(k, k, dtype=torch.float64).index_add_(
+        1, a, cross * coef[None, :])  # A S A^T
+    return UnitModel(mean, cov, new_mean, cross, 0.5 * (new_cov + new_cov.T), assignment, coef)
+
+
+# ---------------------------------------------------------------------------------------
+# ReLU moments in closed form
+
+
+def _Phi(x: Tensor) -> Tensor:
+    return 0.5 * torch.erfc(-x / _SQRT2)
+
+
+def _phi(x: Tensor) -> Tensor:
+    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+@lru_cache(maxsize=1)
+def _legendre20() -> tuple[Tensor, Tensor]:
+    x, w = np.polynomial.legendre.leggauss(20)
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+def bvn_upper(h: Tensor, k: Tensor, r: Tensor) -> Tensor:
+    """P(X > h, Y > k) for standard bivariate normal (X, Y) with correlation r (broadcast).
+
+    Genz's algorithm (Drezner-Wesolowsky with 20-point Gauss-Legendre quadrature, "Numerical
+    computation of rectangular bivariate and trivariate normal and t probabilities", 2004):
+    accurate to about 1e-15 for every r in [-1, 1].
+    """
+    h, k, r = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.float64)
+                                        for t in (h, k, r)))
+    r = r.clamp(-1.0, 1.0)
+    x, w = _legendre20()
+    shape = (-1,) + (1,) * h.dim()
+    x, w = x.view(shape), w.view(shape)
+    hk = h * k
+    # |r| < 0.925: integrate over asin(r)
+    asr = torch.asin(torch.where(r.abs() < 0.925, r, 0.0))
+    sn = torch.sin(asr * (x + 1.0) / 2.0)  # (20, ...)
+    low = (w * torch.exp((sn * hk - (h * h + k * k) / 2.0) / (1.0 - sn * sn))).sum(0)
+    low = low * asr / (2.0 * _TWO_PI) + _Phi(-h) * _Phi(-k)
+    # |r| >= 0.925: the expansion around r = +-1
+    kk = torch.where(r < 0, -k, k)
+    hk2 = h * kk
+    one_minus = (1.0 - r.abs()).clamp(min=0.0)
+    as_ = one_minus * (2.0 - one_minus)  # (1 - |r|)(1 + |r|)
+    a = as_.sqrt()
+    bs = (h - kk) ** 2
+    c = (4.0 - hk2) / 8.0
+    d = (12.0 - hk2) / 16.0
+    safe_as = torch.where(as_ > 0, as_, 1.0)
+    safe_a = torch.where(a > 0, a, 1.0)
+    high = a * torch.exp(-(bs / safe_as + hk2) / 2.0) * (
+        1.0 - c * (bs - as_) * (1.0 - d * bs / 5.0) / 3.0 + c * d * as_ * as_ / 5.0)
+    b = bs.sqrt()
+    tail = torch.exp(-hk2 / 2.0) * math.sqrt(_TWO_PI) * _Phi(-b / safe_a) * b * (
+        1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
+    high = high - torch.where(hk2 > -160.0, tail, 0.0)
+    half = a / 2.0
+    xs = (half * (x + 1.0)) ** 2  # (20, ...)
+    rs = (1.0 - xs).sqrt()
+    safe_xs = torch.where(xs > 0, xs, 1.0)
+    terms = (torch.exp(-bs / (2.0 * safe_xs) - hk2 / (1.0 + rs)) / rs
+             - torch.exp(-(bs / safe_xs + hk2) / 2.0) * (1.0 + c * xs * (1.0 + d * xs)))
+    high = high + (half * w * torch.where(xs > 0, terms, 0.0)).sum(0)
+    high = torch.where(as_ > 0, -high / _TWO_PI, 0.0)
+    pos = high + _Phi(-torch.maximum(h, kk))
+    neg = -high + torch.where(kk > h, _Phi(kk) - _Phi(h), 0.0)
+    high = torch.where(r > 0, pos, neg)
+    return torch.where(r.abs() < 0.925, low, high).clamp(0.0, 1.0)
+
+
+def relu_mean(m: Tensor, s: Tensor) -> Tensor:
+    """E[relu(z)] for z ~ N(m, s^2) (s = 0: relu(m))."""
+    m, s = torch.broadcast_tensors(m.double(), s.double().abs())
+    pos = s > 0
+    h = m / torch.where(pos, s, 1.0)
+    return torch.where(pos, s * (h * _Phi(h) + _phi(h)), m.clamp(min=0))
+
+
+def relu_second(m: Tensor, s: Tensor) -> Tensor:
+    """E[relu(z)^2] for z ~ N(m, s^2)."""
+    m, s = torch.broadcast_tensors(m.double(), s.double().abs())
+    pos = s > 0
+    h = m / torch.where(pos, s, 1.0)
+    return torch.where(pos, s * s * ((1 + h * h) * _Phi(h) + h * _phi(h)), m.clamp(min=0) ** 2)
+
+
+def relu_cross(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, rho: Tensor) -> Tensor:
+    """E[relu(z1) relu(z2)] for jointly Gaussian z1 ~ N(m1, s1^2), z2 ~ N(m2, s2^2) with
+    correlation ``rho`` (broadcast). A constant (s = 0) factor is relu(m) times the other's
+    mean; |rho| = 1 uses the one-dimensional integral."""
+    m1, s1, m2, s2, rho = torch.broadcast_tensors(
+        m1.double(), s1.double().abs(), m2.double(), s2.double().abs(), rho.double())
+    rho = rho.clamp(-1.0, 1.0)
+    both = (s1 > 0) & (s2 > 0)
+    t1, t2 = torch.where(both, s1, 1.0), torch.where(both, s2, 1.0)
+    h1, h2 = m1 / t1, m2 / t2
+    q2 = (1.0 - rho) * (1.0 + rho)
+    edge = q2 < 1e-12
+    q = torch.where(edge, 1.0, q2).sqrt()
+    general = ((h1 * h2 + rho) * bvn_upper(-h1, -h2, rho)
+               + h1 * _phi(h2) * _Phi((h1 - rho * h2) / q)
+               + h2 * _phi(h1) * _Phi((h2 - rho * h1) / q)
+               + q * _INV_SQRT_2PI * _phi(((h1 * h1 - 2 * rho * h1 * h2 + h2 * h2).clamp(min=0)
+                                            ).sqrt() / q))
+    # rho = +-1: z2 = m2 + sign * s2 g with z1 = m1 + s1 g; integrate over {z1 > 0, z2 > 0}
+    sign = torch.where(rho >= 0, 1.0, -1.0)
+    lo = torch.where(sign > 0, torch.maximum(-h1, -h2), -h1)
+    hi = torch.where(sign > 0, torch.full_like(h1, math.inf), h2)
+    hi = torch.maximum(hi, lo)
+    mass = _Phi(hi) - _Phi(lo)
+    plo, phi_hi = _phi(lo), torch.where(torch.isinf(hi), 0.0, _phi(hi))
+    lo_plo = torch.where(torch.isinf(lo), 0.0, lo * plo)
+    hi_phi = torch.where(torch.isinf(hi), 0.0, hi * phi_hi)
+    # int (h1 + g)(h2 + sign g) phi over [lo, hi], in units of s1 s2
+    degenerate = (h1 * h2 * mass + (h1 * sign + h2) * (plo - phi_hi)
+                  + sign * (mass + lo_plo - hi_phi))
+    value = s1 * s2 * torch.where(edge, degenerate, general)
+    const = relu_mean(m1, s1) * relu_mean(m2, s2)  # one of them is a constant
+    return torch.where(both, value.clamp(min=0), const)
+
+
+# ---------------------------------------------------------------------------------------
+# Moments of the activations of a UnitModel
+
+
+@dataclass(frozen=True)
+class ActivationMoments:
+    """E a (n,), E a~ (k,), Cov(a~, a) (k, n), Cov(a~, a~) (k, k) of a UnitModel."""
+
+    mean: Tensor
+    new_mean: Tensor
+    cross: Tensor
+    new_cov: Tensor
+
+
+def activation_moments(model: UnitModel, activation: str = "relu", samples: int = 0,
+                       generator: torch.Generator | None = None) -> ActivationMoments:
+    """Moments of the activations of ``model``'s original and merged units.
+
+    ReLU with ``samples`` = 0: closed forms. Otherwise (any activation in
+    :data:`ACTIVATIONS`) Monte Carlo with ``samples`` draws (default max(8192, 4 (n + k)))
+    of z ~ N(mean, cov) and z~ = new_mean + A (z - mean) (exact joint sampling).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if activation == "relu" and samples == 0:
+        return _relu_moments(model)
+    return _sampled_moments(model, activation, samples, generator)
+
+
+def _std(cov: Tensor) -> Tensor:
+    return cov.diagonal().clamp(min=0).sqrt()
+
+
+def _corr(cov: Tensor, s_rows: Tensor, s_cols: Tensor) -> Tensor:
+    den = s_rows[:, None] * s_cols[None, :]
+    return torch.where(den > 0, cov / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
+
+
+def _pairwise(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, cov: Tensor) -> Tensor:
+    """E[relu(z1_i) relu(z2_j)] (len(m1), len(m2)) from the covariance ``cov`` of the pairs,
+    in row chunks that bound the quadrature's temporaries."""
+    out = torch.empty(cov.shape, dtype=torch.float64)
+    step = max(1, _PAIR_ELEMENTS // max(1, cov.shape[1]))
+    for start in range(0, cov.shape[0], step):
+        rows = slice(start, start + step)
+        rho = _corr(cov[rows], s1[rows], s2)
+        out[rows] = relu_cross(m1[rows, None], s1[rows, None], m2[None, :], s2[None, :], rho)
+    return out
+
+
+def _relu_moments(model: UnitModel) -> ActivationMoments:
+    s = _std(model.cov)
+    s_new = _std(model.new_cov)
+    mean = relu_mean(model.mean, s)
+    new_mean = relu_mean(model.new_mean, s_new)
+    e_cross = _pairwise(model.new_mean, s_new, model.mean, s, model.cross)  # (k, n)
+    e_new = _pairwise(model.new_mean, s_new, model.new_mean, s_new, model.new_cov)  # (k, k)
+    diag = relu_second(model.new_mean, s_new)
+    e_new = e_new - torch.diag(e_new.diagonal()) + torch.diag(diag)
+    cross = e_cross - new_mean[:, None] * mean[None, :]
+    new_cov = e_new - new_mean[:, None] * new_mean[None, :]
+    return ActivationMoments(mean, new_mean, cross, 0.5 * (new_cov + new_cov.T))
+
+
+def _sampled_moments(model: UnitModel, activation: str, samples: int,
+                     generator: torch.Generator | None) -> ActivationMoments:
+    n, k = model.mean.numel(), model.new_mean.numel()
+    count = samples or max(8192, 4 * (n + k))
+    evals, evecs = torch.linalg.eigh(model.cov)
+    root = evecs * evals.clamp(min=0).sqrt()  # (n, n): cov = root root^T
+    g = torch.randn(count, n, dtype=torch.float64, generator=generator)
+    dz = g @ root.T  # (S, n) centred pre-activations
+    act = ACTIVATIONS[activation]
+    a = act(dz + model.mean)
+    dz_new = model.map_new(dz)
+    a_new = act(dz_new + model.new_mean)
+    mean, new_mean = a.mean(0), a_new.mean(0)
+    ac, anc = a - mean, a_new - new_mean
+    cross = anc.T @ ac / count
+    new_cov = anc.T @ anc / count
+    return ActivationMoments(mean, new_mean, cross, 0.5 * (new_cov + new_cov.T))
+
+
+
+# ---------------------------------------------------------------------------------------
+# Clustering kernel and merged rows from the model
+
+_PAIR_ELEMENTS = 1 << 18  # pairs per chunk of pairwise moments (x 20 quadrature nodes)
+
+
+def activation_correlation(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0
+                           ) -> tuple[Tensor, Tensor]:
+    """Correlation (n, n) of the units' ReLU activations under the block's model (unit
+    diagonal; a unit without variance is uncorrelated with the others) and their stds (n,).
+
+    Two units whose activations are positive multiples of each other have correlation 1,
+    so clustering on this kernel groups units by what they compute where the inputs are,
+    not by the geometry of their weights alone.
+    """
+    mean, cov = block_statistics(weight, bn, sigma)
+    s = _std(cov)
+    mu = relu_mean(mean, s)
+    second = _pairwise(mean, s, mean, s, cov)
+    second.diagonal().copy_(relu_second(mean, s))
+    act_cov = second - mu[:, None] * mu[None, :]
+    sd = act_cov.diagonal().clamp(min=0).sqrt()
+    corr = _corr(act_cov, sd, sd)
+    corr.diagonal().fill_(1.0)
+    return corr, sd
+
+
+def moment_rows(weight: Tensor, bn: dict[str, Tensor] | None, assignment: Tensor, k: int,
+                sigma: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Merged rows (k, d+1) whose pre-activations keep their members' mean mean and mean std.
+
+    For cluster c: u_bar = mean_i w_i / s_i (unit-variance directions), v_c = Var(u_bar.x)
+    = mean_ij rho_ij, u_c = (s_bar / sqrt(v_c)) u_bar and the bias chosen so that the mean
+    is m_bar. With BN and the cosine correlation this is Model Folding's data-free repair;
+    the model makes it available without BN. Members without variance are left out of the
+    direction; a cluster with none keeps the members' mean row. Also returns the shares
+    (n,) s_i / s_bar of the members' consumer slices in the merged unit's (1 where s_bar = 0).
+    """
+    mean, cov = block_statistics(weight, bn, sigma)
+    s = _std(cov)
+    n = mean.numel()
+    live = (assignment >= 0)
+    has = live & (s > 0)
+    a = assignment.clamp(min=0)
+    inv = torch.where(has, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+    count = torch.zeros(k, dtype=torch.float64).index_add_(0, a, has.double())
+    w = weight.double()
+    unit = torch.zeros(k, w.shape[1], dtype=torch.float64).index_add_(0, a, w * inv[:, None])
+    unit = unit / count.clamp(min=1)[:, None]  # (k, d+1) mean of w_i / s_i (bias included)
+    corr = _corr(cov, s, s)
+    # v_c = (1/n_c^2) sum_{i,j in c} rho_ij: cluster sums of the correlation matrix
+    onehot = torch.zeros(k, n, dtype=torch.float64)
+    onehot[a[has], has.nonzero().squeeze(1)] = 1.0
+    v = (onehot @ corr @ onehot.T).diagonal() / count.clamp(min=1) ** 2
+    s_bar = torch.zeros(k, dtype=torch.float64).index_add_(0, a, torch.where(has, s, 0.0))
+    s_bar = s_bar / count.clamp(min=1)
+    m_bar = torch.zeros(k, dtype=torch.float64).index_add_(0, a, torch.where(has, mean, 0.0))
+    m_bar = m_bar / count.clamp(min=1)
+    ok = (count > 0) & (v > 0)
+    gain = torch.where(ok, s_bar / torch.where(ok, v, 1.0).sqrt(), 0.0)
+    rows = unit * gain[:, None]
+    # mean of u_c.x + e_c must be m_bar: E[w_i.x] = m_i - b_i, so E[u_bar.x] = mean (m_i - b_i)/s_i
+    shift = torch.zeros(k, dtype=torch.float64).index_add_(
+        0, a, torch.where(has, (mean - w[:, -1]) * inv, 0.0)) / count.clamp(min=1)
+    rows[:, -1] = m_bar - gain * shift
+    fallback = torch.zeros(k, w.shape[1], dtype=torch.float64).index_add_(
+        0, a, torch.where(live[:, None], w, 0.0))
+    members = torch.zeros(k, dtype=torch.float64).index_add_(0, a, live.double())
+    fallback = fallback / members.clamp(min=1)[:, None]
+    rows = torch.where(ok[:, None], rows, fallback).to(weight.dtype)
+    own = s_bar[a]
+    shares = torch.where(has & (own > 0), s / torch.where(own > 0, own, 1.0), 1.0)
+    return rows, torch.where(live, shares, 0.0)

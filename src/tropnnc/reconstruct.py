@@ -1,0 +1,127 @@
+"""Data-free reconstruction of the consumer after any merge (docs/expected-error.md).
+
+A merge (from any method) fixes the new units; what the consumer should read from them is a
+separate question. Under the block's Gaussian input model (:mod:`tropnnc.moments`) the
+consumer slices and bias that minimise the expected squared output error
+
+    E || C a + c0 - C~ a~ - c~ ||^2
+
+are the least-squares solution C~ = C P^T with the k x n projection
+
+    P = (Cov(a~, a~) + lambda I)^-1 Cov(a~, a),    c~ = c0 + C E[a] - C~ E[a~]
+
+(the data-free analogue of refitting the consumer on calibration data: the sample moments
+are replaced by the model's). A conv consumer applies the same P at every read position
+(the model ignores spatial correlation), so new slices are out~[k] = sum_i P_ki out[i].
+``shrink`` blends P with the method's own share-form projection, which limits the damage
+where the model is wrong (strong compression). The result carries P, from which
+:func:`tropnnc.block.certificate` still gives a proven bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .block import Block, Merge
+from .moments import activation_moments, unit_model
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Options of the least-squares reconstruction.
+
+    ``ridge``: lambda relative to the mean variance of the new units; it pulls P toward the
+    method's own share-form projection (toward 0 for merges without shares). ``shrink`` in [0, 1]:
+    weight of the method's share-form projection in the final one (0: pure least squares).
+    ``sigma``: std of the isotropic input of blocks without BatchNorm. ``samples``: Monte
+    Carlo draws (0: closed form for ReLU; other activations always sample).
+    """
+
+    ridge: float = 1e-6
+    shrink: float = 0.0
+    sigma: float = 1.0
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("ridge", "sigma"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"reconstruction {name} must be a finite number >= 0, "
+                                 f"got {value!r}")
+        if not (isinstance(self.shrink, (int, float)) and 0.0 <= self.shrink <= 1.0):
+            raise ValueError(f"reconstruction shrink must be in [0, 1], got {self.shrink!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) \
+                or self.samples < 0:
+            raise ValueError(f"reconstruction samples must be an int >= 0, got "
+                             f"{self.samples!r}")
+
+
+def least_squares_projection(block: Block, merge: Merge, options: Reconstruction,
+                             generator: torch.Generator | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor] | str:
+    """P (K, n), E[a] (n,), E[a~] (K,) under the block's input model, float64; or the
+    reason (a string) why the model is degenerate for this merge."""
+    model = unit_model(block.weight.cpu(), _cpu(block.bn), merge.rows.cpu(),
+                       merge.assignment.cpu(), options.sigma)
+    moments = activation_moments(model, block.activation, options.samples, generator)
+    cov = moments.new_cov
+    scale = float(cov.diagonal().mean())
+    if not math.isfinite(scale) or scale <= 0:
+        return "the merged units have no variance under the input model"
+    lam = max(options.ridge, 1e-12) * scale
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(cov + lam * eye)
+    if int(info) != 0:
+        return "the merged units' covariance is not positive definite"
+    share = _share_projection(merge, cov.shape[0], moments.cross.shape[1])
+    # ridge toward the method's own projection (0 without shares): where that merge is
+    # already exact (duplicates, keep = 1) it is also the least-squares optimum, so it stays
+    p = torch.cholesky_solve(moments.cross + lam * share, factor)  # (K, n)
+    if not bool(torch.isfinite(p).all()):
+        return "the least-squares projection is not finite"
+    if options.shrink > 0:
+        p = (1.0 - options.shrink) * p + options.shrink * share
+    return p, moments.mean, moments.new_mean
+
+
+def _share_projection(merge: Merge, k: int, n: int) -> Tensor:
+    """The merge's own projection (K, n): P_a(i) i = lambda_i (zeros without shares)."""
+    share = torch.zeros(k, n, dtype=torch.float64)
+    if merge.shares is not None:
+        live = (merge.assignment.cpu() >= 0).nonzero().squeeze(1)
+        share[merge.assignment.cpu()[live], live] = merge.shares.cpu()[live].double()
+    return share
+
+
+def reconstruct_merge(block: Block, merge: Merge, options: Reconstruction | None = None,
+                generator: torch.Generator | None = None) -> tuple[Merge, str | None]:
+    """``merge`` with its consumer slices and bias rebuilt by least squares under the
+    block's input model; or the unchanged merge and the reason when the model is
+    degenerate (no variance, singular covariance), never NaN."""
+    options = Reconstruction() if options is None else options
+    if merge.k == 0:
+        return merge, "no merged units"
+    solved = least_squares_projection(block, merge, options, generator)
+    if isinstance(solved, str):
+        return merge, solved + ": kept the method's consumer slices"
+    p, mean, new_mean = solved
+    src = block.out
+    n, m, r = src.shape
+    like = {"dtype": src.dtype, "device": src.device}
+    flat = src.reshape(n, m * r) if src.is_contiguous() else src.contiguous().view(n, m * r)
+    out = (p.to(**like) @ flat).view(-1, m, r)  # (K, m, r) = sum_i P_ki out[i]
+    # match the consumer's expected output: c~ = c0 + sum_i E a_i cbar_i - sum_k E a~_k cbar~_k
+    cbar = src.sum(dim=2, dtype=torch.float64).cpu()  # (n, m)
+    delta = cbar.T @ mean - (p @ cbar).T @ new_mean
+    base = (block.consumer_bias.double().cpu() if block.consumer_bias is not None
+            else torch.zeros(m, dtype=torch.float64))
+    return replace(merge, out=out, shares=None, projection=p.to(block.weight.device),
+                   consumer_bias=(base + delta).to(block.weight.device)), None
+
+
+def _cpu(bn: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if bn is None else {key: v.cpu() for key, v in bn.items()}

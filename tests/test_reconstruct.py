@@ -1,0 +1,177 @@
+"""The least-squares reconstruction: exact cases, optimality under its model, certificates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ball_points, random_block
+from torch import nn
+
+import tropnnc
+from tropnnc.block import Block, Merge, certificate, merge_by_shares, projection_errors
+from tropnnc.methods import get_method
+from tropnnc.reconstruct import Reconstruction, least_squares_projection, reconstruct_merge
+
+F64 = torch.float64
+
+
+def _outputs(block: Block, rows: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
+             x: torch.Tensor) -> torch.Tensor:
+    """y (q, m) when every read t sees its own input x[:, t] (q, r, d)."""
+    xb = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=F64)], dim=2)
+    act = torch.relu(torch.einsum("qtd,kd->qkt", xb, rows))
+    y = torch.einsum("qkt,kmt->qm", act, out)
+    return y if bias is None else y + bias
+
+
+def _merged(block: Block, k: int, method: str = "tropnnc", seed: int = 0) -> Merge:
+    return get_method(method).merge(block, k, torch.Generator().manual_seed(seed))
+
+
+def test_identity_merge_is_reconstructed_as_the_identity():
+    block = random_block(6, 4, 3, seed=2)
+    merge = merge_by_shares(block, torch.arange(6), torch.ones(6, dtype=F64), block.weight)
+    new, note = reconstruct_merge(block, merge, Reconstruction(ridge=0.1))
+    assert note is None
+    torch.testing.assert_close(new.projection, torch.eye(6, dtype=F64), atol=1e-10, rtol=0)
+    x = ball_points(50, 4, 3.0)[:, None, :]
+    torch.testing.assert_close(_outputs(block, new.rows, new.out, new.consumer_bias, x),
+                               _outputs(block, block.weight, block.out, block.consumer_bias, x))
+
+
+def test_duplicate_units_collapse_exactly():
+    base = random_block(4, 5, 3, seed=4)
+    weight = torch.cat([base.weight, base.weight[[1, 3]]])  # units 4, 5 duplicate 1, 3
+    g = torch.Generator().manual_seed(9)
+    block = Block("fc", weight, torch.randn(6, 3, 1, generator=g, dtype=F64),
+                  base.consumer_bias, 1.0, "linear", (5,))
+    assignment = torch.tensor([0, 1, 2, 3, 1, 3])
+    merge = merge_by_shares(block, assignment, torch.ones(6, dtype=F64), base.weight.clone())
+    new, note = reconstruct_merge(block, merge)  # default ridge: pulled toward the exact merge
+    assert note is None
+    x = ball_points(80, 5, 2.0)[:, None, :]
+    torch.testing.assert_close(_outputs(block, new.rows, new.out, new.consumer_bias, x),
+                               _outputs(block, block.weight, block.out, block.consumer_bias, x),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_projection_is_the_least_squares_refit_under_the_model():
+    """Without BN the model is x ~ N(0, I): the empirical refit on its samples converges to P."""
+    block = random_block(10, 6, 4, seed=6)
+    merge = _merged(block, 4)
+    p, mean, new_mean = least_squares_projection(block, merge, Reconstruction(ridge=0.0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400_000, 6, generator=g, dtype=F64)
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], dim=1)
+    a = torch.relu(xb @ block.weight.T)
+    a_new = torch.relu(xb @ merge.rows.T)
+    torch.testing.assert_close(a.mean(0), mean, atol=0.01, rtol=0.01)
+    torch.testing.assert_close(a_new.mean(0), new_mean, atol=0.01, rtol=0.01)
+    ac, nc = a - a.mean(0), a_new - a_new.mean(0)
+    p_emp = torch.linalg.solve(nc.T @ nc, nc.T @ ac)  # (k, n)
+    torch.testing.assert_close(p, p_emp, atol=0.03, rtol=0.03)
+
+
+def test_reconstruction_lowers_the_expected_error_under_the_model():
+    block = random_block(24, 8, 5, seed=8)
+    merge = _merged(block, 6)
+    new, _ = reconstruct_merge(block, merge)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(100_000, 1, 8, generator=g, dtype=F64)
+    y = _outputs(block, block.weight, block.out, block.consumer_bias, x)
+    share = _outputs(block, merge.rows, merge.out, block.consumer_bias, x)
+    ls = _outputs(block, new.rows, new.out, new.consumer_bias, x)
+    assert ((ls - y) ** 2).mean() < 0.8 * ((share - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("reads", [1, 3])
+@pytest.mark.parametrize("method", ["tropnnc", "model-folding", "l1"])
+def test_certificate_of_a_reconstructed_merge_is_never_exceeded(reads, method):
+    block = random_block(16, 5, 4, seed=3, reads=reads, radius=2.5)
+    merge = _merged(block, 5, method)
+    new, note = reconstruct_merge(block, merge, Reconstruction(shrink=0.3))
+    assert note is None and new.shares is None
+    bound = certificate(block, new)
+    assert torch.isfinite(bound).all()
+    q = 4000
+    x = ball_points(q * reads, 5, 2.5, seed=5)[torch.randperm(q * reads)].view(q, reads, 5)
+    err = (_outputs(block, new.rows, new.out, new.consumer_bias, x)
+           - _outputs(block, block.weight, block.out, block.consumer_bias, x)).abs()
+    assert (err <= bound + 1e-9).all()
+    assert float(err.max()) > 0.05 * float(bound.max())  # the bound is not vacuous
+
+
+def test_projection_bound_handles_negative_coefficients():
+    """w_2 = -w_1 spread onto u = w_1 with P = -1: the error is |u.x|, not 0."""
+    u = torch.tensor([[1.0, 2.0, 0.0]], dtype=F64)
+    weight = torch.cat([u, -u])
+    p = torch.tensor([[1.0, -1.0]], dtype=F64)
+    err = projection_errors(weight, torch.tensor([0, 0]), p, u)
+    torch.testing.assert_close(err, torch.tensor([0.0, 2.0 * float(u.norm())], dtype=F64))
+    x = torch.tensor([[0.0, -1.0]], dtype=F64)  # relu(-u.x) + relu(u.x) = 2 at x = (0, -1)
+    xb = torch.cat([x, torch.ones(1, 1, dtype=F64)], dim=1)
+    true = torch.relu(xb @ weight.T)  # (1, 2)
+    approx = p.T @ torch.relu(xb @ u.T).T  # (2, 1)
+    assert float((true.T - approx).abs()[1]) > 0  # the naive ||w - p u|| = 0 would be wrong
+    assert float((true.T - approx).abs()[1]) <= float(err[1]) * float(xb.norm())
+
+
+def test_degenerate_model_falls_back_with_a_reason():
+    block = random_block(5, 3, 2)
+    weight = block.weight.clone()
+    weight[:, :-1] = 0.0  # constant units: no variance anywhere
+    block = Block("fc", weight, block.out, block.consumer_bias, 1.0, "linear", (3,))
+    merge = merge_by_shares(block, torch.tensor([0, 0, 1, 1, 1]), torch.ones(5, dtype=F64),
+                            weight[[0, 2]].clone())
+    new, note = reconstruct_merge(block, merge)
+    assert new is merge and "no variance" in note
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ridge": -1.0}, "ridge must be"), ({"shrink": 1.5}, "shrink must be in"),
+    ({"samples": -3}, "samples must be"), ({"sigma": float("inf")}, "sigma must be")])
+def test_bad_reconstruction_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Reconstruction(**kwargs)
+
+
+def _bn_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 8),
+                          nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_compress_with_reconstruction_reports_and_certifies():
+    model = _bn_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = tropnnc.compress(model, 0.5, "model-folding", reconstruct="ls")
+    assert all(b.reconstructed and b.reconstruct_note is None for b in result.blocks)
+    assert all(b.certificate > 0 and b.certificate == b.certificate for b in result.blocks)
+    assert result.to_dict()["reconstruction"] == {"ridge": 1e-6, "shrink": 0.0, "sigma": 1.0,
+                                                  "samples": 0}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(5, 6)
+    assert result.model(x).shape == (5, 3)
+
+
+def test_compress_reconstruction_argument_errors():
+    model = _bn_mlp()
+    with pytest.raises(ValueError, match="either repair or reconstruct"):
+        tropnnc.compress(model, 0.5, reconstruct="ls", repair="bn")
+    with pytest.raises(ValueError, match="reconstruct must be None, 'auto', 'ls'"):
+        tropnnc.compress(model, 0.5, reconstruct="lsq")
+
+
+def test_keep_one_with_reconstruction_is_the_identity():
+    model = _bn_mlp(1)
+    result = tropnnc.compress(model, 1.0)  # the default pipeline reconstructs
+    assert all(b.reconstructed for b in result.blocks)
+    x = torch.randn(20, 6)
+    torch.testing.assert_close(result.model(x), model(x), atol=1e-5, rtol=1e-5)
