@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -194,3 +195,102 @@ def test_conv_network_compresses_and_keep_one_identity():
     half = tropnnc.compress(model, 0.5)
     assert len(half.blocks) == 9  # 7 conv -> conv, the last conv -> FC, the FC hidden
     assert half.model(x).shape == (4, 10)
+
+
+# ------------------------------------------------------------------------------------------
+# behaviour a user does not expect (issue 15)
+# ------------------------------------------------------------------------------------------
+
+
+def test_bare_int_keep_of_one_is_refused_and_int_widths_are_logged(caplog):
+    with pytest.raises(ValueError, match=r"keep=1 \(an int\) would shrink every layer to ONE "
+                                         r"unit: pass keep=1.0 to keep every unit, or a mapping"):
+        tropnnc.compress(lenet(), 1)
+    assert tropnnc.compress(lenet(), {"1": 1}).model[1].out_features == 1  # asked by name
+    with caplog.at_level("INFO", logger="tropnnc"):
+        tropnnc.compress(lenet(), 40, "l1")
+    assert "keep=40 is a width: 1 300 -> 40, 3 100 -> 40" in caplog.text
+
+
+def bn_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_train_mode_model_warns(caplog):
+    model = bn_mlp()
+    with caplog.at_level("WARNING", logger="tropnnc"):
+        tropnnc.compress(model.eval(), 1.0)
+    assert "train mode" not in caplog.text
+    with caplog.at_level("WARNING", logger="tropnnc"):
+        tropnnc.compress(model.train(), 1.0)
+    assert "Sequential is in train mode, but its BatchNorms are folded with their running " \
+           "statistics" in caplog.text
+
+
+def test_replaced_layers_keep_requires_grad():
+    model = bn_mlp().eval()
+    model[0].weight.requires_grad_(False)  # frozen producer weight, trainable bias
+    model[3].requires_grad_(False)  # frozen consumer
+    new = tropnnc.compress(model, 0.5).model
+    assert (new[0].weight.requires_grad, new[0].bias.requires_grad) == (False, True)
+    assert (new[3].weight.requires_grad, new[3].bias.requires_grad) == (False, False)
+    assert all(p.requires_grad for p in tropnnc.compress(bn_mlp().eval(), 0.5)
+               .model.parameters())
+
+
+def test_strict_avg_pool_before_the_relu_says_why():
+    """DenseNet's transitions put an AvgPool2d between a conv and the next ReLU: refused in
+    strict mode, with a reason that does not contradict itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(2), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError) as err:
+        tropnnc.compress(model, 0.5, strict=True, example_inputs=torch.zeros(1, 1, 10, 10))
+    message = str(err.value)
+    assert "cannot compress 0: 1 (AvgPool2d) directly after 0 comes before the ReLU, where " \
+           "only max pools and dropout are allowed" in message
+    assert "allowed: ReLU, max/avg" not in message
+
+
+@pytest.mark.parametrize("calibration,match", [
+    (torch.full((8, 1, 28, 28), math.nan), "calibration batch 0 contains NaN or inf"),
+    ([torch.rand(4, 1, 28, 28), torch.full((4, 1, 28, 28), math.inf)],
+     "calibration batch 1 contains NaN or inf"),
+    (torch.zeros(0, 1, 28, 28), r"calibration holds no inputs \(0 samples\)"),
+])
+def test_bad_calibration_is_refused_before_any_work(calibration, match):
+    with pytest.raises(ValueError, match=match):
+        tropnnc.compress(lenet(), 0.5, "thinet", calibration=calibration)
+
+
+def test_seed_and_radius_ranges():
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        tropnnc.compress(lenet(), 0.5, seed=1 << 63)
+    with pytest.raises(ValueError, match="radius 1e\\+200 is too large"):
+        tropnnc.compress(lenet(), 0.5, radius=1e200)
+    assert tropnnc.compress(lenet(), 0.5, "l1", radius=1e100).blocks
+
+
+def test_no_compressible_block_message_is_a_summary():
+    """Dozens of skipped layers give one short line: counts per reason, the first three."""
+    layers = [m for _ in range(30) for m in (nn.Linear(4, 4), nn.GELU())] + [nn.Linear(4, 2)]
+    with pytest.raises(ValueError) as err:
+        tropnnc.compress(nn.Sequential(*layers), 0.5)
+    message = str(err.value)
+    assert message.startswith("compress: Sequential has no compressible block (producer -> "
+                              "ReLU -> consumer); skipped: 30 non-ReLU activation, 1 output "
+                              "layer; first: 0: 1 (GELU) after 0 is not a ReLU")
+    assert message.endswith("(and 28 more); verbose logging (-v) lists every layer")
+    assert len(message) < 500 and "\n" not in message
+
+
+def test_linear_bottleneck_reason():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    reasons = {s.layer: s.reason for s in tropnnc.graph.discover(model)[1]}
+    assert reasons["0"] == "0 feeds 1 (Linear) with no activation in between (a linear " \
+                           "bottleneck): there is no ReLU to compress across"

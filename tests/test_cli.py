@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,11 @@ NETS = textwrap.dedent('''
                               nn.Linear(8, 2))
         model.input_shape = (6,)
         return model
+
+
+    def plain_cnn():  # says nothing about its input shape
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
 ''')
 
 
@@ -253,6 +259,36 @@ def _bad_files(tmp: Path, lenet_files: dict[str, Path]) -> None:
     manifest = json.loads((tmp / "v99" / "manifest.json").read_text())
     manifest["format_version"] = 99
     (tmp / "v99" / "manifest.json").write_text(json.dumps(manifest))
+    # a model directory A holding another model directory, a weights file and a config
+    io.save(zoo.build("lenet-300-100"), tmp / "A")
+    io.save(zoo.build("lenet-300-100"), tmp / "A" / "inner")
+    shutil.copy(lenet_files["st"], tmp / "A" / "w.safetensors")
+    (tmp / "A" / "c.json").write_text("{}")
+    good = json.loads((tmp / "A" / "manifest.json").read_text())
+    variants = {
+        "escape": lambda m: m["weights"].update(file="../w.safetensors"),
+        "nosha": lambda m: m["weights"].pop("sha256"),
+        "nofile": lambda m: m["weights"].pop("file"),
+        "layerlist": lambda m: m.update(layers=[1]),
+        "width": lambda m: m["layers"]["1"].update(out_features=-5),
+    }
+    for name, change in variants.items():
+        shutil.copytree(tmp / "A", tmp / name, ignore=shutil.ignore_patterns("inner", "c.json"))
+        data = json.loads(json.dumps(good))
+        change(data)
+        (tmp / name / "manifest.json").write_text(json.dumps(data))
+    (tmp / "deep").mkdir()
+    (tmp / "deep" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp / "deep.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    state = zoo.build("lenet-300-100").state_dict()
+    for dtype in ("int32", "uint8", "bool", "complex64"):
+        save_file({k: v.to(getattr(torch, dtype)) for k, v in state.items()},
+                  str(tmp / f"{dtype}.safetensors"))
+    save_file({**state, "3.weight": state["3.weight"].double()}, str(tmp / "mixed.safetensors"))
+    out = str(tmp / "o")
+    (tmp / "trust.json").write_text(json.dumps({"trust_pickle": True, "out": out}))
+    (tmp / "factory.json").write_text(json.dumps({"model": "os:getcwd", "out": out}))
+    (tmp / "keepopt.json").write_text(json.dumps({"options": {"keep": 0.1}, "out": out}))
 
 
 LENET = ["lenet-300-100", "--weights", "{st}"]
@@ -304,8 +340,9 @@ BAD_INPUTS = [
      "compress: 1.weight of MLP contains NaN or inf values"),
     ("no compressible block", ["compress", "mlp", "--zoo-config", '{{"sizes": [4, 2]}}',
                                "--weights", "{tmp}/tiny.safetensors"], 1,
-     "compress: MLP has no compressible block (producer -> ReLU -> consumer): 1: 1 is an "
-     "output layer"),
+     "compress: MLP has no compressible block (producer -> ReLU -> consumer); skipped: 1 "
+     "output layer; first: 1: 1 is an output layer (never compressed); verbose logging (-v) "
+     "lists every layer"),
     ("bad zoo config JSON", ["compress", "mlp", "--zoo-config", "{{sizes"], 2,
      "argument --zoo-config: not a JSON object"),
     ("calibration without dataset", ["compress", *LENET, "--calibration", "10"], 2,
@@ -318,6 +355,86 @@ BAD_INPUTS = [
      "zonotope-kmeans handles single-output blocks only"),
     ("unknown dataset", ["compress", *LENET, "--calibration", "5", "--dataset", "imagenet3"], 1,
      "unknown dataset 'imagenet3'"),
+    # files: an output may not be, contain or lie inside an input
+    ("export over its own weights", ["export", *LENET, "-o", "{st}", "--format", "pt2",
+                                     "--overwrite"], 1,
+     "output {st} is the input weights {st}: writing it would destroy or change that input"),
+    ("export into the model directory", ["export", "{tmp}/A", "-o",
+                                         "{tmp}/A/model.safetensors", "--format", "pt2",
+                                         "--overwrite"], 1,
+     "output {tmp}/A/model.safetensors lies inside the input model {tmp}/A"),
+    ("output contains the input model", ["compress", "{tmp}/A/inner", "-o", "{tmp}/A",
+                                         "--overwrite"], 1,
+     "output {tmp}/A contains the input model {tmp}/A/inner"),
+    ("output contains the weights", ["compress", "lenet-300-100", "--weights",
+                                     "{tmp}/A/w.safetensors", "-o", "{tmp}/A", "--overwrite"], 1,
+     "output {tmp}/A contains the input weights {tmp}/A/w.safetensors"),
+    ("output contains the config", ["compress", *LENET, "--config", "{tmp}/A/c.json", "-o",
+                                    "{tmp}/A", "--overwrite"], 1,
+     "output {tmp}/A contains the input config file {tmp}/A/c.json"),
+    ("output inside the input model", ["compress", "{tmp}/A", "-o", "{tmp}/A/small"], 1,
+     "output {tmp}/A/small lies inside the input model {tmp}/A"),
+    ("manifest weights outside its directory", ["compress", "{tmp}/escape"], 1,
+     "weights.file '../w.safetensors' points outside the model directory"),
+    ("manifest without sha256", ["compress", "{tmp}/nosha"], 1,
+     "corrupt manifest ('weights' has no 'sha256' string"),
+    ("manifest without weights.file", ["compress", "{tmp}/nofile"], 1,
+     "corrupt manifest ('weights' has no 'file' string"),
+    ("manifest layers not an object", ["compress", "{tmp}/layerlist"], 1,
+     "corrupt manifest ('layers' must be a JSON object, found list)"),
+    ("manifest width of -5", ["compress", "{tmp}/width"], 1,
+     "manifest.json: bad record for layer '1' (sizes must be positive integers, got "
+     "{{'out_features': -5}})"),
+    ("manifest nested 100k deep", ["compress", "{tmp}/deep"], 1,
+     "corrupt manifest (JSON nested too deeply)"),
+    ("config sets trust_pickle", ["compress", "{whole}", "--config", "{tmp}/trust.json"], 2,
+     "trust_pickle can only be given on the command line (--trust-pickle)"),
+    ("config names a factory", ["compress", "--config", "{tmp}/factory.json"], 2,
+     "model 'os:getcwd' is a package.module:factory path, which imports and runs code"),
+    # clear errors instead of internals
+    ("radius too large", ["compress", *LENET, "--radius", "1e308"], 1,
+     "compress: radius 1e+308 is too large (its square overflows float64)"),
+    ("seed too large", ["compress", *LENET, "--seed", "9223372036854775808"], 2,
+     "argument --seed: expected a seed from 0 to 4294967295"),
+    ("option number too large", ["compress", *LENET, "--option",
+                                 "restarts=99999999999999999999"], 2,
+     "--option restarts=99999999999999999999: the number is too large"),
+    ("device meta", ["compress", *LENET, "--device", "meta"], 2,
+     "argument --device: 'meta' tensors hold no values"),
+    ("int32 weights", ["compress", "lenet-300-100", "--weights", "{tmp}/int32.safetensors"], 1,
+     "int32.safetensors: 1.weight is torch.int32, 1.bias is torch.int32"),
+    ("uint8 weights", ["compress", "lenet-300-100", "--weights", "{tmp}/uint8.safetensors"], 1,
+     "needs floating-point weights: convert the file"),
+    ("bool weights", ["compress", "lenet-300-100", "--weights", "{tmp}/bool.safetensors"], 1,
+     "bool.safetensors: 1.weight is torch.bool"),
+    ("complex weights", ["compress", "lenet-300-100", "--weights",
+                         "{tmp}/complex64.safetensors"], 1,
+     "complex64.safetensors: 1.weight is torch.complex64"),
+    ("mixed-dtype weights", ["compress", "lenet-300-100", "--weights",
+                             "{tmp}/mixed.safetensors"], 1,
+     "the parameters of MLP have several dtypes: torch.float32 (e.g. 1.weight), torch.float64 "
+     "(e.g. 3.weight)"),
+    ("zoo config nested 100k deep", ["compress", "mlp", "--zoo-config",
+                                     '{{"a": ' * 100_000 + "1" + "}}" * 100_000], 2,
+     "argument --zoo-config: JSON nested too deeply"),
+    ("config nested 100k deep", ["compress", *LENET, "--config", "{tmp}/deep.json"], 2,
+     "config file {tmp}/deep.json is nested too deeply"),
+    ("keep as an option", ["compress", *LENET, "--option", "keep=0.1"], 2,
+     "keep is not a method option: use --keep 0.1"),
+    ("budget as an option", ["compress", *LENET, "--option", "budget=0.3"], 2,
+     "budget is not a method option: use --budget 0.3"),
+    ("keep as a config option", ["compress", *LENET, "--config", "{tmp}/keepopt.json"], 2,
+     "keep is not a method option: set it at the top level"),
+    ("reference without --reference-weights", ["evaluate", "{tmp}/A", "--reference",
+                                                "lenet-300-100"], 2,
+     "--reference lenet-300-100 gives only the architecture: pass its weights with "
+     "--reference-weights FILE"),
+    ("reference dir with --reference-weights", ["evaluate", "{tmp}/A", "--reference", "{tmp}/A",
+                                                "--reference-weights", "{st}"], 2,
+     "--reference {tmp}/A holds its own weights: drop --reference-weights"),
+    # behaviour a user does not expect
+    ("bare int keep=1", ["compress", *LENET, "--keep", "1"], 1,
+     "keep=1 (an int) would shrink every layer to ONE unit: pass keep=1.0"),
 ]
 
 
@@ -326,7 +443,7 @@ def test_bad_inputs(tmp_path, capsys, lenet_files, name, argv, code, message):
     _bad_files(tmp_path, lenet_files)
     fmt = {"tmp": tmp_path, "st": lenet_files["st"], "whole": lenet_files["whole"]}
     argv = [a.format(**fmt) for a in argv]
-    if "-o" not in argv and "--config" not in argv:
+    if argv[0] == "compress" and "-o" not in argv and "--config" not in argv:
         argv += ["-o", str(tmp_path / "out")]
     before = tree(tmp_path)
     got, stdout, err = run(capsys, *argv)
@@ -336,6 +453,80 @@ def test_bad_inputs(tmp_path, capsys, lenet_files, name, argv, code, message):
         assert err.startswith("tropnnc: error: ") and err.count("\n") == 1  # one line
         assert "Traceback" not in err
     assert tree(tmp_path) == before  # no output, no temp dirs, inputs untouched
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, lenet_files, monkeypatch):
+    """SIGTERM while the output is being written: exit 143, nothing left behind."""
+    def not_handled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    def terminated_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        monkeypatch.setattr(io, "save_file", terminated_while_writing)
+        before = tree(tmp_path)
+        code, _, err = run(capsys, "compress", "lenet-300-100", "--weights", lenet_files["st"],
+                           "-o", tmp_path / "out")
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (code, err) == (143, "tropnnc: error: terminated\n")
+    assert tree(tmp_path) == before
+
+
+def test_stale_staging_left_by_a_killed_run_is_cleaned(tmp_path, capsys, lenet_files):
+    """A run killed while writing leaves .out.tropnnc-PID.*.tmp; the next run removes it
+    (only when that process is gone), and restores a previous output it had set aside."""
+    dead = 4_194_305  # above Linux's largest pid: never a running process
+    stale = tmp_path / f".out.tropnnc-{dead}.k1ll3d.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.tropnnc-{os.getppid()}.busy.tmp"  # a run still going
+    live.mkdir()
+    args = ["compress", "lenet-300-100", "--weights", lenet_files["st"], "-o", tmp_path / "out"]
+    code, _, err = run(capsys, *args, "--keep", "0.5")
+    assert code == 0, err
+    assert not stale.exists() and live.is_dir()
+    # killed between setting the previous output aside and moving the new one in
+    backup = tmp_path / f".out.tropnnc-{dead}.s3t4s1de.old"
+    backup.mkdir()
+    (tmp_path / "out").rename(backup / "previous")
+    other = tmp_path / f".other.tropnnc-{dead}.s3t4s1de.old"  # another target's: kept
+    other.mkdir()
+    code, _, err = run(capsys, *args, "--keep", "0.2")
+    assert code == 1 and f"output {tmp_path / 'out'} already exists" in err  # restored first
+    assert io.load(tmp_path / "out")[1].out_features == 150 and not backup.exists()
+    assert other.is_dir()
+    export = tmp_path / f".m.pt2.tropnnc-{dead}.x.tmp.pt2"
+    export.write_bytes(b"half")
+    code, _, err = run(capsys, "export", *args[1:4], "-o", tmp_path / "m.pt2")
+    assert code == 0, err
+    assert not export.exists()
+
+
+def test_compress_input_shape_for_macs(tmp_path, capsys, nets, lenet_files):
+    torch.manual_seed(0)
+    model = io.load_model(f"{FACTORY_MODULE}:plain_cnn", random_init=True)
+    save_file(model.state_dict(), str(tmp_path / "cnn.safetensors"))
+    spec = [f"{FACTORY_MODULE}:plain_cnn", "--weights", tmp_path / "cnn.safetensors"]
+    code, _, err = run(capsys, "compress", *spec, "-o", tmp_path / "a", "--budget", "0.5",
+                       "--budget-unit", "macs")
+    assert code == 2 and "--budget-unit macs needs the input shape of " \
+        f"{FACTORY_MODULE}:plain_cnn, which the model does not say: give --input-shape" in err
+    code, stdout, err = run(capsys, "compress", *spec, "-o", tmp_path / "b", "--budget", "0.5",
+                            "--budget-unit", "macs", "--input-shape", "1,10,10", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    # conv1 8*1*9*64 + conv2 8*8*9*36 + fc 8*2 per sample
+    assert data["macs_before"] == 4608 + 20736 + 16
+    assert data["macs_after"] <= 0.5 * data["macs_before"] + 16
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["input_shape"] == [1, 10, 10]
+    code, stdout, _ = run(capsys, "compress", "lenet-300-100", "--weights", lenet_files["st"],
+                          "-o", tmp_path / "c", "--json")  # the zoo network says its shape
+    assert code == 0 and json.loads(stdout)["macs_before"] == 266200
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys):

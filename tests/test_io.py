@@ -395,3 +395,71 @@ def test_staged_file_replaces_atomically(tmp_path):
         raise RuntimeError("disk on fire")
     assert target.read_bytes() == b"one"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_overwrite_swaps_in_one_atomic_step(tmp_path, monkeypatch):
+    """The previous output stays at the target until the new one replaces it: no rename
+    ever moves it away first (it is exchanged with the staged directory)."""
+    out = io.save(tropnnc.compress(lenet(), 0.5), tmp_path / "out")
+    rename = os.rename
+
+    def no_moving_the_target_away(src, dst):
+        if Path(src) == out:
+            raise AssertionError("the previous output was moved away before the swap")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", no_moving_the_target_away)
+    io.save(tropnnc.compress(lenet(), 0.2), out, overwrite=True)
+    assert io.load(out)[1].out_features == 60
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+import torch
+import tropnnc
+from tropnnc import io, zoo
+
+io._exchange = lambda a, b: False  # a file system without an atomic exchange
+rename = os.rename
+
+def killed(src, dst):
+    if os.path.basename(dst) == "out":
+        os._exit(9)  # SIGKILL-like: no cleanup code runs
+    rename(src, dst)
+
+os.rename = killed
+torch.manual_seed(0)
+io.save(tropnnc.compress(zoo.build("lenet-300-100"), 0.2), sys.argv[1], overwrite=True)
+"""
+
+
+def test_killed_overwrite_without_atomic_exchange_is_recovered(tmp_path):
+    out = io.save(tropnnc.compress(lenet(), 0.5), tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 9, done.stderr
+    assert not out.exists()  # the window the exchange closes
+    left = sorted(p.name.rsplit(".", 2)[-1] for p in tmp_path.iterdir())
+    assert left == ["old", "tmp"]  # the previous output, set aside, and the new one
+    io.clean_stale(out)  # what the next run does first
+    assert io.load(out)[1].out_features == 150
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failed_overwrite_leaves_no_empty_backup(tmp_path, monkeypatch):
+    out = io.save(tropnnc.compress(lenet(), 0.5), tmp_path / "out")
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False, raising=False)
+    rename = os.rename
+
+    def refused(src, dst):
+        if Path(src) == out:
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises(ModelFileError, match="cannot write .*out: Permission denied"):
+        io.save(tropnnc.compress(lenet(), 0.2), out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert io.load(out)[1].out_features == 150

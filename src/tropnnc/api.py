@@ -172,17 +172,23 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
         raise ValueError(f"method {method!r} is data-driven: pass calibration=<unlabeled "
                          "inputs> (a tensor or an iterable of batches)")
     _check_finite(model)
+    _check_dtypes(model)
+    if not 0 <= int(seed) < 1 << 32:
+        raise ValueError(f"compress: seed must be an integer in [0, 2**32), got {seed}")
     specs, skipped = discover(model)
     if strict and any(s.refused for s in skipped):
         bad = next(s for s in skipped if s.refused)
         raise ValueError(f"compress(strict=True): cannot compress {bad.layer}: {bad.reason}")
+    if model.training and any(s.bn for s in specs):
+        log.warning("compress: %s is in train mode, but its BatchNorms are folded with their "
+                    "running statistics (eval-mode behaviour); call model.eval() first to "
+                    "compare like with like", type(model).__name__)
     for s in skipped:  # an output layer or a residual branch is normal; a refusal is not
         log.log(logging.WARNING if s.refused else logging.INFO, "skipping %s: %s",
                 s.layer, s.reason)
     if not specs:
-        reasons = "; ".join(f"{s.layer}: {s.reason}" for s in skipped) or "no Linear/Conv2d"
         raise ValueError(f"compress: {type(model).__name__} has no compressible block "
-                         f"(producer -> ReLU -> consumer): {reasons}")
+                         f"(producer -> ReLU -> consumer); {_skip_summary(skipped)}")
     allocation = None
     if budget is not None:
         if keep is not None:
@@ -202,6 +208,9 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
         _check_single_output(model, specs, widths, method)
     if radius <= 0 or not math.isfinite(radius):
         raise ValueError(f"compress: radius must be a positive number, got {radius}")
+    if not math.isfinite(radius * radius):  # the certificates use sqrt(radius^2 + 1)
+        raise ValueError(f"compress: radius {radius:g} is too large (its square overflows "
+                         "float64): use a radius below 1e150")
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     work = _working_copy(model, specs, widths)
@@ -328,7 +337,14 @@ def _widths(model: nn.Module, specs: list[BlockSpec], keep: KeySpec) -> dict[str
             raise ValueError(f"keep names layers that are not compressible blocks: "
                              f"{', '.join(unknown)}; compressible: {', '.join(sizes)}")
         return {name: _width(name, sizes[name], k) for name, k in keep.items()}
-    return {name: _width(name, n, keep) for name, n in sizes.items()}
+    if keep == 1 and isinstance(keep, int) and not isinstance(keep, bool):
+        raise ValueError("keep=1 (an int) would shrink every layer to ONE unit: pass keep=1.0 "
+                         "to keep every unit, or a mapping {layer: 1} for chosen layers")
+    widths = {name: _width(name, n, keep) for name, n in sizes.items()}
+    if isinstance(keep, int):
+        log.info("keep=%d is a width: %s", keep,
+                 ", ".join(f"{name} {sizes[name]} -> {k}" for name, k in widths.items()))
+    return widths
 
 
 def _width(layer: str, n: int, keep: Keep) -> int:
@@ -363,6 +379,46 @@ def _check_single_output(model: nn.Module, specs: list[BlockSpec], widths: dict[
                              f"{spec.producer} -> {spec.consumer} has "
                              f"{consumer.weight.shape[0]} outputs: use 'tropnnc' or "
                              "'neural-path-kmeans'")
+
+
+#: short names for the reasons a layer is not compressed (first match in the reason text)
+SKIP_KINDS = (("output", "output layer"), ("residual", "residual connection"),
+              ("concatenation", "concatenation"), ("grouped or depthwise", "grouped conv"),
+              ("not a ReLU", "non-ReLU activation"), ("times", "shared module"),
+              ("multiplies", "attention/gating"), ("reshape", "reshape"),
+              ("linear bottleneck", "no activation"), ("before the ReLU", "op before the ReLU"))
+
+
+def _skip_summary(skipped: list[Skip], first: int = 3) -> str:
+    """Why no layer was compressed, in one short line: counts per kind of reason and the
+    first few layers (a model with hundreds of layers would otherwise give pages)."""
+    if not skipped:
+        return "no Linear/Conv2d layer"
+    counts: dict[str, int] = {}
+    for s in skipped:
+        kind = next((name for key, name in SKIP_KINDS if key in s.reason), "other op")
+        counts[kind] = counts.get(kind, 0) + 1
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda c: -c[1]))
+    shown = "; ".join(f"{s.layer}: {s.reason}" for s in skipped[:first])
+    more = f" (and {len(skipped) - first} more)" if len(skipped) > first else ""
+    return (f"skipped: {kinds}; first: {shown}{more}; verbose logging (-v) lists every "
+            "layer")
+
+
+def _check_dtypes(model: nn.Module) -> None:
+    """One floating dtype for all parameters (a mixed model fails deep inside the merge)."""
+    found: dict[torch.dtype, str] = {}
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            raise ValueError(f"compress: {name} of {type(model).__name__} is {p.dtype}; "
+                             "parameters must be floating point: convert the model or its "
+                             "weights file (e.g. to float32)")
+        found.setdefault(p.dtype, name)
+    if len(found) > 1:
+        kinds = ", ".join(f"{dtype} (e.g. {name})" for dtype, name in found.items())
+        raise ValueError(f"compress: the parameters of {type(model).__name__} have several "
+                         f"dtypes: {kinds}; convert the model or its weights file to one "
+                         "dtype first (e.g. model.float())")
 
 
 def _check_finite(model: nn.Module) -> None:

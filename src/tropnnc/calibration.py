@@ -23,11 +23,19 @@ from .surgery import get_module
 def as_batches(calibration: Tensor | Iterable[Tensor]) -> list[Tensor]:
     """Calibration inputs as a list of batches (a tensor is one batch; (x, y) pairs give x)."""
     if isinstance(calibration, Tensor):
-        return [calibration]
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+        batches = [calibration]
+    else:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
     if not batches or not all(isinstance(b, Tensor) for b in batches):
         raise TypeError("calibration must be a tensor or an iterable of tensors "
                         "(or of (input, label) pairs)")
+    if sum(b.shape[0] if b.dim() else 0 for b in batches) == 0:
+        raise ValueError("calibration holds no inputs (0 samples): pass at least one input, "
+                         "batched along the first dimension")
+    for i, b in enumerate(batches):
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+            raise ValueError(f"calibration batch {i} contains NaN or inf values: remove or "
+                             "replace them first")
     return batches
 
 

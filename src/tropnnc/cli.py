@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io
+from . import io, zoo
 from .counting import layer_macs
 from .io import ModelFileError
 
@@ -50,6 +52,22 @@ class CLIError(Exception):
 
 class UsageError(Exception):
     """A usage problem found after parsing (exit status 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: staged outputs are removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+#: compress settings that have their own flag: refused as --option KEY=VALUE
+FLAG_OPTIONS = ("keep", "budget", "budget_unit", "allocator", "min_width", "round_to",
+                "repair", "reconstruct", "seed", "strict", "radius", "calibration", "method")
+
+#: settings that let a file run code: only the command line (or the API call) may give them
+TRUST_SETTINGS = ("trust_pickle", "trust_code")
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +123,16 @@ def parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--option expects key=value, got {text!r}")
-    return key.strip().replace("-", "_"), parse_value(value)
+    key = key.strip().replace("-", "_")
+    if key in FLAG_OPTIONS:
+        raise argparse.ArgumentTypeError(f"{key} is not a method option: use "
+                                         f"--{key.replace('_', '-')} {value.strip()}")
+    parsed = parse_value(value)
+    if isinstance(parsed, int) and not isinstance(parsed, bool) and \
+            not -(1 << 63) <= parsed < 1 << 63:
+        raise argparse.ArgumentTypeError(f"--option {key}={value.strip()}: the number is too "
+                                         "large (at most 9223372036854775807)")
+    return key, parsed
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -116,7 +143,9 @@ def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(source)
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r} ({exc})") from None
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text[:80]!r} ({exc})") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"JSON nested too deeply: {text[:80]!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
@@ -152,11 +181,29 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {(1 << 32) - 1}, "
+                                         f"got {text!r}")
+    return value
+
+
 def _device(text: str) -> torch.device:
     try:
-        return torch.device(text)
+        device = torch.device(text)
     except RuntimeError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("'meta' tensors hold no values, so nothing can be "
+                                         "compressed or evaluated on them: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no "
+                                         "CUDA device: use cpu")
+    return device
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="compression method (default: the default pipeline, "
                                     "tropnnc with the least-squares reconstruction; "
                                     "'--method tropnnc' alone is the paper's algorithm)")
-    p.add_argument("--seed", type=int, help="seed for every random choice (default: 0)")
+    p.add_argument("--seed", type=_seed, help="seed for every random choice (default: 0)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="fail on a block with an op the method cannot reason about")
     p.add_argument("--radius", type=_positive_float,
@@ -220,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output directory")
     p.add_argument("--device", type=_device, help="run on this device (e.g. cuda)")
+    p.add_argument("--input-shape", type=_shape,
+                   help="one input's shape, e.g. 3,224,224, for MAC counts and "
+                        "--budget-unit macs (default: from the model when it says)")
 
     p = command("info", _cmd_info, "per-layer widths, parameters, MACs and compressible blocks")
     _add_model_args(p)
@@ -241,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribution", choices=("uniform", "normal"), default="uniform",
                    help="random inputs: uniform in [0, 1) (default) or standard normal")
     p.add_argument("--input-shape", type=_shape, help="one input's shape, e.g. 1,28,28")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--device", type=_device, help="run on this device (e.g. cuda)")
 
@@ -258,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", _cmd_train, "train a zoo network and write it as a model directory")
     p.add_argument("network", help="zoo network name")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("-o", "--out", required=True, help="output model directory")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--zoo-config", type=_json_object,
@@ -323,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (2), --help and --version (0)
         return _exit_code(exc)
     restore = _configure_logging(args)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:  # found after parsing: reported like argparse's own errors
@@ -334,15 +386,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (e.g. `| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{PROG}: error: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         restore()
 
 
@@ -407,6 +463,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:  # JSON and TOML decode errors
         raise UsageError(f"config file {file} is not valid {file.suffix[1:] or 'JSON'}: "
                          f"{exc}") from None
+    except RecursionError:
+        raise UsageError(f"config file {file} is nested too deeply") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {file} must hold a table/object of settings")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -431,10 +489,22 @@ def compress_settings(args: argparse.Namespace) -> dict[str, Any]:
         config = read_config(args.config)
         if isinstance(config.get("compress"), dict):
             config = {str(k).replace("-", "_"): v for k, v in config["compress"].items()}
-        unknown = sorted(set(config) - set(COMPRESS_SETTINGS))
+        trusted = [k for k in TRUST_SETTINGS if k in config]
+        if trusted:
+            raise UsageError(f"config file {args.config}: {trusted[0]} can only be given on "
+                             f"the command line (--{trusted[0].replace('_', '-')}): a config "
+                             "file alone must not be able to run code")
+        valid = [k for k in COMPRESS_SETTINGS if k not in TRUST_SETTINGS]
+        unknown = sorted(set(config) - set(valid))
         if unknown:
             raise UsageError(f"config file {args.config}: unknown setting(s) "
-                             f"{', '.join(unknown)}; valid: {', '.join(COMPRESS_SETTINGS)}")
+                             f"{', '.join(unknown)}; valid: {', '.join(valid)}")
+        model = config.get("model")
+        if args.model_pos is None and args.model is None and isinstance(model, str) and \
+                io.names_code(model) and not args.trust_code:
+            raise UsageError(f"config file {args.config}: model {model!r} is a "
+                             "package.module:factory path, which imports and runs code: "
+                             "give it on the command line, or pass --trust-code")
     if args.model_pos is not None and args.model is not None:
         raise UsageError("give the model once: as MODEL or as --model")
     if args.model_pos is not None:
@@ -448,6 +518,10 @@ def compress_settings(args: argparse.Namespace) -> dict[str, Any]:
     options = config.get("options") or {}
     if not isinstance(options, dict):
         raise UsageError(f"config file {args.config}: options must be a table of key = value")
+    flags = [k for k in options if str(k).replace("-", "_") in FLAG_OPTIONS]
+    if flags:
+        raise UsageError(f"config file {args.config}: {flags[0]} is not a method option: set "
+                         f"it at the top level (or with --{flags[0].replace('_', '-')})")
     settings["options"] = {**options, **dict(args.option or [])}
     _check_config_types(settings, args.config)
     return settings
@@ -494,7 +568,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if s["dataset"] is not None and s["calibration"] is None:
         log.warning("--dataset is only used with --calibration N; ignoring it")
     out = Path(s["out"])
-    _check_not_input(out, s["model"], s["weights"])
+    io.check_not_input(out, {"model": s["model"], "weights": s["weights"],
+                             "config file": args.config, "data root": s["data_root"]})
+    io.clean_stale(out)
     io.check_output(out, overwrite=s["overwrite"])
 
     model = _load(s["model"], s["weights"], s["zoo_config"], s["trust_pickle"],
@@ -507,6 +583,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                 "reconstruct"):
         if s[key] is not None:
             kwargs[key] = None if s[key] == "none" else s[key]
+    if s["budget_unit"] == "macs" and args.input_shape is None and \
+            _example_inputs(model, None) is None:
+        raise UsageError(f"--budget-unit macs needs the input shape of {s['model']}, which the "
+                         "model does not say: give --input-shape (one sample, e.g. 3,224,224)")
+    if args.input_shape is not None:
+        kwargs["example_inputs"] = torch.zeros((1,) + args.input_shape)
+        if getattr(model, "input_shape", None) is None:  # recorded in the manifest too
+            model.input_shape = args.input_shape
     if s["calibration"] is not None:
         kwargs["calibration"] = _calibration_inputs(s["dataset"], s["calibration"], s["seed"],
                                                     s["data_root"])
@@ -536,14 +620,6 @@ def _data_driven(method: str) -> bool:
         return bool(method_class(method).data_driven)
     except ValueError:  # an unknown method: compress() reports it with the valid names
         return False
-
-
-def _check_not_input(out: Path, model: str, weights: str | None) -> None:
-    """The output may not replace the input model (it is never modified)."""
-    for given in (model, weights):
-        if given is not None and Path(given).exists() and out.exists() and \
-                os.path.samefile(given, out):
-            raise CLIError(f"output {out} is the input model; choose another --out")
 
 
 def _calibration_inputs(dataset: str, n: int, seed: int,
@@ -752,10 +828,25 @@ def read_inputs(path: str | os.PathLike[str]) -> torch.Tensor:
     raise CLIError(f"{file}: expected one tensor (or a mapping with an 'inputs' tensor)")
 
 
+def _check_reference_weights(reference: str, weights: str | None) -> None:
+    """The reference's own weights flag is --reference-weights (io's messages say --weights)."""
+    path = Path(reference)
+    if weights is None and not path.exists() and (reference in zoo.names() or
+                                                  io.names_code(reference)):
+        raise UsageError(f"--reference {reference} gives only the architecture: pass its "
+                         "weights with --reference-weights FILE (a .safetensors or .pt "
+                         "state_dict)")
+    if weights is not None and path.exists():
+        raise UsageError(f"--reference {reference} holds its own weights: drop "
+                         "--reference-weights")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.dataset is None and args.reference is None:
         raise UsageError("nothing to evaluate: give --dataset (accuracy) and/or --reference "
                          "(fidelity)")
+    if args.reference is not None:
+        _check_reference_weights(args.reference, args.reference_weights)
     model = _model_from_args(args)
     data: dict[str, Any] = {"model": args.model}
     lines = []
@@ -817,6 +908,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if missing:
             raise CLIError(f"export --format onnx needs the optional package(s) "
                            f"{', '.join(missing)}: pip install {' '.join(missing)}")
+    spec = args.model_pos if args.model_pos is not None else args.model
+    io.check_not_input(out, {"model": spec, "weights": args.weights})
+    io.clean_stale(out)
     io.check_output(out, overwrite=args.overwrite, directory=False)
     model = _model_from_args(args).eval()
     example = _example_inputs(model, args.input_shape)

@@ -481,5 +481,13 @@ def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
                               "BatchNorm directly after the producer)", refused=True)
         return Skip(name, f"{described} after the activation of {name} is not positively "
                           "homogeneous", refused=True)
+    if what == "activation" and isinstance(mod, PRODUCERS):
+        return Skip(name, f"{source} feeds {described} with no activation in between (a "
+                          "linear bottleneck): there is no ReLU to compress across",
+                    refused=True)
+    if what == "activation":  # before any ReLU only ops that commute with it may sit
+        return Skip(name, f"{described} directly after {source} comes before the ReLU, where "
+                          "only max pools and dropout are allowed (they commute with it; avg "
+                          "pools and flatten only after the ReLU)", refused=True)
     return Skip(name, f"{described} after {name} is not supported on a block's path (allowed: "
                       "ReLU, max/avg/adaptive pools, dropout, flatten)", refused=True)

@@ -109,6 +109,14 @@ def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] 
     return model.eval()
 
 
+def names_code(spec: str | os.PathLike[str]) -> bool:
+    """True when loading ``spec`` imports and calls code: a ``package.module:factory`` path
+    (not an existing file or a zoo name)."""
+    text = os.fspath(spec)
+    return (text not in zoo.names() and _FACTORY.match(text) is not None
+            and not Path(text).exists())
+
+
 def read_state_dict(path: str | os.PathLike[str], *,
                     trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file or a ``torch.save`` state_dict, on the CPU.
@@ -151,6 +159,11 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
         problems.append(f"shape mismatch: {_some(shapes)}")
     if problems:
         raise ModelFileError(f"{os.fspath(source)} does not match {what}: {'; '.join(problems)}")
+    not_float = [f"{k} is {state[k].dtype}" for k in expected
+                 if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        raise ModelFileError(f"{os.fspath(source)}: {_some(not_float)}; {what} needs "
+                             "floating-point weights: convert the file (e.g. to float32)")
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())
@@ -171,6 +184,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{file}: corrupt manifest ({exc})") from None
+    except RecursionError:
+        raise ModelFileError(f"{file}: corrupt manifest (JSON nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelFileError(f"{file}: not a tropnnc manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
@@ -178,9 +193,36 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFileError(f"{file}: unknown manifest format version {version!r} (this is "
                              f"tropnnc {_version()}, which reads version {FORMAT_VERSION})")
     for key in ("architecture", "layers", "weights"):
-        if key not in manifest:
-            raise ModelFileError(f"{file}: corrupt manifest (no {key!r} entry)")
+        if not isinstance(manifest.get(key), dict):
+            raise ModelFileError(f"{file}: corrupt manifest ({key!r} must be a JSON object, "
+                                 f"found {type(manifest.get(key)).__name__})")
+    layers = manifest["layers"]
+    bad = [name for name, rec in layers.items() if not isinstance(rec, dict)]
+    if bad:
+        raise ModelFileError(f"{file}: corrupt manifest ('layers' entry {bad[0]!r} is not an "
+                             "object describing the layer)")
+    weights = manifest["weights"]
+    for key in ("file", "sha256"):
+        if not isinstance(weights.get(key), str):
+            raise ModelFileError(f"{file}: corrupt manifest ('weights' has no {key!r} string; "
+                                 "the weights file and its sha256 must both be recorded)")
+    _inside(folder, weights["file"], file, "weights.file")
+    arch = manifest["architecture"]
+    if arch.get("kind") == "pickle":
+        if not isinstance(arch.get("file"), str):
+            raise ModelFileError(f"{file}: corrupt manifest ('architecture' has no 'file')")
+        _inside(folder, arch["file"], file, "architecture.file")
     return manifest
+
+
+def _inside(folder: Path, name: str, manifest: Path, key: str) -> Path:
+    """``folder / name``, refused unless it is a file name directly inside ``folder``."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or \
+            path.resolve().parent != folder.resolve():
+        raise ModelFileError(f"{manifest}: {key} {name!r} points outside the model directory; "
+                             "a manifest may only name files inside its own directory")
+    return path
 
 
 def load(path: str | os.PathLike[str], *, trust_pickle: bool = False,
@@ -196,8 +238,7 @@ def load(path: str | os.PathLike[str], *, trust_pickle: bool = False,
     manifest = read_manifest(folder)
     weights = folder / manifest["weights"]["file"]
     _existing_file(weights, "weights file")
-    digest = manifest["weights"].get("sha256")
-    if digest is not None and _sha256(weights) != digest:
+    if _sha256(weights) != manifest["weights"]["sha256"]:
         raise ModelFileError(f"{weights} does not match {folder / MANIFEST} (sha256 differs): "
                              "the file was modified, truncated or replaced")
     arch = manifest["architecture"]
@@ -358,6 +399,13 @@ def _layer_record(module: nn.Module) -> dict[str, Any] | None:
 def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module:
     """An uninitialized layer of the recorded shape (its weights are loaded next)."""
     kind = record.get("class")
+    sizes = {k: v for k, v in record.items()
+             if k in ("in_features", "out_features", "in_channels", "out_channels", "groups")}
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int)
+           or v < 1}
+    if bad:
+        raise ModelFileError(f"{manifest}: bad record for layer {path!r} (sizes must be "
+                             f"positive integers, got {bad})")
     try:
         if kind == "Linear":
             return nn.utils.skip_init(nn.Linear, record["in_features"], record["out_features"],
@@ -372,7 +420,7 @@ def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module
                 record["padding_mode"])
         if kind == "Identity":
             return nn.Identity()
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{manifest}: bad record for layer {path!r} "
                              f"({type(exc).__name__}: {exc})") from None
     raise ModelFileError(f"{manifest}: layer {path!r} has unknown class {kind!r}")
@@ -467,6 +515,7 @@ def staged(path: str | os.PathLike[str], *, overwrite: bool = False,
     for it are removed. An existing ``path`` is an error unless ``overwrite``.
     """
     target = Path(path)
+    clean_stale(target)
     check_output(target, overwrite=overwrite, directory=directory)
     created: list[Path] = []
     tmp: Path | None = None
@@ -474,11 +523,11 @@ def staged(path: str | os.PathLike[str], *, overwrite: bool = False,
     try:
         created = _make_parents(target.parent)
         if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
+            tmp = Path(tempfile.mkdtemp(prefix=_stage_prefix(target), suffix=".tmp",
                                         dir=target.parent))
         else:
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}",
-                                        dir=target.parent)
+            fd, name = tempfile.mkstemp(prefix=_stage_prefix(target),
+                                        suffix=f".tmp{target.suffix}", dir=target.parent)
             os.close(fd)
             tmp = Path(name)
         yield tmp
@@ -530,15 +579,109 @@ def _commit(tmp: Path, target: Path, overwrite: bool, directory: bool) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rename(target, old / "previous")
+    if _exchange(tmp, target):  # one atomic step: tmp now holds the previous output
+        _remove(tmp)
+        return
+    # no atomic exchange here: the previous output waits in a recognisable backup folder
+    # until the new one is in place; if the process dies in between, the next run restores
+    # it (clean_stale)
+    old = Path(tempfile.mkdtemp(prefix=_stage_prefix(target), suffix=".old", dir=target.parent))
     try:
-        os.rename(tmp, target)
-    except OSError:
-        os.rename(old / "previous", target)
-        raise
-    finally:
+        os.rename(target, old / "previous")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(old / "previous", target)
+            raise
+    finally:  # also when the first rename fails: no empty backup folder is left
         _remove(old)
+
+
+#: staging entries this module writes next to an output: .NAME.tropnnc-PID.RANDOM.tmp[SUFFIX]
+#: (the new output being written) and .NAME.tropnnc-PID.RANDOM.old (the previous output)
+_STAGE = re.compile(r"^\.(?P<name>.+)\.tropnnc-(?P<pid>\d+)\.[^.]+\.(?P<kind>tmp|old)(\..*)?$")
+
+
+def _stage_prefix(target: Path) -> str:
+    return f".{target.name}.tropnnc-{os.getpid()}."
+
+
+def clean_stale(path: str | os.PathLike[str]) -> None:
+    """Remove what an earlier run that was killed left next to ``path`` (staging entries of
+    processes that no longer run); a previous output that was waiting in a backup while the
+    target is missing is moved back to ``path`` first."""
+    target = Path(path)
+    try:
+        entries = list(target.parent.iterdir()) if target.parent.is_dir() else []
+    except OSError:
+        return
+    for entry in entries:
+        found = _STAGE.match(entry.name)
+        if found is None or _alive(int(found["pid"])):
+            continue
+        if found["kind"] == "old":  # a previous output set aside: only for this target
+            if found["name"] != target.name:
+                continue
+            previous = entry / "previous"
+            if previous.exists() and not (target.exists() or target.is_symlink()):
+                with contextlib.suppress(OSError):
+                    os.rename(previous, target)
+                    log.warning("restored %s from %s, left by an interrupted run", target,
+                                entry)
+        log.info("removing %s, left by an interrupted run", entry)
+        _remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def check_not_input(out: str | os.PathLike[str],
+                    inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (what -> path;
+    paths that do not exist, like zoo names, are ignored): writing or replacing it would
+    destroy or change an input."""
+    target = Path(out).resolve()
+    for what, given in inputs.items():
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if source == target:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ModelFileError(f"output {out} {relation} the input {what} {given}: writing it "
+                             "would destroy or change that input; choose another --out")
 
 
 def _make_parents(folder: Path) -> list[Path]:

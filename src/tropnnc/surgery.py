@@ -127,6 +127,7 @@ def apply(model: nn.Module, spec: BlockSpec, merge: Merge) -> None:
         if needs_bias:
             new_p.bias.copy_(rows[:, -1])
     new_p.train(producer.training)
+    _keep_requires_grad(new_p, producer)
     set_module(model, spec.producer, new_p)
     if spec.bn is not None:
         set_module(model, spec.bn, nn.Identity())
@@ -153,4 +154,13 @@ def apply(model: nn.Module, spec: BlockSpec, merge: Merge) -> None:
         elif has_bias:
             new_c.bias.copy_(consumer.bias)
     new_c.train(consumer.training)
+    _keep_requires_grad(new_c, consumer)
     set_module(model, spec.consumer, new_c)
+
+
+def _keep_requires_grad(new: nn.Module, old: nn.Module) -> None:
+    """A replacement layer is frozen (or trainable) like the layer it replaces."""
+    for name, param in new.named_parameters(recurse=False):
+        before = getattr(old, name, None)
+        if isinstance(before, nn.Parameter):
+            param.requires_grad_(before.requires_grad)
