@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail on a block with an op the method cannot reason about")
     p.add_argument("--input-range", type=_range, metavar="LOW,HIGH",
                    help="range of every raw input element the certificates cover "
-                        "(default: 0,1); each block's input bound is derived from it")
+                        "(default: 0,1; --input-range=-1,1 for a negative LOW); each "
+                        "block's input bound is derived from it")
     p.add_argument("--input-mean", type=_floats, metavar="M[,M...]",
                    help="the model reads (x - mean) / std: mean, one value or one per channel")
     p.add_argument("--input-std", type=_floats, metavar="S[,S...]",
