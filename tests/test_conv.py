@@ -97,7 +97,8 @@ def test_positive_multiples_collapse_through_functional_ops():
     model = Functional().double().eval()
     set_multiples(model.c1, 3, seed=1)
     set_multiples(model.c2, 5, seed=2)
-    result = tropnnc.compress(model, {"c1": 3, "c2": 5})
+    result = tropnnc.compress(model, {"c1": 3, "c2": 5},  # the shape for the input domain
+                              example_inputs=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
     assert [b.layer for b in result.blocks] == ["c1", "c2"]
     assert all(b.certificate < 1e-9 for b in result.blocks)
     assert result.model.fc.in_features == 5 and result.model.c2.in_channels == 3
@@ -215,7 +216,8 @@ def bn_block_model(bias: bool) -> nn.Module:
 def test_bn_aware_neuron_merging_is_exact_on_scaled_copies(bias):
     model = bn_block_model(bias)
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    result = tropnnc.compress(model, 3, "neuron-merging", bn_aware=True, threshold=0.5)
+    result = tropnnc.compress(model, 3, "neuron-merging", bn_aware=True, threshold=0.5,
+                              example_inputs=x[:1])
     report = result.blocks[0]
     assert report.assignment == [0, 1, 2, 2, 1, 2, 0, 1]  # 3 and 5 go to 2, not to 0
     assert report.certificate < 1e-9

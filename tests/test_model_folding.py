@@ -101,8 +101,9 @@ def test_conv_widths_and_same_seed_same_result():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12),
                           nn.ReLU(), nn.Flatten(), nn.Linear(12 * 16, 10)).eval()
-    a = tropnnc.compress(model, 0.5, "model-folding", seed=3)
-    b = tropnnc.compress(model, 0.5, "model-folding", seed=3)
+    shape = {"example_inputs": torch.zeros(1, 1, 8, 8)}  # for the input domain
+    a = tropnnc.compress(model, 0.5, "model-folding", seed=3, **shape)
+    b = tropnnc.compress(model, 0.5, "model-folding", seed=3, **shape)
     assert [blk.units_after for blk in a.blocks] == [4, 6]
     assert a.model[0].out_channels == 4 and a.model[4].in_channels == 4
     assert a.model[8].in_features == 6 * 16

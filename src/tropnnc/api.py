@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .block import Block, Merge, certificate, select
+from .bounds import block_radii
 from .budget import Allocation, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
@@ -45,7 +46,7 @@ class BlockReport:
     units_after: int
     certificate: float  # max over outputs of the bound on |y_j - y~_j| (NaN: none)
     certificate_sum: float  # the same bound summed over outputs
-    radius: float
+    radius: float  # the block input's norm bound the certificate holds for (NaN: unknown)
     method: str
     seconds: float
     data_driven: bool  # read calibration data (thinet, or a least-squares refit)
@@ -73,13 +74,15 @@ class CompressionResult:
     macs_after: int | None
     allocation: Allocation | None = None  # budgeted widths (compress(budget=...)), else None
     reconstruction: Reconstruction | None = None  # compress(reconstruct=...) options, else None
+    #: the input domain the radii were derived from ({"range", "stats"}); None: radius= given
+    input_domain: dict[str, object] | None = None
 
     def table(self) -> str:
         """A plain-text table of the per-block report."""
-        lines = [f"{'layer':<24}{'units':>14}{'certificate':>14}{'seconds':>9}"]
+        lines = [f"{'layer':<24}{'units':>14}{'radius':>10}{'certificate':>14}{'seconds':>9}"]
         for b in self.blocks:
             lines.append(f"{b.layer:<24}{f'{b.units_before} -> {b.units_after}':>14}"
-                         f"{b.certificate:>14.4g}{b.seconds:>9.3f}")
+                         f"{b.radius:>10.4g}{b.certificate:>14.4g}{b.seconds:>9.3f}")
         for s in self.skipped:
             lines.append(f"{s.layer:<24}  skipped: {s.reason}")
         lines.append(f"parameters {self.params_before} -> {self.params_after}")
@@ -102,6 +105,7 @@ class CompressionResult:
             "allocation": None if self.allocation is None else asdict(self.allocation),
             "reconstruction": (None if self.reconstruction is None
                                else asdict(self.reconstruction)),
+            "input_domain": self.input_domain,
         }
 
 
@@ -113,7 +117,9 @@ DEFAULT_PIPELINE: tuple[str, dict[str, object], Reconstruction] = (
 
 def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None = None, *,
              seed: int = 0, example_inputs: torch.Tensor | None = None, strict: bool = False,
-             radius: float = 1.0, calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+             radius: float | None = None, input_range: tuple[object, object] | None = None,
+             input_stats: tuple[object, object] | None = None,
+             calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
              budget: float | None = None, budget_unit: str = "params",
              allocator: str | None = None, min_width: int = 1, round_to: int = 1,
              repair: str | None = None,
@@ -132,7 +138,16 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
     own, e.g. CUP's global threshold; every width >= ``min_width`` and a multiple of
     ``round_to`` or the full width) and reported in ``result.allocation``. ``method``: one of
     :func:`tropnnc.methods`; ``options`` go to the method. ``seed`` fixes every random
-    choice. ``radius`` bounds the norm of each block's input for the certificates.
+    choice. Certificates bound each block's output error for the inputs the network can
+    see: every element of the network input in ``input_range=(lo, hi)`` (default (0, 1):
+    images as tensors), read as (x - mean) / std when ``input_stats=(mean, std)`` is given
+    (the normalisation the model was trained with); ends, means and stds are numbers, one
+    value per channel, or tensors broadcasting to one input. Each block's input norm bound
+    (one patch for a convolution) is derived from that domain by interval arithmetic on
+    the network compressed so far (:mod:`tropnnc.bounds`) and reported as its ``radius``
+    (NaN, with a warning, where the domain cannot be propagated, e.g. an unknown input
+    shape: pass ``example_inputs``). ``radius``: instead, one given norm bound for every
+    block's input.
     ``strict`` turns a refused block (an op the method cannot reason about) into an error.
     ``example_inputs`` gives the input shape for MAC counts when the model does not.
     ``calibration``: unlabeled inputs (a tensor or an iterable of batches). Data-driven
@@ -206,14 +221,21 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
         widths = _widths(model, specs, 0.5 if keep is None else keep)
     if not algo.multi_output:
         _check_single_output(model, specs, widths, method)
-    if radius <= 0 or not math.isfinite(radius):
-        raise ValueError(f"compress: radius must be a positive number, got {radius}")
-    if not math.isfinite(radius * radius):  # the certificates use sqrt(radius^2 + 1)
+    if radius is not None and (input_range is not None or input_stats is not None):
+        raise ValueError("compress: pass either radius (one norm bound for every block's "
+                         "input) or input_range/input_stats (derive each block's), not both")
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))
+                               or radius <= 0 or not math.isfinite(radius)):
+        raise ValueError(f"compress: radius must be a positive number, got {radius!r}")
+    if radius is not None and not math.isfinite(radius * radius):  # sqrt(radius^2 + 1)
         raise ValueError(f"compress: radius {radius:g} is too large (its square overflows "
                          "float64): use a radius below 1e150")
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     work = _working_copy(model, specs, widths)
+    radius_of = (None if radius is not None
+                 else block_radii(work, inputs, input_range, input_stats))
+    domain = None if radius is not None else _domain_record(input_range, input_stats)
     # blocks stay on the weights' device (and GPU) for methods that merge there, unless a
     # calibration refit or a BN repair (CPU float64 code) runs
     on_device = (None if getattr(algo, "device_aware", False) and batches is None
@@ -224,7 +246,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
             continue
         start = time.perf_counter()
         generator = _generator(seed, spec.producer)
-        block = extract(work, spec, radius, device=on_device)
+        block_radius = radius if radius_of is None else radius_of(spec.producer)
+        block = extract(work, spec, block_radius, device=on_device)
         positions = None
         if batches is not None:
             reads, positions = capture_reads(work, spec, batches, None, generator)
@@ -252,7 +275,7 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
         bound = certificate(block, merge)
         reports.append(BlockReport(
             spec.producer, spec.consumer, block.n, merge.k, float(bound.max()),
-            float(bound.sum()), radius, method, time.perf_counter() - start,
+            float(bound.sum()), block_radius, method, time.perf_counter() - start,
             batches is not None, merge.assignment.tolist(),
             None if merge.shares is None else merge.shares.tolist(),
             repair is not None and repair_note is None, repair_note,
@@ -262,7 +285,7 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
     return CompressionResult(
         work, method, algo.options(), seed, reports, skipped, count_params(model),
         count_params(work), None if inputs is None else count_macs(model, inputs),
-        None if inputs is None else count_macs(work, inputs), allocation, recon)
+        None if inputs is None else count_macs(work, inputs), allocation, recon, domain)
 
 
 def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None:
@@ -273,6 +296,18 @@ def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None
         return Reconstruction()
     raise ValueError(f"reconstruct must be None, 'auto', 'ls' or a "
                      f"tropnnc.reconstruct.Reconstruction, got {value!r}")
+
+
+def _domain_record(input_range: tuple[object, object] | None,
+                   input_stats: tuple[object, object] | None) -> dict[str, object]:
+    """The input domain as plain numbers and lists, for reports and manifests."""
+    def plain(value: object) -> object:
+        return torch.as_tensor(value, dtype=torch.float64).tolist()
+
+    ends = (0.0, 1.0) if input_range is None else input_range
+    return {"range": [plain(v) for v in ends],
+            "stats": None if input_stats is None else {"mean": plain(input_stats[0]),
+                                                        "std": plain(input_stats[1])}}
 
 
 def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Merge:

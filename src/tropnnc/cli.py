@@ -38,7 +38,8 @@ PROG = "tropnnc"
 #: compress settings: name -> default (None: not passed on unless given)
 COMPRESS_SETTINGS: dict[str, Any] = {
     "model": None, "weights": None, "zoo_config": None, "out": None, "keep": None,
-    "method": None, "seed": 0, "strict": False, "radius": 1.0, "options": None,
+    "method": None, "seed": 0, "strict": False, "radius": None, "input_range": None,
+    "input_mean": None, "input_std": None, "options": None,
     "calibration": None, "dataset": None, "data_root": None, "budget": None,
     "budget_unit": None, "allocator": None, "min_width": None, "round_to": None,
     "repair": None, "reconstruct": None, "overwrite": False, "trust_pickle": False,
@@ -171,6 +172,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _floats(text: str) -> list[float]:
+    """``0.5`` or ``0.485,0.456,0.406``: one number or one per channel."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    return values
+
+
+def _range(text: str) -> list[float]:
+    values = _floats(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW <= HIGH, got {text!r}")
+    return values
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
@@ -240,8 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, help="seed for every random choice (default: 0)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="fail on a block with an op the method cannot reason about")
+    p.add_argument("--input-range", type=_range, metavar="LOW,HIGH",
+                   help="range of every raw input element the certificates cover "
+                        "(default: 0,1; --input-range=-1,1 for a negative LOW); each "
+                        "block's input bound is derived from it")
+    p.add_argument("--input-mean", type=_floats, metavar="M[,M...]",
+                   help="the model reads (x - mean) / std: mean, one value or one per channel")
+    p.add_argument("--input-std", type=_floats, metavar="S[,S...]",
+                   help="std of that normalisation (with --input-mean)")
     p.add_argument("--radius", type=_positive_float,
-                   help="input norm bound used by the certificates (default: 1)")
+                   help="instead: one norm bound for every block's input (a conv patch)")
     p.add_argument("--option", type=parse_option, action="append", metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. --option refine=5")
     p.add_argument("--calibration", type=_positive_int, metavar="N",
@@ -550,6 +577,23 @@ def _check_config_types(s: dict[str, Any], config: str | None) -> None:
         raise UsageError(f"{where}radius must be a positive number, got {s['radius']!r}")
     if s["calibration"] is not None and s["calibration"] < 1:
         raise UsageError(f"{where}calibration must be a positive number of inputs")
+    for key, parse in (("input_range", _range), ("input_mean", _floats),
+                       ("input_std", _floats)):
+        value = s[key]
+        if value is not None:
+            if not isinstance(value, str):  # a number or a list (argparse or a config file)
+                value = ",".join(str(v) for v in (value if isinstance(value, (list, tuple))
+                                                  else [value]))
+            try:
+                s[key] = parse(value)
+            except (argparse.ArgumentTypeError, TypeError) as exc:
+                raise UsageError(f"{where}{key}: {exc}") from None
+    if (s["input_mean"] is None) != (s["input_std"] is None):
+        raise UsageError(f"{where}input_mean and input_std go together (the normalisation "
+                         "(x - mean) / std the model was trained with)")
+    if s["radius"] is not None and any(s[k] is not None for k in ("input_range", "input_mean")):
+        raise UsageError(f"{where}give either radius or input_range/input_mean/input_std, "
+                         "not both")
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -575,8 +619,13 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     model = _load(s["model"], s["weights"], s["zoo_config"], s["trust_pickle"],
                   s["trust_code"], s["device"])
-    kwargs: dict[str, Any] = {"method": s["method"], "seed": s["seed"], "strict": s["strict"],
-                              "radius": s["radius"]}
+    kwargs: dict[str, Any] = {"method": s["method"], "seed": s["seed"], "strict": s["strict"]}
+    if s["radius"] is not None:
+        kwargs["radius"] = s["radius"]
+    if s["input_range"] is not None:
+        kwargs["input_range"] = tuple(s["input_range"])
+    if s["input_mean"] is not None:
+        kwargs["input_stats"] = (s["input_mean"], s["input_std"])
     if s["keep"] is not None:
         kwargs["keep"] = s["keep"]
     for key in ("budget", "budget_unit", "allocator", "min_width", "round_to", "repair",
@@ -597,6 +646,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     result = compress(model, **kwargs, **s["options"])
     settings = {
         "keep": s["keep"], "strict": s["strict"], "radius": s["radius"],
+        "input_range": s["input_range"], "input_mean": s["input_mean"],
+        "input_std": s["input_std"],
         "budget": s["budget"], "budget_unit": s["budget_unit"], "allocator": s["allocator"],
         "min_width": s["min_width"], "round_to": s["round_to"], "repair": s["repair"],
         "reconstruct": s["reconstruct"],

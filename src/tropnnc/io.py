@@ -449,7 +449,8 @@ def save(obj: CompressionResult | nn.Module, path: str | os.PathLike[str], *,
 
     ``obj`` is a :class:`~tropnnc.api.CompressionResult` (its report and plan are written
     too) or a plain module. For a result, ``settings`` adds what it does not hold (keep,
-    strict, radius, calibration, budget, source) to the manifest's plan; ``extra`` is stored
+    strict, radius or input domain, calibration, budget, source) to the manifest's plan (the
+    result itself records each block's radius and the input domain); ``extra`` is stored
     as is (e.g. training metadata). A model built neither by the zoo nor by a factory is
     additionally pickled (``model.pt``; loading it then needs ``trust_pickle``). The
     directory appears complete or not at all; an existing one is replaced only with
