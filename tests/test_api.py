@@ -191,3 +191,23 @@ def test_conv_network_compresses_and_keep_one_identity():
     half = tropnnc.compress(model, 0.5)
     assert len(half.blocks) == 9  # 7 conv -> conv, the last conv -> FC, the FC hidden
     assert half.model(x).shape == (4, 10)
+
+
+def test_compress_shows_block_progress_on_a_terminal_only(monkeypatch, capsys):
+    import io
+    import sys
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(),
+                          nn.Linear(5, 2))
+    tropnnc.compress(model, 0.5)
+    assert capsys.readouterr().err == ""  # not a terminal: quiet
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    tropnnc.compress(model, 0.5)
+    shown = term.getvalue()
+    assert "compress:" in shown and "| 0/2 " in shown  # a bar over the 2 blocks
