@@ -1315,20 +1315,36 @@ def _relabel(labels, device: torch.device) -> Tensor:
 def ward(points: Tensor, k: int) -> Tensor:
     """Ward agglomerative clustering into exactly k clusters: (n,) long labels 0..k-1.
 
-    The tree is cut after n - k merges (scipy ``cut_tree``), so ties in merge heights (e.g.
-    duplicate points) cannot change the count. k >= n: identity labels.
+    The tree is cut after n - k merges (as scipy's ``cut_tree``), so ties in merge heights
+    (e.g. duplicate points) cannot change the count. k >= n: identity labels.
     """
-    from scipy.cluster.hierarchy import cut_tree
-
     x = _as_matrix(points, "points")
     k = _check_k(k)
     n = x.shape[0]
     if k >= n:
         return torch.arange(n, device=x.device)
-    labels = _relabel(cut_tree(_ward_linkage(x), n_clusters=k), x.device)
-    if int(labels.max()) + 1 != k:  # defensive: cut_tree must give exactly k clusters
-        raise RuntimeError(f"Ward cut produced {int(labels.max()) + 1} clusters, wanted {k}")
-    return labels
+    return torch.as_tensor(_cut(_ward_linkage(x), k), dtype=torch.long, device=x.device)
+
+
+def _cut(z, k: int):
+    """Labels (n,) after the first n - k merges of linkage ``z``: the same as scipy's
+    ``cut_tree(z, n_clusters=k)`` (clusters numbered by their smallest member), without its
+    Python loop over the merges: each node's parent, then pointer jumping to the roots."""
+    import numpy as np
+
+    n = z.shape[0] + 1
+    parent = np.arange(2 * n - 1)
+    merged = z[: n - k, :2].astype(np.int64)  # (n - k, 2) children of nodes n .. 2n - k - 1
+    parent[merged[:, 0]] = parent[merged[:, 1]] = n + np.arange(n - k)
+    root = parent[:n]
+    while True:
+        up = parent[root]
+        if np.array_equal(up, root):
+            break
+        root = up
+    first = np.full(2 * n - 1, n, dtype=np.int64)
+    np.minimum.at(first, root, np.arange(n))  # smallest member of each cluster
+    return np.unique(first[root], return_inverse=True)[1].reshape(-1)
 
 
 def ward_threshold(points: Tensor, threshold: float) -> Tensor:

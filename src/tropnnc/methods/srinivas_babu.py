@@ -53,8 +53,8 @@ class SrinivasBabu(Method):
             partner[j] = -1  # j no longer matches "partner == j" below
             saliency[j] = inf
             moved = (partner == j).nonzero().squeeze(1)  # units whose nearest was j
-            if moved.numel():
-                near[moved], partner[moved] = dist[:, moved].min(dim=0)
+            if moved.numel():  # their columns, read as rows (dist is symmetric)
+                near[moved], partner[moved] = dist.index_select(0, moved).min(dim=1)
                 saliency[moved] = msq[moved] * near[moved]
             saliency[i] = msq[i] * near[i]
         while True:  # follow merge chains to their surviving unit (pointer jumping)
@@ -71,11 +71,15 @@ class SrinivasBabu(Method):
 
 
 def squared_distances(rows: Tensor) -> Tensor:
-    """||w_i - w_j||^2 (n, n) in the rows' dtype, from one Gram product; the diagonal is
-    inf (a unit is not its own partner)."""
+    """||w_i - w_j||^2 (n, n) in the rows' dtype, from one Gram product, exactly symmetric
+    (so a column can be read as a row); the diagonal is inf (a unit is not its own
+    partner)."""
     sq = torch.linalg.vector_norm(rows, dim=1).square()
-    dist = gram_matrix(rows, rows.dtype).mul_(-2.0)
-    dist.add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0.0)
+    g = gram_matrix(rows, rows.dtype)
+    two_g = g + g.T  # 2 G, symmetrised: G_ij + G_ji == G_ji + G_ij
+    del g
+    dist = sq[:, None] + sq[None, :]  # symmetric as well
+    dist.sub_(two_g).clamp_(min=0.0)
     dist.fill_diagonal_(float("inf"))
     return dist
 
