@@ -294,3 +294,23 @@ def test_linear_bottleneck_reason():
     reasons = {s.layer: s.reason for s in tropnnc.graph.discover(model)[1]}
     assert reasons["0"] == "0 feeds 1 (Linear) with no activation in between (a linear " \
                            "bottleneck): there is no ReLU to compress across"
+
+
+def test_compress_shows_block_progress_on_a_terminal_only(monkeypatch, capsys):
+    import io
+    import sys
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(),
+                          nn.Linear(5, 2))
+    tropnnc.compress(model, 0.5)
+    assert capsys.readouterr().err == ""  # not a terminal: quiet
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    tropnnc.compress(model, 0.5)
+    shown = term.getvalue()
+    assert "compress:" in shown and "| 0/2 " in shown  # a bar over the 2 blocks

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .block import Block, Merge, certificate, select
 from .bounds import block_radii
@@ -241,9 +243,12 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
     on_device = (None if getattr(algo, "device_aware", False) and batches is None
                  and repair is None and recon is None else "cpu")
     reports = []
+    bar = tqdm(total=sum(s.producer in widths for s in specs), desc="compress", unit="block",
+               leave=False, disable=not sys.stderr.isatty())  # on a terminal only
     for spec in specs:
         if spec.producer not in widths:
             continue
+        bar.set_postfix_str(spec.producer, refresh=False)
         start = time.perf_counter()
         generator = _generator(seed, spec.producer)
         block_radius = radius if radius_of is None else radius_of(spec.producer)
@@ -282,6 +287,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
             recon is not None and recon_note is None, recon_note))
         log.info("%s: %d -> %d units, certificate %.4g", spec.producer, block.n, merge.k,
                  reports[-1].certificate)
+        bar.update(1)
+    bar.close()
     return CompressionResult(
         work, method, algo.options(), seed, reports, skipped, count_params(model),
         count_params(work), None if inputs is None else count_macs(model, inputs),

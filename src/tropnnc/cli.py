@@ -350,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keeps", nargs="+", type=float)
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--dataset", nargs="+")
+    p.add_argument("--executor", choices=("local", "ray"),
+                   help="local (default): rows one after the other here; ray: one Ray task "
+                        "per row (needs the extra tropnnc[ray])")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--device", help="where the rows run, e.g. cuda (default: cpu); with "
+                                    "--executor ray each such row requests a GPU")
     p.add_argument("-o", "--out", required=True, help="results directory")
 
     p = command("demo", _cmd_demo, "train, compress with every method, print a table, plot")
@@ -1042,6 +1048,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     valid = [p for p in inspect.signature(run_sweep).parameters
              if p not in (*SWEEP_GRID, "out_dir")]
     extra = {k: v for k, v in config.items() if k not in SWEEP_GRID}
+    extra.update({k: getattr(args, k) for k in ("executor", "address", "device")
+                  if getattr(args, k) is not None})
     unknown = sorted(set(extra) - set(valid))
     if unknown:
         raise UsageError(f"config file {args.config}: unknown sweep setting(s) "

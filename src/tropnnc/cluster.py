@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,9 @@ __all__ = [
     "cosine_residual",
     "gram_dtype",
     "gram_matrix",
+    "gram_of_chunks",
     "kmeans",
+    "kmeans_gram",
     "member_cosines",
     "merged_gram",
     "spherical_kmeans",
@@ -249,6 +251,30 @@ def _gram_strips(x: Tensor, sc: Tensor | None) -> Tensor:
             strip.mul_(sc[i:j, None]).mul_(sc[None, i:])
         g[i:j, i:] = strip
         g[j:, i:j] = strip[:, j - i:].T
+    return g
+
+
+def gram_of_chunks(chunks: Iterable[Tensor], n: int, dtype: torch.dtype,
+                   device: torch.device | str | None = None) -> Tensor:
+    """G = sum_c X_c X_c^T (n, n) over column chunks X_c (n, f_c) of a matrix that is never
+    formed (features made on the fly, e.g. scaled or centred slices of several tensors).
+
+    Each chunk is converted to ``dtype``; only the strips on and above the diagonal are
+    multiplied (about half the multiply-adds), then mirrored once at the end.
+    """
+    g = torch.zeros(n, n, dtype=dtype, device=device)
+    for x in chunks:
+        x = x.to(dtype)
+        if n <= 2 * _GRAM_BLOCK:
+            g.addmm_(x, x.T)
+            continue
+        for i in range(0, n, _GRAM_BLOCK):
+            j = min(n, i + _GRAM_BLOCK)
+            g[i:j, i:].addmm_(x[i:j], x[i:].T)
+    if n > 2 * _GRAM_BLOCK:
+        for i in range(0, n, _GRAM_BLOCK):
+            j = min(n, i + _GRAM_BLOCK)
+            g[j:, i:j] = g[i:j, j:].T
     return g
 
 
@@ -1198,11 +1224,39 @@ def kmeans(
     else:
         row = gram.mean(dim=1)
         g = gram - row[:, None] - row[None, :] + row.mean()  # (n, n) double-centred
-    w = w.to(g.dtype)
+    res = kmeans_gram(g, k, generator=generator, restarts=restarts, iters=iters, weights=w)
+    total = _cluster_sum(res.coefficients[None], res.assignment[None], k)[0]  # (K,)
+    centers = _combine(x, res.assignment, res.coefficients, k) / total.to(x.dtype)[:, None]
+    return Clustering(res.assignment, centers, res.objective)
 
+
+def kmeans_gram(
+    gram: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    restarts: int = 4,
+    iters: int = 100,
+    weights: Tensor | None = None,
+) -> GramClustering:
+    """The work of :func:`kmeans` from the Gram matrix of the *centred* points alone (see
+    :func:`gram_of_chunks`), for callers that never need the points in one matrix.
+
+    Centroid c is sum_{a(i)=c} coefficients_i x_i / sum_{a(i)=c} coefficients_i (the
+    weighted mean; coefficients are the weights, or 1 inside clusters of total weight 0).
+    The same random draws as :func:`kmeans`, so both give the same clustering of the same
+    points. k >= n: every point its own cluster.
+    """
+    g = _check_square(gram)
+    n = g.shape[0]
+    w = _as_weights(weights, n, g).to(g.dtype)
+    k = _check_k(k)
+    _check_counts(restarts, iters)
+    if k >= n:
+        return GramClustering(torch.arange(n, device=g.device), torch.ones_like(w), 0.0)
     uniforms = torch.rand(
         restarts, k, generator=generator, dtype=torch.float64, device=generator.device
-    ).to(x.device)  # (R, k)
+    ).to(g.device)  # (R, k)
     diag = g.diagonal()
     eps16 = 16 * _eps(g.dtype)
 
@@ -1214,15 +1268,12 @@ def kmeans(
 
     seeds, near = _kpp_seeds(w, k, uniforms, dissimilarity, nearest=True)
     s = seeds.gather(1, near)  # (R, n) each unit's nearest seed
-    own = 2 * g[s, torch.arange(n, device=x.device)] - diag[s] - diag  # -||x_j - x_s||^2
+    own = 2 * g[s, torch.arange(n, device=g.device)] - diag[s] - diag  # -||x_j - x_s||^2
     a = _repair_empty(near, own, _euclidean_residual(own, w), k)
     a, alpha, own = _lloyd(g, w, k, a, iters, spherical=False)
     obj = _euclidean_residual(own, w).sum(dim=1)  # (R,) float64
     best = int(torch.argmin(obj))
-    al = alpha[best]
-    total = _cluster_sum(al[None], a[best][None], k)[0]  # (K,)
-    centers = _combine(x, a[best], al, k) / total.to(x.dtype)[:, None]  # (K, d)
-    return Clustering(a[best].clone(), centers, float(obj[best]))
+    return GramClustering(a[best].clone(), alpha[best].clone(), float(obj[best]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1231,11 +1282,26 @@ def kmeans(
 
 
 def _ward_linkage(points: Tensor):
-    """scipy Ward linkage matrix of the rows of ``points`` (float64 numpy)."""
-    from scipy.cluster.hierarchy import linkage
+    """scipy Ward linkage matrix of the rows of ``points``.
 
-    x = _as_matrix(points, "points")
-    return linkage(x.detach().double().cpu().numpy(), method="ward")
+    scipy's own distance pass (``pdist``) is a plain loop; the pairwise Euclidean distances
+    come instead from one float64 Gram product of the centred points (symmetric strips,
+    column chunks: no float64 copy of the points), as scipy's condensed matrix.
+    """
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    x = _as_matrix(points, "points").detach()
+    n = x.shape[0]
+    center = x.mean(dim=0)
+    step = _row_step(n, 8)
+    chunks = (x[:, s:s + step].double() - center[s:s + step].double()
+              for s in range(0, x.shape[1], step))
+    g = gram_of_chunks(chunks, n, torch.float64, x.device)
+    sq = g.diagonal().clone()
+    dist = g.mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0.0).sqrt_()
+    dist.fill_diagonal_(0.0)
+    return linkage(squareform(dist.cpu().numpy(), checks=False), method="ward")
 
 
 def _relabel(labels, device: torch.device) -> Tensor:
@@ -1249,20 +1315,36 @@ def _relabel(labels, device: torch.device) -> Tensor:
 def ward(points: Tensor, k: int) -> Tensor:
     """Ward agglomerative clustering into exactly k clusters: (n,) long labels 0..k-1.
 
-    The tree is cut after n - k merges (scipy ``cut_tree``), so ties in merge heights (e.g.
-    duplicate points) cannot change the count. k >= n: identity labels.
+    The tree is cut after n - k merges (as scipy's ``cut_tree``), so ties in merge heights
+    (e.g. duplicate points) cannot change the count. k >= n: identity labels.
     """
-    from scipy.cluster.hierarchy import cut_tree
-
     x = _as_matrix(points, "points")
     k = _check_k(k)
     n = x.shape[0]
     if k >= n:
         return torch.arange(n, device=x.device)
-    labels = _relabel(cut_tree(_ward_linkage(x), n_clusters=k), x.device)
-    if int(labels.max()) + 1 != k:  # defensive: cut_tree must give exactly k clusters
-        raise RuntimeError(f"Ward cut produced {int(labels.max()) + 1} clusters, wanted {k}")
-    return labels
+    return torch.as_tensor(_cut(_ward_linkage(x), k), dtype=torch.long, device=x.device)
+
+
+def _cut(z, k: int):
+    """Labels (n,) after the first n - k merges of linkage ``z``: the same as scipy's
+    ``cut_tree(z, n_clusters=k)`` (clusters numbered by their smallest member), without its
+    Python loop over the merges: each node's parent, then pointer jumping to the roots."""
+    import numpy as np
+
+    n = z.shape[0] + 1
+    parent = np.arange(2 * n - 1)
+    merged = z[: n - k, :2].astype(np.int64)  # (n - k, 2) children of nodes n .. 2n - k - 1
+    parent[merged[:, 0]] = parent[merged[:, 1]] = n + np.arange(n - k)
+    root = parent[:n]
+    while True:
+        up = parent[root]
+        if np.array_equal(up, root):
+            break
+        root = up
+    first = np.full(2 * n - 1, n, dtype=np.int64)
+    np.minimum.at(first, root, np.arange(n))  # smallest member of each cluster
+    return np.unique(first[root], return_inverse=True)[1].reshape(-1)
 
 
 def ward_threshold(points: Tensor, threshold: float) -> Tensor:

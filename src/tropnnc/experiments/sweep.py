@@ -172,7 +172,8 @@ class Evaluator:
                 x, y = self.test_set.tensors[0], self.test_set.tensors[1]
                 with torch.no_grad():
                     self.model.eval()
-                    feats = torch.cat([self.model.features(x[i:i + 1000])
+                    dev = next(self.model.parameters()).device
+                    feats = torch.cat([self.model.features(x[i:i + 1000].to(dev))
                                        for i in range(0, len(x), 1000)])
                 self.features = TensorDataset(feats, y)
             return evaluate(compressed.classifier, self.features)
@@ -229,7 +230,8 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
               configs: Mapping[str, Mapping[str, Any]] | None = None,
               train_kw: Mapping[str, Any] | None = None, test_size: int | None = None,
               data_root: str | Path | None = None, num_threads: int | None = None,
-              title: str | None = None) -> Path:
+              title: str | None = None, executor: str = "local", address: str | None = None,
+              device: str | None = None) -> Path:
     """Run (or resume) a sweep and write its outputs; returns the CSV path.
 
     ``networks``/``dataset``/``layers`` may be lists (all combinations). ``configs`` maps a
@@ -237,6 +239,14 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
     (e.g. ``epochs``, ``train_size``); ``test_size`` evaluates on a seeded subset of the test
     split. Methods that cannot handle the network (single-output methods on multi-output
     blocks) are skipped with a note in ``results.json``.
+
+    ``executor``: ``"local"`` runs the rows one after the other in this process; ``"ray"``
+    (optional extra ``tropnnc[ray]``) runs every compressed row as a Ray task on the cluster
+    at ``address`` (None: a local Ray instance is started, and stopped at the end). Networks
+    are trained or loaded here and shared with the tasks through Ray's object store; the rows
+    are appended to the CSV as they finish, in the local executor's order (a row waits for
+    the rows before it), so both executors write the same CSV. ``device``: where the rows run
+    (e.g. ``"cuda"``; None: the CPU); with Ray, rows on a GPU device request one GPU each.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +262,7 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
         torch.set_num_threads(num_threads)
     quiet = not (progress and sys.stderr.isatty())
     bar = tqdm(total=total, desc="sweep", unit="run", disable=quiet)
+    rows = _make_executor(executor, csv_path, bar, address, device, num_threads)
     try:
         for ds, net, lay, seed in combos:
             todo = [(s, k) for s in specs for k in keeps
@@ -268,19 +279,20 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
             calib = calibration_inputs(load_split(ds, "train", data_root), calibration_size,
                                        seed)
             common = {"dataset": ds, "network": net, "layers": lay or "all", "seed": seed}
+            if device is not None and executor == "local":  # Ray tasks move their copies
+                model, calib = model.to(device), calib.to(device)
             evaluator = Evaluator(model, test_set)
             baseline = evaluate(model, test_set)
             if base_key not in done:
                 params = count_params(model)
                 example = infer_example_inputs(model)
                 macs = None if example is None else count_macs(model, example)
-                _append(csv_path, {**common, "method": BASELINE, "label": BASELINE,
-                                   "options": "{}", "keep": 1.0, "accuracy": baseline,
-                                   "parameters": params, "params_before": params,
-                                   "macs": macs, "macs_before": macs,
-                                   "certificate": 0.0, "seconds": 0.0, "data_driven": False,
-                                   "baseline_accuracy": baseline})
-                bar.update(1)
+                rows.add({**common, "method": BASELINE, "label": BASELINE,
+                          "options": "{}", "keep": 1.0, "accuracy": baseline,
+                          "parameters": params, "params_before": params,
+                          "macs": macs, "macs_before": macs,
+                          "certificate": 0.0, "seconds": 0.0, "data_driven": False,
+                          "baseline_accuracy": baseline})
             for spec, keep in todo:
                 if not method_class(spec.name).multi_output and outputs_of(ds) > 1:
                     note = f"{spec.label} skipped on {net}/{ds}: single-output method"
@@ -289,31 +301,158 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
                         log.info(note)
                     bar.update(1)
                     continue
-                mapping = keep_mapping(model, lay, keep)
-                start = time.perf_counter()
-                result = compress(model, mapping, spec.name, seed=seed,
-                                  calibration=calib if spec.data_driven else None,
-                                  reconstruct=spec.reconstruction(), **spec.options)
-                seconds = time.perf_counter() - start
-                acc = evaluator(result.model)
-                certs = [b.certificate for b in result.blocks]
-                _append(csv_path, {**common, "method": spec.method, "label": spec.label,
-                                   "options": json.dumps(result.options, sort_keys=True),
-                                   "keep": keep, "accuracy": acc,
-                                   "parameters": result.params_after,
-                                   "params_before": result.params_before,
-                                   "macs": result.macs_after, "macs_before": result.macs_before,
-                                   "certificate": max(certs) if certs else math.nan,
-                                   "seconds": seconds, "data_driven": spec.data_driven,
-                                   "baseline_accuracy": baseline})
-                bar.set_postfix(method=spec.label, keep=keep, acc=f"{acc:.3f}", refresh=False)
-                bar.update(1)
+                rows.submit(model, test_set, calib if spec.data_driven else None,
+                            {**common, "baseline_accuracy": baseline}, spec, keep, evaluator)
+        rows.finish()
     finally:
+        rows.close()
         bar.close()
         if num_threads is not None:
             torch.set_num_threads(old_threads)
     write_outputs(out, read_rows(csv_path), notes=notes, title=title)
     return csv_path
+
+
+def compress_row(model: nn.Module, test_set: Dataset, calib: torch.Tensor | None,
+                 common: Mapping[str, Any], spec: MethodSpec, keep: float, *,
+                 device: str | None = None, num_threads: int | None = None,
+                 evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """One sweep row: compress ``model`` with ``spec`` at ``keep`` and evaluate it (the unit
+    of work of every executor; a Ray task runs exactly this on its own copy of the model,
+    moved to ``device``). ``evaluator``: one reused across the rows of a model (it caches
+    test-set features); None makes one."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    if device is not None:
+        model = model.to(device)
+        calib = None if calib is None else calib.to(device)
+    mapping = keep_mapping(model, common["layers"], keep)
+    start = time.perf_counter()
+    result = compress(model, mapping, spec.name, seed=int(common["seed"]), calibration=calib,
+                      reconstruct=spec.reconstruction(), **spec.options)
+    seconds = time.perf_counter() - start
+    acc = (evaluator or Evaluator(model, test_set))(result.model)
+    certs = [b.certificate for b in result.blocks]
+    return {**common, "method": spec.method, "label": spec.label,
+            "options": json.dumps(result.options, sort_keys=True), "keep": keep,
+            "accuracy": acc, "parameters": result.params_after,
+            "params_before": result.params_before, "macs": result.macs_after,
+            "macs_before": result.macs_before,
+            "certificate": max(certs) if certs else math.nan, "seconds": seconds,
+            "data_driven": spec.data_driven}
+
+
+class _LocalRows:
+    """The local executor: every row is computed when submitted and appended at once."""
+
+    def __init__(self, csv_path: Path, bar: tqdm, device: str | None,
+                 num_threads: int | None) -> None:
+        self.csv_path = csv_path
+        self.bar = bar
+        self.device = device
+        self.num_threads = num_threads
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Append a finished row."""
+        _append(self.csv_path, row)
+        if row["label"] != BASELINE:
+            acc = f"{row['accuracy']:.3f}"
+            self.bar.set_postfix(method=row["label"], keep=row["keep"], acc=acc, refresh=False)
+        self.bar.update(1)
+
+    def submit(self, model: nn.Module, test_set: Dataset, calib: torch.Tensor | None,
+               common: Mapping[str, Any], spec: MethodSpec, keep: float,
+               evaluator: Evaluator) -> None:
+        """Compute a row (see :func:`compress_row`; ``model`` is on the device already)."""
+        self.add(compress_row(model, test_set, calib, common, spec, keep,
+                              evaluator=evaluator))
+
+    def finish(self) -> None:
+        """Wait for every submitted row."""
+
+    def close(self) -> None:
+        """Release the executor's resources (after ``finish`` or an error)."""
+
+
+class _RayRows(_LocalRows):
+    """The Ray executor: a task per row, rows appended as they finish in submission order."""
+
+    def __init__(self, csv_path: Path, bar: tqdm, device: str | None,
+                 num_threads: int | None, address: str | None) -> None:
+        super().__init__(csv_path, bar, device, num_threads)
+        try:
+            import ray
+        except ModuleNotFoundError:
+            raise ValueError("executor='ray' needs the optional package ray: "
+                             "pip install 'tropnnc[ray]'") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        gpus = 1 if device is not None and torch.device(device).type == "cuda" else 0
+        threads = num_threads or torch.get_num_threads()
+        self.task = ray.remote(compress_row).options(num_cpus=1, num_gpus=gpus)
+        self.threads = threads
+        self.queue: list[Any] = []  # finished rows (dicts) and pending tasks, in order
+        self.shared: dict[int, Any] = {}  # id(object) -> (object, its object-store ref)
+
+    def _ref(self, obj: Any) -> Any:
+        """``obj`` in the object store, put once per model (the object is kept next to its
+        ref so that its id stays unique; submitted tasks hold their own refs)."""
+        if id(obj) not in self.shared:
+            self.shared[id(obj)] = (obj, self.ray.put(obj))
+        return self.shared[id(obj)][1]
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        self.queue.append(dict(row))
+        self._flush(wait=False)
+
+    def submit(self, model: nn.Module, test_set: Dataset, calib: torch.Tensor | None,
+               common: Mapping[str, Any], spec: MethodSpec, keep: float,
+               evaluator: Evaluator) -> None:
+        if id(model) not in self.shared:  # a new model: drop the previous one's objects
+            self.shared.clear()
+        model_ref = self._ref(model)
+        calib_ref = None if calib is None else self._ref(calib)
+        self.queue.append(self.task.remote(model_ref, self._ref(test_set), calib_ref,
+                                           dict(common), spec, keep, device=self.device,
+                                           num_threads=self.threads))
+        self._flush(wait=False)
+
+    def _flush(self, wait: bool) -> None:
+        """Append the finished rows at the head of the queue (all of them when ``wait``)."""
+        while self.queue:
+            head = self.queue[0]
+            if not isinstance(head, dict):
+                if not wait and not self.ray.wait([head], timeout=0)[0]:
+                    return
+                head = self.ray.get(head)
+            self.queue.pop(0)
+            super().add(head)
+
+    def finish(self) -> None:
+        self._flush(wait=True)
+
+    def close(self) -> None:
+        self.queue.clear()
+        self.shared.clear()
+        if self.started:
+            self.ray.shutdown()
+
+
+EXECUTORS = ("local", "ray")
+
+
+def _make_executor(name: str, csv_path: Path, bar: tqdm, address: str | None,
+                   device: str | None, num_threads: int | None) -> _LocalRows:
+    if name not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if name == "local":
+        if address is not None:
+            raise ValueError("address applies to executor='ray' only")
+        return _LocalRows(csv_path, bar, device, num_threads)
+    return _RayRows(csv_path, bar, device, num_threads, address)
 
 
 # ------------------------------------------------------------------------------------------
@@ -367,6 +506,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="extra train() options, e.g. patience=none val_fraction=0")
     p.add_argument("--threads", type=int)
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="ray: one Ray task per row (needs the extra tropnnc[ray])")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--device", help="where the rows run, e.g. cuda (default: cpu)")
     args = p.parse_args(None if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = dict(EXPERIMENTS.get(args.experiment, {}))
@@ -392,7 +535,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         layers=cfg.get("layers"), train_kw=train_kw, cache_dir=args.cache_dir,
         calibration_size=args.calibration_size or cfg.get("calibration_size", 2000),
         test_size=args.test_size or cfg.get("test_size"), num_threads=args.threads,
-        title=args.experiment)
+        title=args.experiment, executor=args.executor, address=args.address,
+        device=args.device)
     print((csv_path.parent / "table.md").read_text())
     return 0
 

@@ -46,9 +46,10 @@ import torch
 from torch import Tensor
 
 from ..block import Block, Merge, merge_by_shares
-from ..cluster import kmeans
+from ..cluster import combine_rows, kmeans_gram
 from . import register
 from ._base import Method
+from ._features import centred_feature_gram
 
 FEATURES = ("both", "producer")
 
@@ -71,35 +72,37 @@ class ModelFolding(Method):
         if self.features not in FEATURES:
             raise ValueError(f"model-folding: features must be one of {FEATURES}, "
                              f"got {self.features!r}")
-        feats = block.weight
-        if self.features == "both":
-            feats = torch.cat([block.weight, block.out.flatten(1)], dim=1)
         normalize = self.approx_repair if self.normalize is None else self.normalize
-        if normalize:
-            feats = robust_scale(feats)
-        clustering = kmeans(feats, k, generator=generator, restarts=self.restarts,
-                            iters=self.iters)
+        gram = centred_feature_gram(block, with_out=self.features == "both",
+                                    transform=robust_scale if normalize else None)
+        clustering = kmeans_gram(gram, k, generator=generator, restarts=self.restarts,
+                                 iters=self.iters)
         a = clustering.assignment
         rows = cluster_means(block.weight, a, k)
         if self.approx_repair:
             rows = fold_repair(block, a, rows)
-        shares = torch.ones(block.n, dtype=block.weight.dtype)
+        shares = torch.ones(block.n, dtype=block.weight.dtype, device=block.weight.device)
         return merge_by_shares(block, a, shares, rows)
 
 
 def robust_scale(x: Tensor) -> Tensor:
     """Per column: (x - median) / IQR (IQR 0 -> 1), as sklearn's RobustScaler."""
-    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=0)  # (3, D)
+    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype,
+                                       device=x.device), dim=0)  # (3, D)
     iqr = q[2] - q[0]
     return (x - q[1]) / torch.where(iqr > 0, iqr, torch.ones_like(iqr))
 
 
 def cluster_means(values: Tensor, assignment: Tensor, k: int) -> Tensor:
     """Mean (k, D) of ``values`` (n, D) over each cluster (0 for an empty cluster)."""
-    sums = torch.zeros((k, values.shape[1]), dtype=values.dtype).index_add_(0, assignment, values)
-    counts = torch.zeros(k, dtype=values.dtype).index_add_(
-        0, assignment, torch.ones_like(assignment, dtype=values.dtype))
-    return sums / counts.clamp(min=1)[:, None]
+    sums = torch.zeros((k, values.shape[1]), dtype=values.dtype,
+                       device=values.device).index_add_(0, assignment, values)
+    return sums / _counts(assignment, k, values.dtype).clamp(min=1)[:, None]
+
+
+def _counts(assignment: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """Cluster sizes (k,) in ``dtype``."""
+    return torch.bincount(assignment, minlength=k).to(dtype)
 
 
 def fold_repair(block: Block, assignment: Tensor, rows: Tensor) -> Tensor:
@@ -107,31 +110,31 @@ def fold_repair(block: Block, assignment: Tensor, rows: Tensor) -> Tensor:
 
     Predicted Var of the mean row's output: (1/n_c^2) sum_ij cos(a_i, a_j) s_i s_j with a_i
     the incoming weights (bias excluded); target std mean(s_i); see the module docstring.
+    The double sum is ||sum_i s_i a_i / ||a_i||| ^2, so every cluster's prediction comes
+    from one pass over the rows (no per-cluster Gram block).
     """
     a_in = block.weight[:, :-1]
+    k = rows.shape[0]
     if block.bn is not None:
         var = block.bn["running_var"].clamp(min=0)
         s = block.bn["weight"].abs() * (var / (var + block.bn["eps"])).sqrt()
         mu = block.bn["bias"]
     else:
-        s = a_in.norm(dim=1)
+        s = torch.linalg.vector_norm(a_in, dim=1)
         mu = torch.zeros_like(s)
-    norms = a_in.norm(dim=1).clamp(min=torch.finfo(a_in.dtype).tiny)
-    unit = a_in / norms[:, None]  # (n, d)
-    out = rows.clone()
-    for c in range(rows.shape[0]):
-        idx = (assignment == c).nonzero().squeeze(1)
-        n_c = idx.numel()
-        if n_c < 2:
-            continue
-        corr = unit[idx] @ unit[idx].T  # (n_c, n_c) cosine similarities
-        sc = s[idx]
-        pred = (sc[:, None] * corr * sc[None, :]).sum().clamp(min=0).sqrt() / n_c
-        target = sc.mean()
-        if pred <= 0 or target <= 0:
-            continue
-        scale = target / pred
-        mbar = mu[idx].mean()
-        out[c] = scale * rows[c]
-        out[c, -1] = out[c, -1] + (1.0 - scale) * mbar
+    s, mu = s.to(rows.dtype), mu.to(rows.dtype)
+    norms = torch.linalg.vector_norm(a_in, dim=1)
+    coef = torch.where(norms > 0, s / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
+    counts = _counts(assignment, k, rows.dtype)
+    size = counts.clamp(min=1)
+    direction_sum = combine_rows(a_in, assignment, coef.to(a_in.dtype), k)  # (k, d)
+    pred = torch.linalg.vector_norm(direction_sum, dim=1).to(rows.dtype) / size
+    target = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(
+        0, assignment, s) / size
+    mbar = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(
+        0, assignment, mu) / size
+    ok = (counts >= 2) & (pred > 0) & (target > 0)
+    scale = torch.where(ok, target / torch.where(ok, pred, 1.0), 1.0)
+    out = rows * scale[:, None]
+    out[:, -1] += (1.0 - scale) * mbar
     return out

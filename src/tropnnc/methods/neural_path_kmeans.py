@@ -2,7 +2,9 @@
 
 Each unit is the path vector (w_i, c_i); Euclidean k-means clusters them, and a cluster
 becomes one unit with the mean input vector and the summed output slices (bound P5b; the
-share-form certificate lambda_i = 1 reported by the library is never larger).
+share-form certificate lambda_i = 1 reported by the library is never larger). The path
+vectors are never concatenated: k-means runs on their centred Gram matrix
+(:func:`tropnnc.methods._features.centred_feature_gram`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..block import Block, Merge, merge_by_shares
-from ..cluster import kmeans
+from ..cluster import combine_rows, kmeans_gram
 from . import register
 from ._base import Method
+from ._features import centred_feature_gram
 
 
 @register
@@ -26,10 +29,11 @@ class NeuralPathKMeans(Method):
         self.iters = iters
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        paths = torch.cat([block.weight, block.out.flatten(1)], dim=1)  # (n, d+1+m*r)
-        clustering = kmeans(paths, k, generator=generator, restarts=self.restarts,
-                            iters=self.iters)
-        d = block.weight.shape[1]
-        rows = clustering.centroids[:, :d]
-        shares = torch.ones(block.n, dtype=block.weight.dtype)
-        return merge_by_shares(block, clustering.assignment, shares, rows)
+        gram = centred_feature_gram(block, with_out=True)  # of the paths (w_i, c_i)
+        clustering = kmeans_gram(gram, k, generator=generator, restarts=self.restarts,
+                                 iters=self.iters)
+        a, alpha = clustering.assignment, clustering.coefficients.to(block.weight.dtype)
+        total = torch.zeros(k, dtype=alpha.dtype, device=alpha.device).index_add_(0, a, alpha)
+        rows = combine_rows(block.weight, a, alpha, k) / total[:, None]  # cluster means
+        shares = torch.ones(block.n, dtype=block.weight.dtype, device=block.weight.device)
+        return merge_by_shares(block, a, shares, rows)
