@@ -153,13 +153,14 @@ def test_not_a_module():
         tropnnc.compress({"weight": torch.zeros(2)}, 0.5)
 
 
-def test_non_relu_activation_skipped_or_refused():
-    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(),
+def test_unsupported_activation_skipped_or_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
                           nn.Linear(8, 2))
     result = tropnnc.compress(model, 0.5)
     assert [b.layer for b in result.blocks] == ["2"]
-    assert any("1 (GELU) after 0 is not a ReLU" in s.reason for s in result.skipped)
-    with pytest.raises(ValueError, match="strict=True.*GELU"):
+    assert any("1 (Tanh) after 0 is not a supported activation" in s.reason
+               for s in result.skipped)
+    with pytest.raises(ValueError, match="strict=True.*Tanh"):
         tropnnc.compress(model, 0.5, strict=True)
 
 

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .block import Block, Merge, certificate, select
+from .block import Block, Merge, certificate, homogeneous, rescale_units, select
 from .budget import Allocation, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
-from .graph import BlockSpec, Skip, discover
+from .graph import BlockSpec, GroupSpec, Skip, discover
 from .methods import get_method
 from .repair import bn_repair, check_repair
 from .surgery import apply, extract, get_module
@@ -142,6 +142,12 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
                          "inputs> (a tensor or an iterable of batches)")
     _check_finite(model)
     specs, skipped = discover(model)
+    if budget is not None or batches is not None:  # (groups: data-free, keep only for now)
+        why = "a budget" if budget is not None else "calibration data"
+        skipped += [Skip(s.producer, f"channel group {', '.join(s.layers)} is not compressed "
+                                     f"with {why} (groups take keep only)")
+                    for s in specs if isinstance(s, GroupSpec)]
+        specs = [s for s in specs if not isinstance(s, GroupSpec)]
     if strict and any(s.refused for s in skipped):
         bad = next(s for s in skipped if s.refused)
         raise ValueError(f"compress(strict=True): cannot compress {bad.layer}: {bad.reason}")
@@ -190,6 +196,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
             reads, positions = capture_reads(work, spec, batches, None, generator)
             block = replace(block, reads=reads)
         merge = compress_block(algo, block, widths[spec.producer], generator)
+        if not homogeneous(block.activation):  # keep merged units at their members' scale
+            merge = rescale_units(merge)
         repair_note = None
         if repair is not None:
             if batches is not None and not algo.data_driven:
