@@ -242,3 +242,38 @@ def test_budget_and_calibration_leave_groups():
     names = [s.layer for s in result.skipped]
     assert "conv1" in names and "layer2.0.downsample.0" in names
     assert any("groups take keep only" in s.reason for s in result.skipped)
+
+
+class Excite(nn.Module):
+    """conv-BN-SiLU scaled by a squeeze-and-excitation gate, then a projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Conv2d(8, 3, 1)
+        self.fc2 = nn.Conv2d(3, 8, 1)
+        self.project = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.silu(self.bn(self.conv(x)))
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        return self.head(F.relu(self.project(h * gate)).mean((2, 3)))
+
+
+def test_squeeze_excitation_gate_joins_the_group():
+    model = Excite().eval()
+    randomize_bn(model)
+    model = model.double()
+    specs, skips = discover(model)
+    group = specs[0]
+    assert [p.layer for p in group.producers] == ["conv", "fc2"]
+    assert [c.layer for c in group.consumers] == ["fc1", "project"]
+    assert group.activation == "sigmoid+silu+gated+sum"
+    assert [s.producer for s in specs[1:]] == ["fc1", "project"] and not skips[:-1]
+    duplicate(model, [("conv", "bn"), ("fc2", None)], [(0, 1), (2, 6)])
+    result = tropnnc.compress(model, {"conv": 6})
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)
+    assert result.model.fc2.out_channels == result.model.fc1.in_channels == 6

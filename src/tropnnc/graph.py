@@ -49,6 +49,10 @@ ACCEPTED_MODULES = {nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu",
                     nn.Hardswish: "hardswish"}
 ACCEPTED_FUNCTIONS = {F.relu6: "relu6", F.gelu: "gelu", F.silu: "silu",
                       F.hardswish: "hardswish"}
+#: element-wise gates a channel group may pass (squeeze-and-excitation scales): never a
+#: block's activation, no certificate
+GATE_MODULES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+GATE_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid"}
 RESIDUAL_OPS = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 CONCAT_OPS = {torch.cat, torch.concat, torch.stack}
 #: products of two activations or attention: not a fixed linear read of the units
@@ -384,6 +388,15 @@ def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
             return f"leaky_relu:{slope:g}" if isinstance(slope, (int, float)) else None
         return ACCEPTED_FUNCTIONS.get(node.target)
     return None
+
+
+def _gate(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The name of the element-wise gate ``node`` applies (sigmoid), or None."""
+    if node.op == "call_module":
+        return GATE_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return GATE_FUNCTIONS.get(node.target)
+    return "sigmoid" if node.op == "call_method" and node.target == "sigmoid" else None
 
 
 def _is_pre_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -737,8 +750,9 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
                 block_inputs(node, f"passes through {label} away from its producer (a "
                                    "BatchNorm is folded only directly after the producer)")
             continue
-        activation = _activation(node, modules)
-        if activation is not None or _is_pass(node, modules) or _is_pre_relu(node, modules):
+        activation = _activation(node, modules) or _gate(node, modules)
+        if activation is not None or _is_pass(node, modules) or _is_pre_relu(node, modules) \
+                or _label(node) == "stochastic_depth":  # (torchvision: identity in eval)
             if src not in segs:
                 continue
             if activation is not None:
