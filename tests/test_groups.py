@@ -277,3 +277,29 @@ def test_squeeze_excitation_gate_joins_the_group():
     x = torch.rand(3, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)
     assert result.model.fc2.out_channels == result.model.fc1.in_channels == 6
+
+
+class QKV(nn.Module):
+    """A timm-style attention: one qkv projection split into heads, then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):  # (B, T, 8)
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        return self.fc2(F.gelu(self.fc1(self.proj(h)))).mean(1)
+
+
+def test_qkv_projection_is_attention_left_alone():
+    specs, skips = discover(QKV())
+    assert [(s.producer, s.activation) for s in specs] == [("proj", "identity"), ("fc1", "gelu")]
+    qkv = next(s for s in skips if s.layer == "qkv")
+    assert not qkv.refused
+    assert "qkv feeds scaled_dot_product_attention()" in qkv.reason
+    assert "attention (query, key, value) is left alone" in qkv.reason

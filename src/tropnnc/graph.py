@@ -418,6 +418,26 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
 
 
+def _attention_ahead(node: fx.Node, modules: dict[str, nn.Module],
+                     hops: int = 6) -> fx.Node | None:
+    """The attention op that ``node``'s values reach through at most ``hops`` reshapes,
+    index or split ops (a qkv projection's heads), or None."""
+    frontier = [node]
+    for _ in range(hops):
+        nxt = []
+        for cur in frontier:
+            for user in cur.users:
+                mod = modules.get(user.target) if user.op == "call_module" else None
+                category = _category(user, mod)
+                if category == "attention":
+                    return user
+                if category == "reshape" or user.target in (operator.getitem, torch.unbind,
+                                                            "unbind", "__getitem__"):
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
 def _is_token_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A flatten of the spatial dimensions then a transpose that puts the channels last
     (``x.flatten(2).transpose(1, 2)``): a patch embedding."""
@@ -604,6 +624,10 @@ def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
         return Skip(name, f"{described} after {name} multiplies activations (attention or "
                           "gating): not a fixed linear read of the units; left alone")
     if category == "reshape":
+        attention = _attention_ahead(node, modules)
+        if attention is not None:
+            return Skip(name, f"{name} feeds {_kind(attention, modules)} through {described}: "
+                              "attention (query, key, value) is left alone")
         if _is_token_flatten(node, modules):
             return Skip(name, f"{described} after {name} turns its channels into the features "
                               "of tokens (a flatten of H, W); left alone")
