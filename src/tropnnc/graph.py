@@ -749,7 +749,8 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
         label = _kind(node, modules)
         if isinstance(mod, nn.Conv2d):  # grouped (a plain conv is a producer, above)
             depthwise = mod.groups == mod.in_channels == mod.out_channels
-            if depthwise and src in segs and len(segs[src]) == 1 and calls[node.target] == 1:
+            if depthwise and src in segs and len(segs[src]) == 1 \
+                    and segs[src][0][0] is not None and calls[node.target] == 1:
                 space = segs[src][0][0].find()
                 space.channelwise.append((order, Producer(node.target, None)))
                 layer_of[node] = space.channelwise[-1][1]
