@@ -303,3 +303,15 @@ def test_qkv_projection_is_attention_left_alone():
     assert not qkv.refused
     assert "qkv feeds scaled_dot_product_attention()" in qkv.reason
     assert "attention (query, key, value) is left alone" in qkv.reason
+
+
+def test_cli_info_names_each_group_member(capsys):
+    from tropnnc.cli import main
+
+    assert main(["info", "resnet-mini"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert "compressible in channel group conv1 (5 layers) (folds layer1.0.bn2)" \
+        in lines["layer1.0.conv2"]
+    assert "compressible -> layer1.0.conv2 (folds layer1.0.bn1)" in lines["layer1.0.conv1"]
+    assert "channel group layer2.0.downsample.0 (3 layers) (folds layer2.0.downsample.1)" \
+        in lines["layer2.0.downsample.0"]
