@@ -157,13 +157,14 @@ def test_not_a_module():
         tropnnc.compress({"weight": torch.zeros(2)}, 0.5)
 
 
-def test_non_relu_activation_skipped_or_refused():
-    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(),
+def test_unsupported_activation_skipped_or_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
                           nn.Linear(8, 2))
     result = tropnnc.compress(model, 0.5)
     assert [b.layer for b in result.blocks] == ["2"]
-    assert any("1 (GELU) after 0 is not a ReLU" in s.reason for s in result.skipped)
-    with pytest.raises(ValueError, match="strict=True.*GELU"):
+    assert any("1 (Tanh) after 0 is not a supported activation" in s.reason
+               for s in result.skipped)
+    with pytest.raises(ValueError, match="strict=True.*Tanh"):
         tropnnc.compress(model, 0.5, strict=True)
 
 
@@ -278,13 +279,13 @@ def test_seed_and_radius_ranges():
 
 def test_no_compressible_block_message_is_a_summary():
     """Dozens of skipped layers give one short line: counts per reason, the first three."""
-    layers = [m for _ in range(30) for m in (nn.Linear(4, 4), nn.GELU())] + [nn.Linear(4, 2)]
+    layers = [m for _ in range(30) for m in (nn.Linear(4, 4), nn.Tanh())] + [nn.Linear(4, 2)]
     with pytest.raises(ValueError) as err:
         tropnnc.compress(nn.Sequential(*layers), 0.5)
     message = str(err.value)
     assert message.startswith("compress: Sequential has no compressible block (producer -> "
-                              "ReLU -> consumer); skipped: 30 non-ReLU activation, 1 output "
-                              "layer; first: 0: 1 (GELU) after 0 is not a ReLU")
+                              "ReLU -> consumer); skipped: 30 unsupported activation, 1 output "
+                              "layer; first: 0: 1 (Tanh) after 0 is not a supported activation")
     assert message.endswith("(and 28 more); verbose logging (-v) lists every layer")
     assert len(message) < 500 and "\n" not in message
 

@@ -25,8 +25,8 @@ NETS = textwrap.dedent('''
     from torch import nn
 
 
-    def gelu_mlp():
-        model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(),
+    def tanh_mlp():
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
                               nn.Linear(8, 2))
         model.input_shape = (6,)
         return model
@@ -210,17 +210,17 @@ def test_compress_overwrite_and_strict(tmp_path, capsys, lenet_files, nets):
     assert run(capsys, *args, "--keep", "0.2", "--overwrite")[0] == 0
     assert io.load(out)[1].out_features == 60
     torch.manual_seed(0)
-    gelu = io.load_model(f"{FACTORY_MODULE}:gelu_mlp", random_init=True)
-    save_file(gelu.state_dict(), str(tmp_path / "g.safetensors"))
-    spec = [f"{FACTORY_MODULE}:gelu_mlp", "--weights", tmp_path / "g.safetensors"]
+    tanh = io.load_model(f"{FACTORY_MODULE}:tanh_mlp", random_init=True)
+    save_file(tanh.state_dict(), str(tmp_path / "g.safetensors"))
+    spec = [f"{FACTORY_MODULE}:tanh_mlp", "--weights", tmp_path / "g.safetensors"]
     code, _, err = run(capsys, "compress", *spec, "-o", tmp_path / "g", "--strict")
-    assert code == 1 and "strict=True" in err and "GELU" in err
+    assert code == 1 and "strict=True" in err and "Tanh" in err
     code, _, err = run(capsys, "compress", *spec, "-o", tmp_path / "g")
     assert code == 0, err
     code, _, err = run(capsys, "info", tmp_path / "g")
     assert code == 1 and "--trust-code" in err
     code, stdout, _ = run(capsys, "info", tmp_path / "g", "--trust-code")
-    assert code == 0 and "1 (GELU) after 0 is not a ReLU" in stdout
+    assert code == 0 and "1 (Tanh) after 0 is not a supported activation" in stdout
 
 
 def test_compress_bfloat16_weights_keeps_the_dtype_and_info_shows_the_plan(tmp_path, capsys):

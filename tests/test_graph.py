@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tropnnc
-from tropnnc.graph import TraceError, discover
+from tropnnc.graph import Consumer, GroupSpec, Producer, TraceError, discover
 
 
 class Wrap(nn.Module):
@@ -114,27 +114,42 @@ def check_refused(model: nn.Module, layer: str, *names: str, example=None,
         assert name in str(err.value)
 
 
-@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.LeakyReLU(0.1),
-                                 nn.Sigmoid(), nn.ELU(), nn.ReLU6(), nn.PReLU()])
-def test_non_relu_activation_refused(act):
+@pytest.mark.parametrize("act,name", [(nn.GELU(), "gelu"), (nn.SiLU(), "silu"),
+                                      (nn.LeakyReLU(0.1), "leaky_relu:0.1"),
+                                      (nn.ReLU6(), "relu6"), (nn.Hardswish(), "hardswish")])
+def test_accepted_activations_are_blocks(act, name):
+    blocks, _ = discover(build(act))
+    assert [(b.producer, b.consumer, b.activation) for b in blocks] == [
+        ("0", "2", "relu"), ("2", "4", name), ("4", "6", "relu")]
+
+
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.Sigmoid(), nn.ELU(), nn.PReLU()])
+def test_other_activations_refused(act):
     kind = type(act).__name__
-    check_refused(build(act), "2", f"3 ({kind})", "not a ReLU")
+    check_refused(build(act), "2", f"3 ({kind})", "not a supported activation")
 
 
 def test_non_relu_conv_and_functional():
-    check_refused(build(nn.SiLU(), conv=True), "2", "3 (SiLU)", example=torch.zeros(1, 3, 4, 4))
+    blocks, _ = discover(build(nn.SiLU(), conv=True))
+    assert [(b.producer, b.activation) for b in blocks] == [("0", "relu"), ("2", "silu"),
+                                                             ("4", "relu")]
 
-    class Gelu(nn.Module):
-        def __init__(self) -> None:
+    class Functional(nn.Module):
+        def __init__(self, fn) -> None:
             super().__init__()
             self.inner = nn.Linear(6, 8)
             self.mid = nn.Linear(8, 8)
             self.out = nn.Linear(8, 2)
+            self.fn = fn
 
         def forward(self, x):
-            return self.out(F.relu(self.mid(F.gelu(self.inner(x)))))
+            return self.out(F.relu(self.mid(self.fn(self.inner(x)))))
 
-    check_refused(Gelu(), "inner", "gelu()", "not a ReLU")
+    blocks, _ = discover(Functional(F.gelu))
+    assert [(b.producer, b.activation) for b in blocks] == [("inner", "gelu"), ("mid", "relu")]
+    blocks, _ = discover(Functional(lambda x: F.leaky_relu(x, negative_slope=0.2)))
+    assert blocks[0].activation == "leaky_relu:0.2"
+    check_refused(Functional(torch.tanh), "inner", "tanh()", "not a supported activation")
 
 
 def test_grouped_and_depthwise_convs_refused():
@@ -145,10 +160,18 @@ def test_grouped_and_depthwise_convs_refused():
     depthwise = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
                               nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
                               nn.Flatten(), nn.Linear(8 * 16, 8), nn.ReLU(), nn.Linear(8, 2))
-    check_refused(depthwise, "0", "consumer 3 (Conv2d)", "depthwise", "groups=8",
+    blocks, skips = discover(depthwise)  # the depthwise filters merge with the units
+    group = blocks[0]
+    assert isinstance(group, GroupSpec)
+    assert group.producers == (Producer("0", "1"),) and group.channelwise == (Producer("3", None),)
+    assert group.consumers == (Consumer("6", (("0", None),), 0, True),)
+    assert group.activation == "relu+depthwise"
+    assert [s.layer for s in skips] == ["8"]
+    multiplier = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8),
+                               nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4, 8), nn.ReLU(),
+                               nn.Linear(8, 2))
+    check_refused(multiplier, "0", "read by 2 (Conv2d), a grouped convolution", "groups=8",
                   example=torch.zeros(1, 3, 4, 4))
-    _, skips = discover(depthwise)
-    assert any(s.layer == "3" and "groups=8" in s.reason and s.refused for s in skips)
 
 
 class Reshaper(nn.Module):
@@ -219,7 +242,7 @@ def test_linear_read_through_flatten_of_tokens_refused():
                   example=torch.zeros(1, 3, 6))
 
 
-def test_attention_refused():
+def test_attention_left_alone():
     class Attn(nn.Module):
         def __init__(self, functional: bool) -> None:
             super().__init__()
@@ -238,10 +261,14 @@ def test_attention_refused():
                 h = self.attn(h, h, h)[0]
             return self.out(F.relu(self.mid(h)))
 
-    check_refused(Attn(False), "q", "attn (MultiheadAttention)", "attention",
-                  example=torch.zeros(1, 3, 6))
-    check_refused(Attn(True), "q", "scaled_dot_product_attention()", "attention",
-                  example=torch.zeros(1, 3, 6))
+    for functional, name in ((False, "attn (MultiheadAttention)"),
+                             (True, "scaled_dot_product_attention()")):
+        model = Attn(functional)
+        _, skips = discover(model)
+        skip = next(s for s in skips if s.layer == "q")
+        assert not skip.refused and name in skip.reason and "left alone" in skip.reason
+        result = tropnnc.compress(model, 0.5, strict=True, example_inputs=torch.zeros(1, 3, 6))
+        assert [b.layer for b in result.blocks] == ["mid"]
 
 
 def test_batchnorm_after_relu_and_unfoldable_batchnorm_refused():
@@ -270,39 +297,49 @@ def test_batchnorm_after_relu_and_unfoldable_batchnorm_refused():
 
 def test_refusal_is_logged_as_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="tropnnc.api"):
-        result = tropnnc.compress(build(nn.GELU()), 0.5)
+        result = tropnnc.compress(build(nn.Tanh()), 0.5)
     assert [b.layer for b in result.blocks] == ["0", "4"]
-    assert any("skipping 2" in r.getMessage() and "GELU" in r.getMessage()
+    assert any("skipping 2" in r.getMessage() and "Tanh" in r.getMessage()
                for r in caplog.records)
 
 
-def test_residual_and_concat_skips_are_not_refusals():
-    class Branches(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Conv2d(3, 8, 3, padding=1)
-            self.inner = nn.Conv2d(8, 8, 3, padding=1)
-            self.last = nn.Conv2d(8, 8, 3, padding=1)
-            self.side = nn.Conv2d(8, 4, 1)
-            self.fuse = nn.Conv2d(12, 8, 1)
-            self.head = nn.Linear(8, 2)
+class Branches(nn.Module):
+    """A residual stream read by a branch, a side conv and (through a concatenation) fuse."""
 
-        def forward(self, x):
-            x = F.relu(self.stem(x))
-            y = self.last(F.relu(self.inner(x)))
-            x = F.relu(x + y)
-            x = torch.cat([x, self.side(x)], 1)
-            return self.head(F.relu(self.fuse(x)).mean((2, 3)))
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1)
+        self.last = nn.Conv2d(8, 8, 3, padding=1)
+        self.side = nn.Conv2d(8, 4, 1)
+        self.fuse = nn.Conv2d(12, 8, 1)
+        self.head = nn.Linear(8, 2)
 
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = self.last(F.relu(self.inner(x)))
+        x = F.relu(x + y)
+        x = torch.cat([x, self.side(x)], 1)
+        return self.head(F.relu(self.fuse(x)).mean((2, 3)))
+
+
+def test_residual_and_concat_channels_form_groups():
     blocks, skips = discover(Branches())
-    assert [(b.producer, b.consumer) for b in blocks] == [("inner", "last"), ("fuse", "head")]
-    reasons = {s.layer: s for s in skips}
-    assert not any(s.refused for s in skips)
-    assert "the output of relu (after stem) has 2 users (add, inner)" in reasons["stem"].reason
-    assert "residual or branching" in reasons["stem"].reason
-    assert "last is the last layer of a residual branch: it feeds a residual addition (add)" \
-        in reasons["last"].reason
-    assert "side feeds a concatenation (cat)" in reasons["side"].reason
+    assert [type(b).__name__ for b in blocks] == ["GroupSpec", "BlockSpec", "GroupSpec",
+                                                  "BlockSpec"]
+    stream, inner, side, fuse = blocks
+    assert [p.layer for p in stream.producers] == ["stem", "last"]
+    segments = (("stem", None), ("side", None))
+    assert stream.consumers == (Consumer("inner", (("stem", None),), 0, False),
+                                Consumer("side", (("stem", None),), 0, False),
+                                Consumer("fuse", segments, 0, False))
+    assert stream.activation == "relu" and stream.between == ("add", "cat")
+    assert (inner.producer, inner.consumer) == ("inner", "last")
+    assert side.producers == (Producer("side", None),)
+    assert side.consumers == (Consumer("fuse", segments, 1, False),)
+    assert side.activation == "identity"  # no activation between side and fuse
+    assert (fuse.producer, fuse.consumer) == ("fuse", "head")
+    assert [s.layer for s in skips] == ["head"]
 
 
 def test_shared_weights_and_untraceable():

@@ -24,6 +24,10 @@ SMALL = {
     "resnet20": {"width": 4},
     "resnet18": {"width": 4, "input_size": 32, "num_classes": 10},
     "resnet50": {"width": 4, "input_size": 32, "num_classes": 10, "in_channels": 1},
+    "resnet-mini": {"widths": [4, 8], "input_size": 16},
+    "densenet-mini": {"growth": 3, "layers": 2, "input_size": 16},
+    "mobilenetv2-mini": {"cfg": [[8, 1], [8, 2]], "expand": 2, "input_size": 16},
+    "vit-mini": {"dim": 8, "depth": 1, "input_size": 14},
 }
 
 
@@ -90,21 +94,22 @@ def test_vgg16_imagenet_layout():
     assert result.model(small).shape == (2, 1000)
 
 
-def test_resnet50_bottlenecks_compress_conv1_and_conv2():
+def test_resnet50_bottlenecks_and_stream_compress():
     torch.manual_seed(0)
     model = zoo.build("resnet50", **SMALL["resnet50"]).eval()
     x = torch.rand(2, *model.input_shape)
     result = tropnnc.compress(model, 0.5, "l1")
     layers = [b.layer for b in result.blocks]
-    assert len(layers) == 32
-    assert all(name.endswith((".conv1", ".conv2")) for name in layers)
+    assert len(layers) == 32 + 5  # + the stem and one stream group per stage
+    streams = ["conv1"] + [f"layer{i}.0.downsample.0" for i in range(1, 5)]
+    assert [name for name in layers if not name.endswith((".conv1", ".conv2"))] == streams
     for stage, count in zip(range(1, 5), (3, 4, 6, 3), strict=True):
         for j in range(count):
             old = model.get_submodule(f"layer{stage}.{j}")
             new = result.model.get_submodule(f"layer{stage}.{j}")
             assert new.conv1.out_channels == old.conv1.out_channels // 2
             assert new.conv2.out_channels == old.conv2.out_channels // 2
-            assert new.conv3.out_channels == old.conv3.out_channels
+            assert new.conv3.out_channels == old.conv3.out_channels // 2
     assert result.model(x).shape == (2, 10)
     same = tropnnc.compress(model, 1.0, "l1")
     torch.testing.assert_close(same.model(x), model(x), rtol=1e-4, atol=1e-5)

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block import Block, Merge, certificate, select
+from .block import Block, Merge, certificate, homogeneous, rescale_units, select
 from .bounds import block_radii
 from .budget import Allocation, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
-from .graph import BlockSpec, Skip, discover
+from .graph import BlockSpec, GroupSpec, Skip, discover
 from .methods import get_method
 from .reconstruct import Reconstruction, reconstruct_merge
 from .repair import bn_repair, check_repair
@@ -193,6 +193,12 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
     if not 0 <= int(seed) < 1 << 32:
         raise ValueError(f"compress: seed must be an integer in [0, 2**32), got {seed}")
     specs, skipped = discover(model)
+    if budget is not None or batches is not None:  # (groups: data-free, keep only for now)
+        why = "a budget" if budget is not None else "calibration data"
+        skipped += [Skip(s.producer, f"channel group {', '.join(s.layers)} is not compressed "
+                                     f"with {why} (groups take keep only)")
+                    for s in specs if isinstance(s, GroupSpec)]
+        specs = [s for s in specs if not isinstance(s, GroupSpec)]
     if strict and any(s.refused for s in skipped):
         bad = next(s for s in skipped if s.refused)
         raise ValueError(f"compress(strict=True): cannot compress {bad.layer}: {bad.reason}")
@@ -258,6 +264,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
             reads, positions = capture_reads(work, spec, batches, None, generator)
             block = replace(block, reads=reads)
         merge = compress_block(algo, block, widths[spec.producer], generator)
+        if not homogeneous(block.activation):  # keep merged units at their members' scale
+            merge = rescale_units(merge)
         repair_note = None
         if repair is not None:
             if batches is not None and not algo.data_driven:
@@ -268,6 +276,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
         if recon is not None:
             if batches is not None and not algo.data_driven:
                 recon_note = "replaced by the least-squares refit on calibration data"
+            elif isinstance(spec, GroupSpec):  # rows of several producers: no input model
+                recon_note = "a channel group keeps the method's slices"
             else:
                 merge, recon_note = reconstruct_merge(block, merge, recon, generator)
                 if recon_note is not None:
@@ -426,7 +436,7 @@ def _check_single_output(model: nn.Module, specs: list[BlockSpec], widths: dict[
 #: short names for the reasons a layer is not compressed (first match in the reason text)
 SKIP_KINDS = (("output", "output layer"), ("residual", "residual connection"),
               ("concatenation", "concatenation"), ("grouped or depthwise", "grouped conv"),
-              ("not a ReLU", "non-ReLU activation"), ("times", "shared module"),
+              ("not a supported activation", "unsupported activation"), ("times", "shared module"),
               ("multiplies", "attention/gating"), ("reshape", "reshape"),
               ("linear bottleneck", "no activation"), ("before the ReLU", "op before the ReLU"))
 

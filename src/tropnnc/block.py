@@ -52,7 +52,10 @@ class Block:
     # plus 'raw', the unfolded rows (n, d+1)
     bn: dict[str, Tensor] | None = field(default=None, compare=False)
     reads: Tensor | None = field(default=None, compare=False)  # (S, n, r) calibration reads
-    activation: str = "relu"  # the producer's activation (see tropnnc.moments.ACTIVATIONS)
+    #: what each unit applies before the consumer reads it: "relu", "identity", "relu6",
+    #: "gelu", "silu", "hardswish", "leaky_relu:<slope>", or for a channel group the
+    #: channel-wise ops joined by "+" (e.g. "relu6+depthwise"); see :func:`certificate`
+    activation: str = "relu"
 
     @property
     def n(self) -> int:
@@ -270,20 +273,73 @@ def compose(first: Merge, second: Merge) -> Merge:
     return Merge(second.rows, second.out, assignment, shares, kept)
 
 
+def homogeneous(activation: str) -> bool:
+    """True when s(lambda z) = lambda s(z) for lambda >= 0 (ReLU, identity, LeakyReLU): a
+    merged unit's scale can then sit in its row or in its slices alike."""
+    return activation in ("relu", "identity") or activation.startswith("leaky_relu:")
+
+
+def rescale_units(merge: Merge) -> Merge:
+    """The same share-form merge with each new unit k's scale moved from its slices into its
+    row: rows_k * s_k and slices / s_k, s_k the mean share of its members (1 when 0).
+
+    For positively homogeneous activations this changes nothing; for the others (ReLU6,
+    GELU, SiLU, depthwise chains) it keeps a unit at the scale of the units it replaces,
+    so merged duplicates reproduce them exactly and shares stay near 1. Merges without
+    shares are returned as they are.
+    """
+    if merge.shares is None or merge.k == 0:
+        return merge
+    a = merge.assignment
+    live = a >= 0
+    lam = merge.shares.to(merge.rows.dtype)
+    total = torch.zeros(merge.k, dtype=lam.dtype, device=lam.device).index_add_(
+        0, a[live], lam[live])
+    count = torch.zeros_like(total).index_add_(0, a[live], torch.ones_like(lam[live]))
+    scale = torch.where(total > 0, total / count.clamp(min=1), 1.0)
+    shares = torch.where(live, merge.shares / scale[a.clamp(min=0)].to(merge.shares.dtype),
+                         merge.shares)
+    return replace(merge, rows=merge.rows * scale[:, None],
+                   out=merge.out / scale.to(merge.out.dtype)[:, None, None], shares=shares)
+
+
+def lipschitz(activation: str) -> float | None:
+    """The Lipschitz constant of a positively homogeneous piecewise-linear activation (ReLU,
+    identity, LeakyReLU) or of ReLU6; None for any other (no certificate)."""
+    if activation in ("relu", "identity", "relu6"):
+        return 1.0
+    if activation.startswith("leaky_relu:"):
+        return max(1.0, abs(float(activation.partition(":")[2])))
+    return None
+
+
 def certificate(block: Block, merge: Merge) -> Tensor:
     """Per-output bound (m,) on |y_j - y~_j| over ||(x,1)|| <= rho; NaN if unknown.
 
-    Share-form merges: sum_i |c_ji| ||w_i - lambda_i u_a(i)|| (P5). Merges with a
-    ``projection`` P: :func:`projection_errors` per unit instead. Either way plus the change
-    of the consumer bias.
+    Unit i merged with share lambda_i into row u errs by at most
+    L ||w_i - lambda_i u|| rho when its activation s is positively homogeneous with Lipschitz
+    constant L (s(lambda z) = lambda s(z)). ReLU6 is 1-Lipschitz but clips at 6, and
+    |relu6(lambda z) - lambda relu6(z)| <= 6 |1 - lambda|, which is added per unit (a
+    dropped unit errs by at most min(6, ||w_i|| rho)). Merges with a ``projection`` P (a
+    reconstruction) use :func:`projection_errors` per unit instead (homogeneous activations
+    only). Other activations: NaN. Plus the change of the consumer bias.
     """
+    factor = lipschitz(block.activation)
+    nan = torch.full((block.m,), math.nan, dtype=torch.float64, device=block.out.device)
+    if factor is None:
+        return nan
     if merge.shares is not None:
         err = share_errors(block.weight, merge.assignment, merge.shares, merge.rows)  # (n,)
-    elif merge.projection is not None:
+    elif merge.projection is not None and block.activation != "relu6":
         err = projection_errors(block.weight, merge.assignment, merge.projection, merge.rows)
     else:
-        return torch.full((block.m,), math.nan, dtype=torch.float64, device=block.out.device)
-    bound = block.rho * block.weighted_out_abs(err)
+        return nan
+    err = err * (block.rho * factor)
+    if block.activation == "relu6":
+        lam = merge.shares.to(err.dtype)
+        err = torch.where(merge.assignment >= 0, err + 6.0 * (1.0 - lam).abs(),
+                          err.clamp(max=6.0))
+    bound = block.weighted_out_abs(err)
     if merge.consumer_bias is not None:  # C3's |beta_j - beta~_j| (no consumer bias: 0)
         base = (block.consumer_bias if block.consumer_bias is not None
                 else torch.zeros(block.m, dtype=torch.float64, device=bound.device))

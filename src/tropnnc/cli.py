@@ -738,7 +738,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         untraced = None
     except TraceError as exc:
         specs, skipped, untraced = [], [], str(exc)
-    blocks = {s.producer: s for s in specs}
+    members = {p.layer: (s, p) for s in specs  # every producer and depthwise member
+               for p in (*s.producers, *getattr(s, "channelwise", ()))}
+    blocks = {name: s for name, (s, _) in members.items()}
     reasons = {s.layer: s.reason for s in skipped}
     example = _example_inputs(model, args.input_shape)
     macs: dict[str, int] = {}
@@ -756,8 +758,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         linear = isinstance(mod, nn.Linear)
         spec = blocks.get(name)
         if spec is not None:
-            status = f"compressible -> {spec.consumer}"
-            status += f" (folds {spec.bn})" if spec.bn else ""
+            status = (f"compressible -> {spec.consumer}" if not hasattr(spec, "channelwise")
+                      else f"compressible in channel group {spec.producer} "
+                           f"({len(spec.layers)} layers)")
+            bn = members[name][1].bn
+            status += f" (folds {bn})" if bn else ""
         else:
             status = f"no: {reasons.get(name) or untraced or 'not reached by the forward pass'}"
         rows.append({
@@ -768,7 +773,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "params": sum(p.numel() for p in mod.parameters(recurse=False)),
             "macs": macs.get(name), "compressible": spec is not None,
             "consumer": None if spec is None else spec.consumer,
-            "batchnorm": None if spec is None else spec.bn, "status": status,
+            "batchnorm": None if spec is None else members[name][1].bn, "status": status,
         })
     total_params = count_params(model)
     total_macs = sum(macs.values()) if macs else None

@@ -43,6 +43,16 @@ ACTIVATION_FUNCTIONS = {F.gelu, F.silu, torch.tanh, torch.sigmoid, F.elu, F.leak
                         F.logsigmoid, F.softsign, F.softmax, F.log_softmax, torch.softmax,
                         torch.exp, torch.abs}
 ACTIVATION_METHODS = {"sigmoid", "tanh", "exp", "abs", "softmax", "sigmoid_", "tanh_", "abs_"}
+#: activations accepted besides ReLU: blocks with them are compressed by the same methods;
+#: only ReLU, LeakyReLU and ReLU6 (piecewise linear) have a certificate
+ACCEPTED_MODULES = {nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu",
+                    nn.Hardswish: "hardswish"}
+ACCEPTED_FUNCTIONS = {F.relu6: "relu6", F.gelu: "gelu", F.silu: "silu",
+                      F.hardswish: "hardswish"}
+#: element-wise gates a channel group may pass (squeeze-and-excitation scales): never a
+#: block's activation, no certificate
+GATE_MODULES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+GATE_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid"}
 RESIDUAL_OPS = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 CONCAT_OPS = {torch.cat, torch.concat, torch.stack}
 #: products of two activations or attention: not a fixed linear read of the units
@@ -77,6 +87,73 @@ class BlockSpec:
     bn: str | None  # BatchNorm folded into the producer
     between: tuple[str, ...]  # the ops on the path besides BatchNorm and the ReLU, for reports
     flatten: bool  # conv producer read by a Linear through a flatten (or a global mean)
+    activation: str = "relu"  # relu, relu6, gelu, silu, hardswish or leaky_relu:<slope>
+
+    @property
+    def producers(self) -> tuple[Producer, ...]:
+        return (Producer(self.producer, self.bn),)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A layer writing into a channel group, with the BatchNorm folded into it."""
+
+    layer: str
+    bn: str | None
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading a channel group: its input channels are ``segments`` in order, each
+    (group name, width) or (None, width) for channels of no group (width None: whatever the
+    layer's input has besides the others); the group is ``segments[index]``. ``flatten``:
+    a Linear reading the channels through a flatten of (C, H, W) or a global mean."""
+
+    layer: str
+    segments: tuple[tuple[str | None, int | None], ...]
+    index: int
+    flatten: bool
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Channels shared by several layers, clustered once and merged in every member.
+
+    Every producer writes all n channels (their sum, product, or the same channels reached
+    through residual additions and channel-wise ops); every consumer reads them (possibly as
+    a range of a concatenation); ``channelwise`` are depthwise convolutions (with their
+    BatchNorm) on the way, whose per-channel filters merge with the channels. Named by its
+    first producer, like a block (``producer``, ``consumer`` and ``bn`` give the first
+    members, for code that handles blocks).
+    """
+
+    producers: tuple[Producer, ...]
+    consumers: tuple[Consumer, ...]
+    channelwise: tuple[Producer, ...]
+    activation: str  # "relu", "identity", or the channel-wise ops joined by "+"
+    between: tuple[str, ...]  # additions, concatenations, pools, for reports
+
+    @property
+    def producer(self) -> str:
+        return self.producers[0].layer
+
+    @property
+    def consumer(self) -> str:
+        return self.consumers[0].layer
+
+    @property
+    def bn(self) -> str | None:
+        return self.producers[0].bn
+
+    @property
+    def flatten(self) -> bool:
+        return self.consumers[0].flatten
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Every member layer, producers first."""
+        names = [p.layer for p in self.producers] + [c.layer for c in self.channelwise]
+        return tuple(names + [c.layer for c in self.consumers if c.layer not in names])
 
 
 @dataclass(frozen=True)
@@ -104,21 +181,32 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "flow, modules registered as submodules)") from exc
 
 
-def discover(model: nn.Module) -> tuple[list[BlockSpec], list[Skip]]:
-    """All compressible blocks of ``model`` in forward order, and the skipped producers."""
+def discover(model: nn.Module) -> tuple[list[BlockSpec | GroupSpec], list[Skip]]:
+    """All compressible blocks and channel groups of ``model`` in forward order, and the
+    skipped producers."""
     graph = trace(model).graph
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    blocks: list[BlockSpec] = []
+    groups, group_skips, members = _groups(graph, modules, calls)
+    grouped = members | {p.layer for _, g in groups for p in g.producers}
+    found: list[tuple[int, BlockSpec | GroupSpec]] = list(groups)
     skips: list[Skip] = []
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], PRODUCERS):
-            found = _follow(node, modules, calls)
-            (blocks if isinstance(found, BlockSpec) else skips).append(found)
-    return blocks, skips
+    for order, node in enumerate(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], PRODUCERS) \
+                or node.target in grouped:
+            continue
+        spec = _follow(node, modules, calls)
+        if isinstance(spec, BlockSpec):
+            found.append((order, spec))
+            continue
+        coupled = group_skips.get(spec.layer)
+        if coupled is not None and any(word in spec.reason for word in _COUPLING):
+            spec = coupled  # the group's reason: why the coupled channels stay
+        skips.append(spec)
+    return [spec for _, spec in sorted(found, key=lambda e: e[0])], skips
 
 
 def _follow(node: fx.Node, modules: dict[str, nn.Module],
@@ -157,7 +245,7 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
         if isinstance(users, Skip):
             return users
     between: list[str] = []
-    while not _is_relu(users, modules):  # max pools and dropout commute with the ReLU
+    while (activation := _activation(users, modules)) is None:  # max pools, dropout commute
         if not _is_pre_relu(users, modules):
             first = cur is node or (bn is not None and cur.target == bn)
             return _stop(name, users, modules, "activation" if first else "op", via=bn,
@@ -175,7 +263,7 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
             return nxt
         if nxt.op == "call_module" and isinstance(modules[nxt.target], PRODUCERS):
             return _consumer(name, producer, nxt.target, modules[nxt.target], calls, bn,
-                             tuple(between), flatten)
+                             tuple(between), flatten, activation)
         if not _is_pass(nxt, modules):
             return _stop(name, nxt, modules, "op", origin=(node, cur))
         if _is_flatten(nxt, modules):
@@ -186,7 +274,7 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
 
 def _consumer(name: str, producer: nn.Module, target: str, consumer: nn.Module,
               calls: dict[str, int], bn: str | None, between: tuple[str, ...],
-              flatten: bool) -> BlockSpec | Skip:
+              flatten: bool, activation: str = "relu") -> BlockSpec | Skip:
     """The block ending at consumer ``target``, or why that consumer cannot read the units."""
     units = _units(producer)
     kind = type(consumer).__name__
@@ -212,7 +300,7 @@ def _consumer(name: str, producer: nn.Module, target: str, consumer: nn.Module,
     if is_flat and consumer.in_features % units:
         return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_features} features, "
                           f"not a multiple of the {units} channels of {name}", refused=True)
-    return BlockSpec(name, target, bn, between, is_flat)
+    return BlockSpec(name, target, bn, between, is_flat, activation)
 
 
 def _units(module: nn.Module) -> int:
@@ -246,7 +334,7 @@ def _single_user(node: fx.Node, producer: str,
     if attention:
         return Skip(producer, f"the output of {where} feeds {_kind(attention[0], modules)}, "
                               "which multiplies activations (attention or gating): not a "
-                              "fixed linear read of the units", refused=True)
+                              "fixed linear read of the units; left alone")
     kinds = ", ".join(sorted({_label(u) for u in users}))
     return Skip(producer, f"the output of {where} has {len(users)} users ({kinds}): it "
                           f"feeds a residual or branching connection, so {producer} keeps "
@@ -283,6 +371,34 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The name of the accepted activation ``node`` applies, or None: "relu", "relu6",
+    "gelu", "silu", "hardswish", or "leaky_relu:<slope>"."""
+    if _is_relu(node, modules):
+        return "relu"
+    if node.op == "call_module":
+        mod = modules[node.target]
+        if type(mod) is nn.LeakyReLU:
+            return f"leaky_relu:{mod.negative_slope:g}"
+        return ACCEPTED_MODULES.get(type(mod))
+    if node.op == "call_function":
+        if node.target is F.leaky_relu:
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1
+                                    else 0.01)
+            return f"leaky_relu:{slope:g}" if isinstance(slope, (int, float)) else None
+        return ACCEPTED_FUNCTIONS.get(node.target)
+    return None
+
+
+def _gate(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The name of the element-wise gate ``node`` applies (sigmoid), or None."""
+    if node.op == "call_module":
+        return GATE_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return GATE_FUNCTIONS.get(node.target)
+    return "sigmoid" if node.op == "call_method" and node.target == "sigmoid" else None
+
+
 def _is_pre_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Ops that may sit between the producer and its ReLU: they commute with it."""
     if node.op == "call_module":
@@ -300,6 +416,41 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method" and node.target == "mean":
         return _spatial_mean(node) == "flatten"
     return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
+
+
+def _attention_ahead(node: fx.Node, modules: dict[str, nn.Module],
+                     hops: int = 6) -> fx.Node | None:
+    """The attention op that ``node``'s values reach through at most ``hops`` reshapes,
+    index or split ops (a qkv projection's heads), or None."""
+    frontier = [node]
+    for _ in range(hops):
+        nxt = []
+        for cur in frontier:
+            for user in cur.users:
+                mod = modules.get(user.target) if user.op == "call_module" else None
+                category = _category(user, mod)
+                if category == "attention":
+                    return user
+                if category == "reshape" or user.target in (operator.getitem, torch.unbind,
+                                                            "unbind", "__getitem__"):
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
+def _is_token_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A flatten of the spatial dimensions then a transpose that puts the channels last
+    (``x.flatten(2).transpose(1, 2)``): a patch embedding."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        spatial = isinstance(mod, nn.Flatten) and mod.start_dim == 2 and mod.end_dim == -1
+    else:
+        spatial = ((node.op == "call_method" and node.target == "flatten")
+                   or (node.op == "call_function" and node.target is torch.flatten)) \
+            and _flatten_args(node) == (2, -1)
+    users = list(node.users)
+    return spatial and len(users) == 1 and users[0].target in ("transpose", torch.transpose) \
+        and set(users[0].args[1:3]) in ({1, 2}, {-1, -2}, {1, -1})
 
 
 def _is_pass(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -467,12 +618,19 @@ def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
                           "by other branches too, so it keeps its width")
     described = _kind(node, modules)
     if category == "activation":
-        return Skip(name, f"{described} after {name} is not a ReLU: the tropical bounds "
-                          "hold for ReLU units only", refused=True)
+        return Skip(name, f"{described} after {name} is not a supported activation (ReLU, "
+                          "LeakyReLU, ReLU6, GELU, SiLU, hard-swish)", refused=True)
     if category == "attention":
         return Skip(name, f"{described} after {name} multiplies activations (attention or "
-                          "gating): not a fixed linear read of the units", refused=True)
+                          "gating): not a fixed linear read of the units; left alone")
     if category == "reshape":
+        attention = _attention_ahead(node, modules)
+        if attention is not None:
+            return Skip(name, f"{name} feeds {_kind(attention, modules)} through {described}: "
+                              "attention (query, key, value) is left alone")
+        if _is_token_flatten(node, modules):
+            return Skip(name, f"{described} after {name} turns its channels into the features "
+                              "of tokens (a flatten of H, W); left alone")
         return Skip(name, f"{described} after {name} is a reshape that mixes channels (only "
                           "a per-sample flatten of C, H, W is allowed)", refused=True)
     if category == "batchnorm":
@@ -491,3 +649,285 @@ def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
                           "pools and flatten only after the ReLU)", refused=True)
     return Skip(name, f"{described} after {name} is not supported on a block's path (allowed: "
                       "ReLU, max/avg/adaptive pools, dropout, flatten)", refused=True)
+
+
+# --------------------------------------------------------------------------------------------
+# channel groups: residual streams, concatenations, branches, depthwise convolutions
+# --------------------------------------------------------------------------------------------
+
+MUL_OPS = {operator.mul, operator.imul, torch.mul}
+_COUPLING = ("residual or branching", "residual addition", "concatenation", "depthwise")
+
+
+class _Space:
+    """The channels of one producer during group analysis; spaces joined by an addition,
+    a product or a shared reader are merged (union-find)."""
+
+    def __init__(self, width: int, order: int) -> None:
+        self.parent = self
+        self.width = width
+        self.order = order
+        self.producers: list[tuple[int, Producer]] = []
+        self.channelwise: list[tuple[int, Producer]] = []
+        self.consumers: list[tuple[int, str, tuple, int, bool]] = []
+        self.acts: set[str] = set()
+        self.ops: list[str] = []
+        self.blocked: tuple[str, bool] | None = None  # (reason, refused)
+        self.gated = False
+
+    def find(self) -> _Space:
+        root = self
+        while root.parent is not root:
+            root = root.parent
+        self.parent = root
+        return root
+
+    def block(self, reason: str, refused: bool = False) -> None:
+        root = self.find()
+        if root.blocked is None:
+            root.blocked = (reason, refused)
+
+
+def _union(a: _Space, b: _Space, label: str) -> _Space:
+    a, b = a.find(), b.find()
+    if a is b:
+        return a
+    if a.width != b.width:
+        a.block(f"is combined with {b.width} other channels by {label}")
+    if b.order < a.order:
+        a, b = b, a
+    b.parent = a
+    a.producers += b.producers
+    a.channelwise += b.channelwise
+    a.consumers += b.consumers
+    a.acts |= b.acts
+    a.ops += b.ops
+    a.gated |= b.gated
+    if a.blocked is None:
+        a.blocked = b.blocked
+    return a
+
+
+def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]
+            ) -> tuple[list[tuple[int, GroupSpec | BlockSpec]], dict[str, Skip], set[str]]:
+    """Channel groups of the traced graph: (forward position, spec) of every group that can
+    be merged (and of linear bottlenecks, blocks without an activation), the Skip of every
+    producer of a group that cannot, and the depthwise convolutions that are members of a
+    group."""
+    segs: dict[fx.Node, tuple[tuple[_Space | None, int | None], ...]] = {}
+    flat: set[fx.Node] = set()
+    layer_of: dict[fx.Node, Producer] = {}  # producer / depthwise nodes, for BN folding
+    spaces: list[_Space] = []
+
+    def block_inputs(node: fx.Node, reason: str, refused: bool = False) -> None:
+        for arg in node.all_input_nodes:
+            for space, _ in segs.get(arg, ()):
+                if space is not None:
+                    space.block(reason, refused)
+
+    for order, node in enumerate(graph.nodes):
+        if _is_metadata(node) or node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            block_inputs(node, "feeds the model output")
+            continue
+        has_input = any(a in segs for a in node.all_input_nodes)
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, PRODUCERS) and getattr(mod, "groups", 1) == 1:
+            if has_input:
+                src = node.args[0]
+                if calls[node.target] > 1:
+                    block_inputs(node, f"is read by {node.target}, which is called "
+                                       f"{calls[node.target]} times")
+                else:
+                    for i, (space, _) in enumerate(segs[src]):
+                        if space is not None:
+                            space.find().consumers.append(
+                                (order, node.target, segs[src], i, src in flat))
+            if calls[node.target] == 1:
+                space = _Space(_units(mod), order)
+                space.producers.append((order, Producer(node.target, None)))
+                spaces.append(space)
+                segs[node] = ((space, space.width),)
+                layer_of[node] = space.producers[-1][1]
+            continue
+        if not has_input:
+            continue
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        label = _kind(node, modules)
+        if isinstance(mod, nn.Conv2d):  # grouped (a plain conv is a producer, above)
+            depthwise = mod.groups == mod.in_channels == mod.out_channels
+            if depthwise and src in segs and len(segs[src]) == 1 \
+                    and segs[src][0][0] is not None and calls[node.target] == 1:
+                space = segs[src][0][0].find()
+                space.channelwise.append((order, Producer(node.target, None)))
+                layer_of[node] = space.channelwise[-1][1]
+                segs[node] = segs[src]
+            else:
+                block_inputs(node, f"is read by {label}, a grouped convolution "
+                                   f"(groups={mod.groups})", refused=True)
+            continue
+        if isinstance(mod, BATCHNORMS):
+            users = [u for u in src.users if not _is_metadata(u)] if src is not None else []
+            owner = layer_of.get(src)
+            if (owner is not None and users == [node] and calls[node.target] == 1
+                    and mod.track_running_stats and mod.running_mean is not None
+                    and mod.num_features == segs[src][0][1]):
+                space = segs[src][0][0].find()
+                for entries in (space.producers, space.channelwise):
+                    for j, (pos, p) in enumerate(entries):
+                        if p is owner:
+                            entries[j] = (pos, Producer(p.layer, node.target))
+                segs[node] = segs[src]
+            else:
+                block_inputs(node, f"passes through {label} away from its producer (a "
+                                   "BatchNorm is folded only directly after the producer)")
+            continue
+        activation = _activation(node, modules) or _gate(node, modules)
+        if activation is not None or _is_pass(node, modules) or _is_pre_relu(node, modules) \
+                or _label(node) == "stochastic_depth":  # (torchvision: identity in eval)
+            if src not in segs:
+                continue
+            if activation is not None:
+                for space, _ in segs[src]:
+                    if space is not None:
+                        space.find().acts.add(activation)
+            elif _is_flatten(node, modules):
+                flat.add(node)
+            if src in flat:
+                flat.add(node)
+            segs[node] = segs[src]
+            continue
+        category = _category(node, mod)
+        is_add = category == "residual"
+        is_mul = (node.op == "call_function" and node.target in MUL_OPS) or (
+            node.op == "call_method" and node.target in ("mul", "mul_"))
+        if is_add or is_mul:
+            operands = list(node.args[:2])
+            if len(operands) == 2 and all(isinstance(a, fx.Node) and a in segs
+                                          for a in operands) \
+                    and [w for _, w in segs[operands[0]]] == [w for _, w in segs[operands[1]]]:
+                for (s1, _), (s2, _) in zip(segs[operands[0]], segs[operands[1]], strict=True):
+                    if s1 is None or s2 is None:
+                        for space in (s1, s2):
+                            if space is not None:
+                                space.block(f"is combined by {label} with channels of no "
+                                            "layer")
+                        continue
+                    root = _union(s1, s2, label)
+                    root.ops.append(_label(node))
+                    root.gated |= is_mul
+                segs[node] = segs[operands[0]]
+                if any(o in flat for o in operands):
+                    flat.add(node)
+            else:
+                what = "added to" if is_add else "multiplied by"
+                block_inputs(node, f"is {what} a tensor that is not a layer's channels "
+                                   f"({label})")
+            continue
+        if category == "concat" and node.target is not torch.stack:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            parts = node.args[0] if node.args else ()
+            if dim in (1, -3) and isinstance(parts, (list, tuple)):
+                joined: list[tuple[_Space | None, int | None]] = []
+                for part in parts:
+                    joined += list(segs.get(part, ((None, None),))) \
+                        if isinstance(part, fx.Node) else [(None, None)]
+                for space, _ in joined:
+                    if space is not None:
+                        space.find().ops.append(_label(node))
+                segs[node] = tuple(joined)
+                continue
+            block_inputs(node, f"is concatenated by {label} along dimension {dim}, not the "
+                               "channels")
+            continue
+        reasons = {
+            "attention": (f"is read by {label}, which multiplies activations (attention or "
+                          "gating); left alone", False),
+            "reshape": (f"is reshaped by {label}, which mixes channels", False),
+            "activation": (f"passes through {label}, not a supported activation", True),
+            "batchnorm": (f"passes through {label}", False),
+        }
+        if isinstance(mod, nn.LayerNorm) or (node.op == "call_function"
+                                             and node.target is F.layer_norm):
+            reason = (f"is normalised by {label}, which mixes channels; left alone", False)
+        else:
+            reason = reasons.get(category, (f"is read by {label}, which is not supported on a "
+                                            "channel group; left alone", False))
+        block_inputs(node, *reason)
+    return _finish(spaces, modules)
+
+
+def _finish(spaces: list[_Space], modules: dict[str, nn.Module]
+            ) -> tuple[list[tuple[int, GroupSpec | BlockSpec]], dict[str, Skip], set[str]]:
+    """Turn the analysed spaces into GroupSpecs (or Skips of their producers)."""
+    roots = list(dict.fromkeys(s.find() for s in spaces))
+    for root in roots:  # checks on the readers
+        readers = [c[1] for c in root.consumers]
+        if not root.consumers and root.blocked is None:
+            root.block("is read by no layer")
+        if len(set(readers)) != len(readers):
+            root.block("is read twice by the same layer")
+        if set(readers) & {p.layer for _, p in root.producers}:
+            root.block("is read by a layer that also writes into it")
+        kinds = {type(modules[p.layer]) for _, p in root.producers}
+        for _, layer, seg, _, flatten in root.consumers:
+            mod = modules[layer]
+            widths = [w for _, w in seg]
+            total = None if None in widths else sum(widths)
+            if isinstance(mod, nn.Conv2d):
+                bad = nn.Linear in kinds or (total is not None and mod.in_channels != total)
+            elif flatten:
+                bad = total is None or mod.in_features % total != 0
+            else:
+                bad = nn.Conv2d in kinds or (total is not None and mod.in_features != total)
+            if bad:
+                root.block(f"is read by {layer} ({type(mod).__name__}) in a layout other "
+                           "than its channels")
+    names = {root: root.producers[0][1].layer for root in roots if root.blocked is None}
+    groups: list[tuple[int, GroupSpec | BlockSpec]] = []
+    skips: dict[str, Skip] = {}
+    members: set[str] = set()
+    for root in roots:
+        producers = [p for _, p in sorted(root.producers, key=lambda e: e[0])]
+        others = [p.layer for p in producers]
+        if root.blocked is not None:
+            reason, refused = root.blocked
+            for p in producers:
+                rest = [o for o in others if o != p.layer]
+                head = (f"{p.layer} writes into a channel group with {', '.join(rest[:3])}"
+                        f"{', ...' if len(rest) > 3 else ''} that" if rest
+                        else f"the channel group of {p.layer}")
+                skips[p.layer] = Skip(p.layer, f"{head} {reason}", refused)
+            continue
+        consumers = []
+        for _, layer, seg, index, flatten in sorted(root.consumers, key=lambda e: e[0]):
+            resolved = tuple((names.get(s.find()) if s is not None else None,
+                              None if s is not None and s.find() in names else w)
+                             for s, w in seg)
+            consumers.append(Consumer(layer, resolved, index, flatten))
+        channelwise = tuple(p for _, p in sorted(root.channelwise, key=lambda e: e[0]))
+        simple = (len(producers) == 1 and len(consumers) == 1 and not channelwise
+                  and len(consumers[0].segments) == 1 and not root.gated and not root.ops)
+        if simple and not root.acts:  # a linear bottleneck: producer [-> BN] -> consumer
+            c = consumers[0]
+            groups.append((root.order, BlockSpec(producers[0].layer, c.layer, producers[0].bn,
+                                                 (), c.flatten, "identity")))
+            continue
+        if simple:
+            continue  # a plain chain with an activation: the block walk decides
+        acts = set(root.acts)
+        plain = not channelwise and not root.gated
+        if plain and acts <= {"relu"}:  # positively homogeneous: sums keep the certificate
+            activation = "relu" if acts else "identity"
+        elif plain and len(acts) == 1 and (len(producers) == 1
+                                           or next(iter(acts)).startswith("leaky_relu:")):
+            activation = next(iter(acts))  # (ReLU6's clipping term holds for one producer)
+        else:  # named by its parts; "sum": a non-homogeneous activation in a sum
+            activation = "+".join(sorted(acts) + ["depthwise"] * bool(channelwise)
+                                  + ["gated"] * root.gated
+                                  + ["sum"] * (len(producers) > 1)) or "identity"
+        members.update(p.layer for p in channelwise)
+        groups.append((root.order, GroupSpec(tuple(producers), tuple(consumers), channelwise,
+                                             activation, tuple(dict.fromkeys(root.ops)))))
+    return groups, skips, members

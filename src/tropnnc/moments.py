@@ -42,6 +42,7 @@ ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
     "silu": torch.nn.functional.silu,
     "hardswish": torch.nn.functional.hardswish,
+    "identity": lambda z: z,
 }
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .block import Block, Merge
-from .moments import activation_moments, unit_model
+from .moments import ACTIVATIONS, activation_moments, unit_model
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,8 @@ def reconstruct_merge(block: Block, merge: Merge, options: Reconstruction | None
     options = Reconstruction() if options is None else options
     if merge.k == 0:
         return merge, "no merged units"
+    if block.activation not in ACTIVATIONS:
+        return merge, f"no input model for the activation {block.activation!r}"
     solved = least_squares_projection(block, merge, options, generator)
     if isinstance(solved, str):
         return merge, solved + ": kept the method's consumer slices"

@@ -9,12 +9,15 @@ modules in the original dtype and device, and the folded BatchNorm by an Identit
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from .block import Block, Merge
-from .graph import BlockSpec
+from .graph import BlockSpec, Consumer, GroupSpec
 
 #: blocks with more weights than this (producer + consumer) are extracted in the model's dtype
 FLOAT64_MAX_WEIGHTS = 1 << 21  # 2M: float32 from VGG-16's 512-channel convs on (-50 ms there)
@@ -64,7 +67,7 @@ def block_dtype(producer: nn.Module, consumer: nn.Module) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0, *,
+def extract(model: nn.Module, spec: BlockSpec | GroupSpec, radius: float = 1.0, *,
             dtype: torch.dtype | None = None,
             device: torch.device | str | None = "cpu") -> Block:
     """The block described by ``spec``, with its current weights.
@@ -76,7 +79,10 @@ def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0, *,
     With a BatchNorm, ``block.weight`` holds the folded rows and ``block.bn`` the BN's
     eval statistics per unit (``weight``, ``bias``, ``running_mean``, ``running_var``,
     ``eps``) plus ``raw``: the unfolded rows (n, d+1), for methods that reason about BN.
+    A :class:`~tropnnc.graph.GroupSpec` is extracted by :func:`extract_group`.
     """
+    if isinstance(spec, GroupSpec):
+        return extract_group(model, spec, radius, dtype=dtype, device=device)
     producer = get_module(model, spec.producer)
     consumer = get_module(model, spec.consumer)
     dtype = block_dtype(producer, consumer) if dtype is None else dtype
@@ -105,11 +111,15 @@ def extract(model: nn.Module, spec: BlockSpec, radius: float = 1.0, *,
     cb = consumer.bias.detach().to(**to) if consumer.bias is not None else None
     kind = "conv" if isinstance(producer, nn.Conv2d) else "linear"
     return Block(spec.producer, weight, out, cb, radius, kind,
-                 tuple(producer.weight.shape[1:]), bn)
+                 tuple(producer.weight.shape[1:]), bn, activation=spec.activation)
 
 
-def apply(model: nn.Module, spec: BlockSpec, merge: Merge) -> None:
-    """Rewrite ``model`` in place: producer with ``merge.k`` units, consumer reading them."""
+def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
+    """Rewrite ``model`` in place: producer with ``merge.k`` units, consumer reading them
+    (every member of a group: :func:`apply_group`)."""
+    if isinstance(spec, GroupSpec):
+        apply_group(model, spec, merge)
+        return
     producer = get_module(model, spec.producer)
     consumer = get_module(model, spec.consumer)
     like = {"dtype": producer.weight.dtype, "device": producer.weight.device}
@@ -164,3 +174,158 @@ def _keep_requires_grad(new: nn.Module, old: nn.Module) -> None:
         before = getattr(old, name, None)
         if isinstance(before, nn.Parameter):
             param.requires_grad_(before.requires_grad)
+
+
+def _rows(model: nn.Module, layer: str, bn: str | None, to: dict) -> Tensor:
+    """A layer's output rows (n, d+1), incoming weights then bias, BatchNorm folded."""
+    mod = get_module(model, layer)
+    w = mod.weight.detach().to(**to)
+    b = mod.bias.detach().to(**to) if mod.bias is not None else torch.zeros(w.shape[0], **to)
+    if bn is not None:
+        w, b = fold_batchnorm(w, b, get_module(model, bn))
+        w, b = w.to(**to), b.to(**to)
+    return torch.cat([w.flatten(1), b[:, None]], dim=1)
+
+
+def _read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
+    """(first channel, channels, reads per channel) of the group in ``consumer``'s input,
+    from the widths the model has now (earlier groups of a concatenation may have shrunk)."""
+    mod = get_module(model, consumer.layer)
+    widths = [_units(get_module(model, name)) if name is not None else width
+              for name, width in consumer.segments]
+    if isinstance(mod, nn.Linear):
+        reads = 1
+        if consumer.flatten:  # every width is known here (checked by discovery)
+            reads = mod.in_features // sum(widths)
+        total = mod.in_features // reads
+    else:
+        reads, total = math.prod(mod.kernel_size), mod.in_channels
+    if None in widths:  # channels of no layer: whatever the input holds besides the others
+        widths[widths.index(None)] = total - sum(w for w in widths if w is not None)
+    return sum(widths[:consumer.index]), widths[consumer.index], reads
+
+
+def _units(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def group_radius(radius: float, producers: int) -> float:
+    """The radius of a group's concatenated input: P producers whose inputs each satisfy
+    ||(x_p, 1)|| <= rho give ||(x_1, 1, ..., x_P, 1)|| <= sqrt(P) rho."""
+    return math.sqrt(producers * (radius ** 2 + 1.0) - 1.0)
+
+
+def extract_group(model: nn.Module, spec: GroupSpec, radius: float = 1.0, *,
+                  dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = "cpu") -> Block:
+    """A channel group as one block: each channel's rows are the concatenation of its rows
+    in every producer (BatchNorm folded) and in every depthwise member; its slices are the
+    concatenation of every consumer's slices over outputs, each padded with zero reads to
+    the most reads of any consumer (zeros change no norm and no bound). ``radius`` bounds
+    each producer's input; the block's radius covers the concatenated input
+    (:func:`group_radius`). The consumer biases are concatenated (zeros where none)."""
+    first = get_module(model, spec.producer)
+    if dtype is None:
+        size = sum(get_module(model, name).weight.numel() for name in spec.layers)
+        dtype = (torch.float64 if first.weight.dtype == torch.float64
+                 or size <= FLOAT64_MAX_WEIGHTS
+                 else torch.promote_types(first.weight.dtype, torch.float32))
+    to = {"dtype": dtype, "device": first.weight.device if device is None else device}
+    rows = [_rows(model, p.layer, p.bn, to) for p in spec.producers + spec.channelwise]
+    n = rows[0].shape[0]
+    slices, biases = [], []
+    for consumer in spec.consumers:
+        mod = get_module(model, consumer.layer)
+        start, width, reads = _read_range(model, consumer)
+        wc = mod.weight.detach().to(**to)
+        m = wc.shape[0]
+        if isinstance(mod, nn.Linear):
+            part = wc[:, start * reads:(start + width) * reads].reshape(m, width, reads)
+        else:
+            part = wc[:, start:start + width].reshape(m, width, reads)
+        slices.append(part.permute(1, 0, 2))  # (n, m, reads)
+        biases.append(mod.bias.detach().to(**to) if mod.bias is not None
+                      else torch.zeros(m, **to))
+    most = max(s.shape[2] for s in slices)
+    out = torch.cat([F.pad(s, (0, most - s.shape[2])) for s in slices], dim=1).contiguous()
+    has_bias = any(get_module(model, c.layer).bias is not None for c in spec.consumers)
+    kind = "conv" if isinstance(first, nn.Conv2d) else "linear"
+    weight = torch.cat(rows, dim=1)
+    assert weight.shape[0] == n == out.shape[0]
+    return Block(spec.producer, weight, out, torch.cat(biases) if has_bias else None,
+                 group_radius(radius, len(spec.producers)), kind, (weight.shape[1] - 1,),
+                 activation=spec.activation)
+
+
+def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
+    """Rewrite every member of a channel group in place for the ``merge.k`` merged channels:
+    producers (their BatchNorm becomes an Identity) and depthwise members get the merged
+    rows, consumers the merged slices in the group's input range."""
+    k = merge.k
+    ranges = [_read_range(model, c) for c in spec.consumers]  # before the widths change
+    col = 0
+    for p in spec.producers:
+        mod = get_module(model, p.layer)
+        width = mod.weight[0].numel() + 1
+        part = merge.rows[:, col:col + width]
+        col += width
+        like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
+        if isinstance(mod, nn.Linear):
+            new: nn.Module = skip_init(nn.Linear, mod.in_features, k, **like)
+        else:
+            new = skip_init(nn.Conv2d, mod.in_channels, k, mod.kernel_size, mod.stride,
+                            mod.padding, mod.dilation, padding_mode=mod.padding_mode, **like)
+        _write(new, mod, part)
+        set_module(model, p.layer, new)
+        if p.bn is not None:
+            set_module(model, p.bn, nn.Identity())
+    for p in spec.channelwise:
+        mod = get_module(model, p.layer)
+        width = mod.weight[0].numel() + 1
+        part = merge.rows[:, col:col + width]
+        col += width
+        like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
+        new = skip_init(nn.Conv2d, k, k, mod.kernel_size, mod.stride, mod.padding,
+                        mod.dilation, groups=k, padding_mode=mod.padding_mode, **like)
+        _write(new, mod, part)
+        set_module(model, p.layer, new)
+        if p.bn is not None:
+            set_module(model, p.bn, nn.Identity())
+    row = 0
+    for consumer, (start, width, reads) in zip(spec.consumers, ranges, strict=True):
+        mod = get_module(model, consumer.layer)
+        m = mod.weight.shape[0]
+        like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
+        merged = merge.out[:, row:row + m, :reads].permute(1, 0, 2).to(**like)  # (m, k, r)
+        bias = (None if merge.consumer_bias is None
+                else merge.consumer_bias[row:row + m])
+        row += m
+        has_bias = mod.bias is not None or bias is not None
+        if isinstance(mod, nn.Linear):
+            old = mod.weight.detach()
+            w = torch.cat([old[:, :start * reads], merged.reshape(m, k * reads),
+                           old[:, (start + width) * reads:]], dim=1)
+            new = skip_init(nn.Linear, w.shape[1], m, bias=has_bias, **like)
+        else:
+            old = mod.weight.detach()
+            w = torch.cat([old[:, :start], merged.reshape(m, k, *mod.kernel_size),
+                           old[:, start + width:]], dim=1)
+            new = skip_init(nn.Conv2d, w.shape[1], m, mod.kernel_size, mod.stride,
+                            mod.padding, mod.dilation, bias=has_bias,
+                            padding_mode=mod.padding_mode, **like)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if bias is not None:
+                new.bias.copy_(bias)
+            elif has_bias:
+                new.bias.copy_(mod.bias)
+        new.train(mod.training)
+        set_module(model, consumer.layer, new)
+
+
+def _write(new: nn.Module, old: nn.Module, rows: Tensor) -> None:
+    """Copy merged rows (k, d+1) into ``new`` (weights, then bias) and the train mode."""
+    with torch.no_grad():
+        new.weight.view(rows.shape[0], -1).copy_(rows[:, :-1])
+        new.bias.copy_(rows[:, -1])
+    new.train(old.training)

@@ -435,3 +435,155 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3, input_size: int = 22
     """ResNet-50 (ImageNet layout, bottleneck blocks [3, 4, 6, 3], v1.5 stride on the 3x3)."""
     return ResNet("bottleneck", [3, 4, 6, 3], [width * 2 ** i for i in range(4)], num_classes,
                   in_channels, input_size)
+
+
+# --------------------------------------------------------------------------------------------
+# small networks with the structures of modern architectures (channel groups, other
+# activations, attention), for tests and the architecture experiments
+# --------------------------------------------------------------------------------------------
+
+@register("resnet-mini")
+def resnet_mini(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
+                widths: Sequence[int] = (8, 16), blocks: int = 1) -> nn.Module:
+    """A 2-stage CIFAR-style ResNet of basic blocks with 1x1 projection shortcuts: stage 1
+    keeps the stem's width (identity shortcuts), stage 2 doubles it with stride 2."""
+    return ResNet("basic", [blocks] * len(widths), list(widths), num_classes, in_channels,
+                  input_size, "cifar", "conv")
+
+
+class DenseMini(nn.Module):
+    """A DenseNet-like net: stem conv-BN-ReLU, a dense block whose layers (conv3x3-BN-ReLU,
+    ``growth`` channels each) read the concatenation of all earlier features, a 1x1
+    transition conv-BN-ReLU with a 2x2 average pool, global average, Linear. (torchvision's
+    DenseNet normalises the concatenation before each conv instead: BN-ReLU-conv.)"""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
+                 stem: int = 8, growth: int = 4, layers: int = 3, transition: int = 12) -> None:
+        super().__init__()
+        self.config = {"num_classes": num_classes, "in_channels": in_channels,
+                       "input_size": input_size, "stem": stem, "growth": growth,
+                       "layers": layers, "transition": transition}
+        self.input_shape = (in_channels, input_size, input_size)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        self.dense = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(stem + i * growth, growth, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(growth), nn.ReLU(inplace=True))
+            for i in range(layers))
+        self.transition = nn.Sequential(
+            nn.Conv2d(stem + layers * growth, transition, 1, bias=False),
+            nn.BatchNorm2d(transition), nn.ReLU(inplace=True), nn.AvgPool2d(2))
+        self.fc = nn.Linear(transition, num_classes)
+
+    def forward(self, x):
+        features = self.stem(x)
+        for layer in self.dense:
+            features = torch.cat([features, layer(features)], 1)
+        return self.fc(self.transition(features).mean((2, 3)))
+
+
+@register("densenet-mini")
+def densenet_mini(**config: object) -> nn.Module:
+    """See :class:`DenseMini`."""
+    return DenseMini(**config)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1
+    projection-BN (linear bottleneck), plus the input when stride 1 keeps the width."""
+
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        self.residual = stride == 1 and inp == out
+        self.conv = nn.Sequential(
+            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileMini(nn.Module):
+    """A MobileNetV2-like net: stem conv-BN-ReLU6, inverted residuals (``cfg``: (out
+    channels, stride) each, expansion ``expand``), 1x1 conv-BN-ReLU6, global average,
+    Linear."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
+                 stem: int = 8, cfg: Sequence[Sequence[int]] = ((8, 1), (12, 2), (12, 1)),
+                 expand: int = 4, last: int = 32) -> None:
+        super().__init__()
+        self.config = {"num_classes": num_classes, "in_channels": in_channels,
+                       "input_size": input_size, "stem": stem,
+                       "cfg": [list(c) for c in cfg], "expand": expand, "last": last}
+        self.input_shape = (in_channels, input_size, input_size)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False),
+                                   nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)]
+        channels = stem
+        for out, stride in cfg:
+            layers.append(InvertedResidual(channels, int(out), int(stride), expand))
+            channels = int(out)
+        layers += [nn.Conv2d(channels, last, 1, bias=False), nn.BatchNorm2d(last),
+                   nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+@register("mobilenetv2-mini")
+def mobilenetv2_mini(**config: object) -> nn.Module:
+    """See :class:`MobileMini`."""
+    return MobileMini(**config)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + fc2(GELU(fc1(LN(x))))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class ViTMini(nn.Module):
+    """A ViT-like net: patch-embedding conv, learned position embedding, ``depth`` pre-norm
+    encoder blocks (attention and a GELU MLP on (B, T, C) tokens), LayerNorm, mean over
+    tokens, Linear."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
+                 patch: int = 7, dim: int = 16, depth: int = 2, heads: int = 2,
+                 hidden: int = 32) -> None:
+        super().__init__()
+        self.config = {"num_classes": num_classes, "in_channels": in_channels,
+                       "input_size": input_size, "patch": patch, "dim": dim, "depth": depth,
+                       "heads": heads, "hidden": hidden}
+        self.input_shape = (in_channels, input_size, input_size)
+        self.embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.zeros(1, (input_size // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+@register("vit-mini")
+def vit_mini(**config: object) -> nn.Module:
+    """See :class:`ViTMini`."""
+    return ViTMini(**config)
