@@ -114,7 +114,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
     parameters (``budget_unit='params'``) or MACs (``'macs'``) of the compressible layers
     (every Linear/Conv2d that is a producer or consumer of a block; all blocks are then
     compressed) to keep; per-block widths are chosen by :func:`tropnnc.budget.allocate`
-    (``allocator``: 'tropnnc' certificate curves, 'tropnnc-log', or 'method': the method's
+    (``allocator``: 'tropnnc' certificate curves with per-block floors, 'tropnnc-log',
+    'tropnnc-sum' (no floors), or 'method': the method's
     own, e.g. CUP's global threshold; every width >= ``min_width`` and a multiple of
     ``round_to`` or the full width) and reported in ``result.allocation``. ``method``: one of
     :func:`tropnnc.methods`; ``options`` go to the method. ``seed`` fixes every random
