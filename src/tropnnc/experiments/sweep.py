@@ -4,7 +4,9 @@ Every finished compression appends one row to ``results.csv`` (so an interrupted
 without redoing rows); ``results.json``, ``table.md`` and the PNG figures are regenerated from
 all rows at the end (atomic writes). Method specs are ``name[+refit][:opt=value,...]``, e.g.
 ``tropnnc``, ``tropnnc:norm=l1,refine=5``, ``tropnnc+refit`` (the data-free merge followed by a
-least-squares refit of the consumer on calibration inputs: data-driven) or ``thinet``.
+least-squares refit of the consumer on calibration inputs: data-driven) or ``thinet``;
+``torch-pruning`` runs an external anchor (:mod:`tropnnc.experiments.anchor`, optional extra
+``anchor``) on the same blocks at the same widths.
 
 Run the experiments of the spec with ``python -m tropnnc.experiments.sweep --experiment E3``.
 """
@@ -28,13 +30,14 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from ..api import compress
+from ..api import CompressionResult, compress
 from ..counting import count_macs, count_params, infer_example_inputs
 from ..graph import discover
 from ..methods import method_class
 from ..surgery import get_module
 from ..train import evaluate
 from ..zoo import CNN
+from .anchor import EXTERNAL
 from .report import write_outputs
 from .train_cache import load_split, outputs_of, trained_model
 
@@ -57,7 +60,7 @@ class MethodSpec:
 
     @property
     def data_driven(self) -> bool:
-        return self.refit or method_class(self.name).data_driven
+        return self.refit or (self.name not in EXTERNAL and method_class(self.name).data_driven)
 
     @property
     def method(self) -> str:
@@ -78,7 +81,11 @@ def parse_method(spec: str) -> MethodSpec:
     head, _, opts = spec.strip().partition(":")
     refit = head.endswith("+refit")
     name = head[:-len("+refit")] if refit else head
-    method_class(name)
+    if name in EXTERNAL:
+        if refit:
+            raise ValueError(f"method spec {spec!r}: {name} is an external anchor, no +refit")
+    else:
+        method_class(name)
     options: dict[str, Any] = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
         key, eq, val = item.partition("=")
@@ -86,6 +93,17 @@ def parse_method(spec: str) -> MethodSpec:
             raise ValueError(f"method option {item!r} in {spec!r} must be key=value")
         options[key.strip()] = _value(val.strip())
     return MethodSpec(spec.strip(), name, options, refit)
+
+
+def run_method(spec: MethodSpec, model: nn.Module, mapping: Mapping[str, float], seed: int,
+               calibration: torch.Tensor | None) -> CompressionResult:
+    """Compress ``model`` as one method spec says: a library method through
+    :func:`tropnnc.compress` (calibration inputs only for data-driven specs), or an external
+    anchor (:mod:`tropnnc.experiments.anchor`) on the same blocks and widths."""
+    if spec.name in EXTERNAL:
+        return EXTERNAL[spec.name](model, mapping, seed=seed, **spec.options)
+    return compress(model, mapping, spec.name, seed=seed,
+                    calibration=calibration if spec.data_driven else None, **spec.options)
 
 
 def keep_mapping(model: nn.Module, layers: str | None, keep: float) -> dict[str, float]:
@@ -257,7 +275,8 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
                                    "baseline_accuracy": baseline})
                 bar.update(1)
             for spec, keep in todo:
-                if not method_class(spec.name).multi_output and outputs_of(ds) > 1:
+                if (spec.name not in EXTERNAL and not method_class(spec.name).multi_output
+                        and outputs_of(ds) > 1):
                     note = f"{spec.label} skipped on {net}/{ds}: single-output method"
                     if note not in notes:
                         notes.append(note)
@@ -266,9 +285,7 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
                     continue
                 mapping = keep_mapping(model, lay, keep)
                 start = time.perf_counter()
-                result = compress(model, mapping, spec.name, seed=seed,
-                                  calibration=calib if spec.data_driven else None,
-                                  **spec.options)
+                result = run_method(spec, model, mapping, seed, calib)
                 seconds = time.perf_counter() - start
                 acc = evaluator(result.model)
                 certs = [b.certificate for b in result.blocks]
