@@ -27,7 +27,9 @@ times). Run from the repository root::
 run (each configuration once per repeat, in turn): ``compress(model, keep)`` and
 ``compress(model, budget=keep)`` (params) without MAC counting, then both with the model's
 input shape (MAC counts in the report; the budget in MACs), with wall time, the peak
-resident memory above the loaded model, the absolute peak, and the ratios budget / plain::
+resident memory above the loaded model, the absolute peak, and the ratios budget / plain.
+After each budget run, ``compress`` with the widths it chose (a keep mapping, no allocator)
+separates what the allocation costs from what compressing to those widths costs::
 
     .venv/bin/python benchmarks/vgg16_speed.py --budget-mode --repeats 3
 """
@@ -225,6 +227,14 @@ def run_budget_mode(model: nn.Module, keep: float, seed: int) -> dict[str, dict]
         widths = [b.units_after / b.units_before for b in result.blocks]
         out[label] = {"seconds": seconds, "peak_delta": peak.delta, "peak": peak.peak,
                       "min_width": min(widths), "params_after": result.params_after}
+        if result.allocation is not None:  # the same widths without the allocator
+            chosen = result.allocation.widths
+            del result
+            with ctx, Peak() as peak:
+                seconds, result = timed(lambda w=chosen: tropnnc.compress(model, w, seed=seed))
+            out[label + " widths"] = {"seconds": seconds, "peak_delta": peak.delta,
+                                      "peak": peak.peak, "min_width": out[label]["min_width"],
+                                      "params_after": result.params_after}
         del result
     return out
 
@@ -248,7 +258,9 @@ def budget_mode(model: nn.Module, args: argparse.Namespace, model_mb: float) -> 
     print()
     print("| ratio budget / plain | time | peak above model | absolute peak |")
     print("|---|---|---|---|")
-    for b, p in (("budget-params", "plain"), ("budget-macs", "plain+macs")):
+    for b, p in (("budget-params", "plain"), ("budget-macs", "plain+macs"),
+                 ("budget-params", "budget-params widths"),
+                 ("budget-macs", "budget-macs widths")):
         times = sorted(r[b]["seconds"] / r[p]["seconds"] for r in raw)
         print(f"| {b} / {p} | {med_of[b]['seconds'] / med_of[p]['seconds']:.2f} "
               f"(per repeat {times[0]:.2f} to {times[-1]:.2f}) | "
