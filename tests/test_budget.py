@@ -428,3 +428,42 @@ def test_no_block_below_half_its_uniform_width():
     assert old.allocation.allocator == "tropnnc-sum-curves"
     log = tropnnc.compress(model, budget=0.5, budget_unit="macs", allocator="tropnnc-log")
     assert all(la.width >= floors[la.layer] for la in log.allocation.layers)
+
+
+def test_blocks_kept_whole_are_left_alone_and_not_shared():
+    model = build("e2-cnn")
+    result = tropnnc.compress(model, {"features.3": 16, "classifier.1": 100})
+    assert [(b.units_before, b.units_after) for b in result.blocks] == [(16, 16), (500, 100)]
+    assert result.blocks[0].certificate == 0 and result.blocks[0].shares == [1.0] * 16
+    small = dict(result.model.named_parameters())
+    torch.testing.assert_close(small["features.3.weight"], model.features[3].weight)
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not ours & {p.data_ptr() for p in result.model.parameters()}  # all copies
+
+
+def test_output_positions_on_meta_equal_a_real_forward(monkeypatch):
+    from tropnnc.counting import output_positions
+
+    real_call, done = torch.func.functional_call, []
+
+    def spy(*args, **kwargs):
+        out = real_call(*args, **kwargs)
+        done.append(out.device.type)
+        return out
+
+    for name in ("vgg-small", "e2-cnn", "lenet-300-100"):
+        model = build(name)
+        x = torch.zeros((1,) + tuple(model.input_shape))
+        with monkeypatch.context() as m:
+            m.setattr(torch.func, "functional_call", spy)
+            meta = output_positions(model, x)
+        assert done.pop() == "meta"
+
+        def fail(*args, **kwargs):
+            raise NotImplementedError("no meta kernel")
+
+        with monkeypatch.context() as m:
+            m.setattr(torch.func, "functional_call", fail)
+            real = output_positions(model, x)
+        assert meta == real and len(real) == sum(
+            isinstance(mod, (nn.Linear, nn.Conv2d)) for mod in model.modules())
