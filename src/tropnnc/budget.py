@@ -78,7 +78,7 @@ UNITS = ("params", "macs")
 ALLOCATORS = ("tropnnc", "tropnnc-log", "tropnnc-sum", "method")
 #: no block narrower than this fraction of the width uniform compression gives it at the
 #: same budget (greedy allocators but ``tropnnc-sum``)
-FLOOR_FRACTION = 0.5
+FLOOR_FRACTION = 0.25
 _TINY = np.finfo(np.float64).tiny
 _WARD_ROWS = 256  # rows per chunk when the Ward costs are made from the cosines
 
