@@ -174,11 +174,11 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
         raise ValueError(f"compress: radius must be a positive number, got {radius}")
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
-    # a block kept at full width without calibration is left as it is (the merge would be
-    # the identity): no copy of its layers, no rewrite of its consumer
+    # a block kept at full width without BatchNorm to fold, calibration or repair is left as
+    # it is (the merge would be the identity): no copy of its layers, no consumer rewrite
     sizes = {s.producer: _units(get_module(model, s.producer)) for s in specs}
-    whole = ({name for name, k in widths.items() if k == sizes[name]} if batches is None
-             else set())
+    whole = ({s.producer for s in specs if widths.get(s.producer) == sizes[s.producer]
+              and s.bn is None} if batches is None and repair is None else set())
     work = _working_copy(model, specs, {n: k for n, k in widths.items() if n not in whole})
     # blocks stay on the weights' device (and GPU) for methods that merge there, unless a
     # calibration refit or a BN repair (CPU float64 code) runs
@@ -191,8 +191,7 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str = "tropn
         if spec.producer in whole:
             n = sizes[spec.producer]
             reports.append(BlockReport(spec.producer, spec.consumer, n, n, 0.0, 0.0, radius,
-                                       method, 0.0, False, list(range(n)), [1.0] * n,
-                                       False, None if repair is None else "kept whole"))
+                                       method, 0.0, False, list(range(n)), [1.0] * n))
             continue
         start = time.perf_counter()
         generator = _generator(seed, spec.producer)
