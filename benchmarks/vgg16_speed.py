@@ -22,11 +22,22 @@ Every timed phase runs ``--repeats`` times (medians reported; (b) runs ``--sklea
 times). Run from the repository root::
 
     .venv/bin/python benchmarks/vgg16_speed.py --repeats 5
+
+``--budget-mode`` instead measures budget mode against plain compress, side by side in one
+run (each configuration once per repeat, in turn): ``compress(model, keep)`` and
+``compress(model, budget=keep)`` (params) without MAC counting, then both with the model's
+input shape (MAC counts in the report; the budget in MACs), with wall time, the peak
+resident memory above the loaded model, the absolute peak, and the ratios budget / plain.
+After each budget run, ``compress`` with the widths it chose (a keep mapping, no allocator)
+separates what the allocation costs from what compressing to those widths costs::
+
+    .venv/bin/python benchmarks/vgg16_speed.py --budget-mode --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -200,6 +211,67 @@ def run_compress(model: nn.Module, keep: float, seed: int) -> dict[str, object]:
     return out
 
 
+def run_budget_mode(model: nn.Module, keep: float, seed: int) -> dict[str, dict]:
+    """Plain compress vs budget mode (keep = budget), without and with MAC counting."""
+    runs = {
+        "plain": (False, lambda: tropnnc.compress(model, keep, "tropnnc", seed=seed)),
+        "budget-params": (False, lambda: tropnnc.compress(model, budget=keep, seed=seed)),
+        "plain+macs": (True, lambda: tropnnc.compress(model, keep, "tropnnc", seed=seed)),
+        "budget-macs": (True, lambda: tropnnc.compress(model, budget=keep, budget_unit="macs",
+                                                       seed=seed)),
+    }
+    out = {}
+    for label, (with_shape, fn) in runs.items():
+        ctx = contextlib.nullcontext() if with_shape else without_input_shape(model)
+        with ctx, Peak() as peak:
+            seconds, result = timed(fn)
+        widths = [b.units_after / b.units_before for b in result.blocks]
+        out[label] = {"seconds": seconds, "peak_delta": peak.delta, "peak": peak.peak,
+                      "min_width": min(widths), "params_after": result.params_after}
+        if result.allocation is not None:  # the same widths without the allocator
+            chosen = result.allocation.widths
+            del result
+            with ctx, Peak() as peak:
+                seconds, result = timed(lambda w=chosen: tropnnc.compress(model, w, seed=seed))
+            out[label + " widths"] = {"seconds": seconds, "peak_delta": peak.delta,
+                                      "peak": peak.peak, "min_width": out[label]["min_width"],
+                                      "params_after": result.params_after}
+        del result
+    return out
+
+
+def budget_mode(model: nn.Module, args: argparse.Namespace, model_mb: float) -> None:
+    """Print plain vs budget time and memory, medians over the repeats, with ratios."""
+    raw = []
+    for rep in range(args.repeats):
+        raw.append(run_budget_mode(model, args.keep, args.seed))
+        print(f"repeat {rep + 1}: " + ", ".join(
+            f"{k} {v['seconds']:.2f} s +{v['peak_delta'] / MB:.0f} MB"
+            for k, v in raw[-1].items()) + f", load {loadavg()}")
+    med_of = {k: {f: med([r[k][f] for r in raw]) for f in ("seconds", "peak_delta", "peak")}
+              for k in raw[0]}
+    print()
+    print("| run | seconds (median) | peak above model | absolute peak | narrowest block |")
+    print("|---|---|---|---|---|")
+    for k, v in med_of.items():
+        print(f"| {k} | {v['seconds']:.2f} | {v['peak_delta'] / MB:.0f} MB | "
+              f"{v['peak'] / MB:.0f} MB | {raw[0][k]['min_width']:.3f} |")
+    print()
+    print("| ratio budget / plain | time | peak above model | absolute peak |")
+    print("|---|---|---|---|")
+    for b, p in (("budget-params", "plain"), ("budget-macs", "plain+macs"),
+                 ("budget-params", "budget-params widths"),
+                 ("budget-macs", "budget-macs widths")):
+        times = sorted(r[b]["seconds"] / r[p]["seconds"] for r in raw)
+        print(f"| {b} / {p} | {med_of[b]['seconds'] / med_of[p]['seconds']:.2f} "
+              f"(per repeat {times[0]:.2f} to {times[-1]:.2f}) | "
+              f"{med_of[b]['peak_delta'] / med_of[p]['peak_delta']:.2f} | "
+              f"{med_of[b]['peak'] / med_of[p]['peak']:.2f} |")
+    print(f"\nmodel {model_mb:.0f} MB; load average at end: {loadavg()}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(raw, indent=1, default=str))
+
+
 def _row_dim(result, report) -> int:
     """Length d+1 of the rows block ``report`` clustered: producer fan-in (as compressed by
     earlier blocks) plus the bias."""
@@ -304,6 +376,8 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write raw numbers here")
+    parser.add_argument("--budget-mode", action="store_true",
+                        help="only plain vs budget mode, side by side")
     args = parser.parse_args()
 
     print(f"# VGG-16 compression speed ({platform.processor() or platform.machine()}, "
@@ -314,6 +388,9 @@ def main() -> None:
     model_mb = params * 4 / MB
     print(f"built vgg16 with trained-like weights in {t_build:.1f} s: {params / 1e6:.1f}M "
           f"params, {model_mb:.0f} MB float32")
+    if args.budget_mode:
+        budget_mode(model, args, model_mb)
+        return
 
     raw: dict[str, list] = {"compress": [], "grams": [], "fc6_tropnnc": [], "fc6_sklearn": [],
                             "macs": [], "deepcopy": [], "load": []}

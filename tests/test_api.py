@@ -290,11 +290,11 @@ def test_no_compressible_block_message_is_a_summary():
     assert len(message) < 500 and "\n" not in message
 
 
-def test_linear_bottleneck_reason():
+def test_linear_bottleneck_is_a_block_with_the_identity_activation():
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
-    reasons = {s.layer: s.reason for s in tropnnc.graph.discover(model)[1]}
-    assert reasons["0"] == "0 feeds 1 (Linear) with no activation in between (a linear " \
-                           "bottleneck): there is no ReLU to compress across"
+    specs, _ = tropnnc.graph.discover(model)
+    assert [(s.producer, s.consumer, s.activation) for s in specs] == [
+        ("0", "1", "identity"), ("1", "3", "relu")]
 
 
 def test_compress_shows_block_progress_on_a_terminal_only(monkeypatch, capsys):

@@ -13,12 +13,12 @@ from torch import nn
 import tropnnc
 from tropnnc import zoo
 from tropnnc.block import Block
-from tropnnc.budget import agglomerate, certificate_curve, compressible_count
+from tropnnc.budget import FLOOR_FRACTION, agglomerate, certificate_curve, compressible_count
 from tropnnc.cluster import cosine_residual
 from tropnnc.counting import count_macs
 from tropnnc.graph import discover
 from tropnnc.methods.cup import features
-from tropnnc.surgery import extract
+from tropnnc.surgery import extract, get_module
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -296,3 +296,174 @@ def test_folded_batchnorm_counts_as_the_producer_bias():
     result = tropnnc.compress(model, budget=0.5)
     assert compressible_count(result.model, specs) == result.allocation.achieved
     assert result.allocation.achieved == sum(p.numel() for p in result.model.parameters())
+
+
+# -------------------------------------------------------------------------------------------
+# the Ward hierarchy against the one-merge-at-a-time reference it replaced
+# -------------------------------------------------------------------------------------------
+
+
+def reference_agglomerate(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The previous implementation: a full Lance-Williams update of the (n, n) Ward costs per
+    merge, and the objective updated from <d_i, S_c> for every unit and cluster."""
+    n = d.shape[0]
+    merges, cost = np.zeros((n - 1, 2), dtype=np.int64), np.zeros(n)
+    g = np.clip(d @ d.T, -1.0, 1.0)
+    weight = m.copy()
+    dist = m[:, None] * m[None, :] / (m[:, None] + m[None, :]) * np.maximum(2 - 2 * g, 0)
+    np.fill_diagonal(dist, np.inf)
+    near = dist.argmin(axis=1)
+    near_d = dist[np.arange(n), near]
+    inner, s2, ccost = g * m[None, :], m * m, np.zeros(n)
+    label, active, total = np.arange(n), np.ones(n, dtype=bool), 0.0
+    for step in range(n - 1):
+        a = int(near_d.argmin())
+        a, b = sorted((a, int(near[a])))
+        merges[step] = (a, b)
+        ma, mb, dab = weight[a], weight[b], dist[a, b]
+        new = ((weight + ma) * dist[:, a] + (weight + mb) * dist[:, b] - weight * dab) / (
+            weight + ma + mb)
+        new[~active] = np.inf
+        new[a] = new[b] = np.inf
+        dist[a, :] = dist[:, a] = new
+        dist[b, :] = dist[:, b] = np.inf
+        weight[a] = ma + mb
+        active[b] = False
+        near_d[b] = np.inf
+        in_a, in_b = label == a, label == b
+        cross = float(m[in_a] @ inner[in_a, b])
+        inner[:, a] += inner[:, b]
+        s2[a] = s2[a] + s2[b] + 2.0 * cross
+        label[in_b] = a
+        members = in_a | in_b
+        cos = inner[members, a] / math.sqrt(s2[a])
+        resid = np.where(cos >= 0, m[members] * np.sqrt(np.maximum(1 - cos * cos, 0)),
+                         m[members])
+        total += float(resid.sum()) - ccost[a] - ccost[b]
+        ccost[a], ccost[b] = float(resid.sum()), 0.0
+        cost[n - 2 - step] = max(total, 0.0)
+        rows = (active & ((near == a) | (near == b))).nonzero()[0]
+        rows = np.union1d(rows, [a])
+        near[rows] = dist[rows].argmin(axis=1)
+        near_d[rows] = dist[rows, near[rows]]
+        better = new < near_d
+        near[better], near_d[better] = a, new[better]
+    return merges, cost
+
+
+@pytest.mark.parametrize("n, dim, families, seed", [(2, 3, 1, 0), (9, 4, 3, 1), (80, 12, 10, 2),
+                                                    (300, 40, 50, 3), (300, 40, 300, 4)])
+def test_agglomerate_equals_the_reference(n, dim, families, seed):
+    rng = np.random.default_rng(seed)
+    proto = rng.normal(size=(families, dim))
+    d = proto[rng.integers(0, families, n)] + 0.3 * rng.normal(size=(n, dim))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    m = rng.uniform(0.1, 2.0, n)
+    merges, cost = agglomerate(d, m)
+    ref_merges, ref_cost = reference_agglomerate(d, m)
+    np.testing.assert_array_equal(merges, ref_merges)
+    np.testing.assert_allclose(cost, ref_cost, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_cosines_of_a_large_block_give_the_same_curve():
+    """Blocks whose Gram tropnnc forms in float32 get their curve from float32 cosines: the
+    same curve as float64 cosines to ~1e-6 (only near-ties could reorder merges)."""
+    g = torch.Generator().manual_seed(5)
+    proto = torch.randn(40, 2000, generator=g, dtype=torch.float64)
+    rows = proto[torch.randint(0, 40, (400,), generator=g)]
+    rows = rows + 0.5 * torch.randn(400, 2000, generator=g, dtype=torch.float64)
+    block = Block("b", rows.float(), torch.randn(400, 3, 1, generator=g))
+    curve = certificate_curve(block).numpy()
+    d = rows.float().double().numpy()
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    mass = block.unit_mass().double().numpy()
+    _, ref = reference_agglomerate(d, mass)
+    ref = np.maximum.accumulate((ref / mass.sum())[::-1])[::-1]
+    assert np.abs(curve - ref).max() < 1e-5
+
+
+# -------------------------------------------------------------------------------------------
+# floors: no block starved when the budget does not force it
+# -------------------------------------------------------------------------------------------
+
+
+def test_no_block_below_half_its_uniform_width():
+    """Random-init vgg-small at half its MACs: the plain sum of the curves (the default
+    before the floors) takes a 128-channel layer down to 2 channels while keeping its
+    neighbours whole. The floor: the uniform keep ratio u that meets the budget (found here
+    by real compression and MAC counts), and no block below FLOOR_FRACTION * u of its
+    width."""
+    model = build("vgg-small")
+    x = torch.zeros((1,) + tuple(model.input_shape))
+    specs, _ = discover(model)
+    sizes = {s.producer: get_module(model, s.producer).out_channels
+             if isinstance(get_module(model, s.producer), nn.Conv2d)
+             else get_module(model, s.producer).out_features for s in specs}
+    target = 0.5 * count_macs(model, x)
+
+    def uniform(u: float) -> dict[str, int]:
+        return {name: max(1, math.ceil(u * n - 1e-9)) for name, n in sizes.items()}
+
+    def fits(u: float) -> bool:
+        return count_macs(tropnnc.compress(model, uniform(u), "l1").model, x) <= target
+
+    ratios = sorted({k / n for n in sizes.values() for k in range(1, n + 1)})
+    lo, hi = 0, len(ratios) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(ratios[mid]) else (lo, mid - 1)
+    u = ratios[lo]
+    assert fits(u) and not fits(ratios[lo + 1])
+    floors = uniform(FLOOR_FRACTION * u)
+    result = tropnnc.compress(model, budget=0.5, budget_unit="macs")
+    alloc = result.allocation
+    assert alloc.uniform_keep == pytest.approx(u)
+    assert alloc.achieved <= alloc.target
+    for layer in alloc.layers:
+        assert layer.floor == floors[layer.layer]
+        assert layer.width >= floors[layer.layer], layer
+    old = tropnnc.compress(model, budget=0.5, budget_unit="macs", allocator="tropnnc-sum")
+    starved = [la for la in old.allocation.layers if la.width < floors[la.layer]]
+    assert starved and min(la.width / la.units for la in starved) < 0.05
+    assert old.allocation.allocator == "tropnnc-sum-curves"
+    log = tropnnc.compress(model, budget=0.5, budget_unit="macs", allocator="tropnnc-log")
+    assert all(la.width >= floors[la.layer] for la in log.allocation.layers)
+
+
+def test_blocks_kept_whole_are_left_alone_and_not_shared():
+    model = build("e2-cnn")
+    result = tropnnc.compress(model, {"features.3": 16, "classifier.1": 100})
+    assert [(b.units_before, b.units_after) for b in result.blocks] == [(16, 16), (500, 100)]
+    assert result.blocks[0].certificate == 0 and result.blocks[0].shares == [1.0] * 16
+    small = dict(result.model.named_parameters())
+    torch.testing.assert_close(small["features.3.weight"], model.features[3].weight)
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not ours & {p.data_ptr() for p in result.model.parameters()}  # all copies
+
+
+def test_output_positions_on_meta_equal_a_real_forward(monkeypatch):
+    from tropnnc.counting import output_positions
+
+    real_call, done = torch.func.functional_call, []
+
+    def spy(*args, **kwargs):
+        out = real_call(*args, **kwargs)
+        done.append(out.device.type)
+        return out
+
+    for name in ("vgg-small", "e2-cnn", "lenet-300-100"):
+        model = build(name)
+        x = torch.zeros((1,) + tuple(model.input_shape))
+        with monkeypatch.context() as m:
+            m.setattr(torch.func, "functional_call", spy)
+            meta = output_positions(model, x)
+        assert done.pop() == "meta"
+
+        def fail(*args, **kwargs):
+            raise NotImplementedError("no meta kernel")
+
+        with monkeypatch.context() as m:
+            m.setattr(torch.func, "functional_call", fail)
+            real = output_positions(model, x)
+        assert meta == real and len(real) == sum(
+            isinstance(mod, (nn.Linear, nn.Conv2d)) for mod in model.modules())

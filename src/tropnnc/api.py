@@ -136,7 +136,8 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
     parameters (``budget_unit='params'``) or MACs (``'macs'``) of the compressible layers
     (every Linear/Conv2d that is a producer or consumer of a block; all blocks are then
     compressed) to keep; per-block widths are chosen by :func:`tropnnc.budget.allocate`
-    (``allocator``: 'tropnnc' certificate curves, 'tropnnc-log', or 'method': the method's
+    (``allocator``: 'tropnnc' certificate curves with per-block floors, 'tropnnc-log',
+    'tropnnc-sum' (no floors), or 'method': the method's
     own, e.g. CUP's global threshold; every width >= ``min_width`` and a multiple of
     ``round_to`` or the full width) and reported in ``result.allocation``. ``method``: one of
     :func:`tropnnc.methods`; ``options`` go to the method. ``seed`` fixes every random
@@ -240,7 +241,12 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
                          "float64): use a radius below 1e150")
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
-    work = _working_copy(model, specs, widths)
+    # a block kept at full width without BatchNorm to fold, calibration or repair is left as
+    # it is (the merge would be the identity): no copy of its layers, no consumer rewrite
+    sizes = {s.producer: _units(get_module(model, s.producer)) for s in specs}
+    whole = ({s.producer for s in specs if widths.get(s.producer) == sizes[s.producer]
+              and s.bn is None} if batches is None and repair is None else set())
+    work = _working_copy(model, specs, {n: k for n, k in widths.items() if n not in whole})
     radius_of = (None if radius is not None
                  else block_radii(work, inputs, input_range, input_stats))
     domain = None if radius is not None else _domain_record(input_range, input_stats)
@@ -255,6 +261,14 @@ def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None =
         if spec.producer not in widths:
             continue
         bar.set_postfix_str(spec.producer, refresh=False)
+        if spec.producer in whole:
+            n = sizes[spec.producer]
+            kept_radius = radius if radius_of is None else radius_of(spec.producer)
+            reports.append(BlockReport(spec.producer, spec.consumer, n, n, 0.0, 0.0,
+                                       kept_radius, method, 0.0, False, list(range(n)),
+                                       [1.0] * n))
+            bar.update(1)
+            continue
         start = time.perf_counter()
         generator = _generator(seed, spec.producer)
         block_radius = radius if radius_of is None else radius_of(spec.producer)

@@ -23,8 +23,19 @@ Two allocators (spec section 4, "Non-uniform widths"; baselines.md, CUP):
   convex envelope of each curve, so a noisy step cannot hide cheaper steps behind it. A heap
   with lazily refreshed entries makes each step O(log L) for L blocks. The ``tropnnc-log``
   variant runs the same greedy on -log(1 - e_l(K)), i.e. it maximises the product over blocks
-  of the fraction of mass each one keeps; a block can then not be emptied (e -> 1) to pay
-  for the others, which the plain sum of certificates allows at small budgets.
+  of the fraction of mass each one keeps.
+
+  Floors. The plain sum of normalised certificates (``tropnnc-sum``) can empty a layer: e_l
+  saturates near 1, so taking a layer down to one or two units costs at most 1 in the sum,
+  and when its curve is close to linear (random-like directions) every step of it costs the
+  same per unit saved, so the greedy takes all of them; shrinking a block also lowers the
+  per-unit savings of its neighbours (the counts are bilinear in the widths), so the same
+  block stays the cheapest one. The curves are measured on each layer alone and cannot see
+  that a layer of two units is a bottleneck for every layer after it (zoo vgg16 at half its
+  MACs: 256 -> 1 channels). ``tropnnc`` and ``tropnnc-log`` therefore give no block less than
+  FLOOR_FRACTION of the width uniform compression gives it at the same budget (the largest
+  keep ratio u whose widths meet the budget, ``Allocation.uniform_keep``); those floors meet
+  the budget by construction, so the budget never forces a block below them.
 * CUP's global threshold: one Ward linkage per block on CUP's unit features; at threshold t a
   block keeps K_l(t) = n_l - #{merge heights <= t} units (dead units have height 0). The
   count is monotone in t, so a bisection over the sorted merge heights finds the smallest t
@@ -48,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .block import Block
+from .cluster import cosine_gram
 from .counting import infer_example_inputs, output_positions
 from .graph import BlockSpec
 from .surgery import extract, get_module
@@ -59,11 +71,16 @@ __all__ = [
     "allocate",
     "certificate_curve",
     "compressible_count",
+    "ward_curve",
 ]
 
 UNITS = ("params", "macs")
-ALLOCATORS = ("tropnnc", "tropnnc-log", "method")
+ALLOCATORS = ("tropnnc", "tropnnc-log", "tropnnc-sum", "method")
+#: no block narrower than this fraction of the width uniform compression gives it at the
+#: same budget (greedy allocators but ``tropnnc-sum``)
+FLOOR_FRACTION = 0.25
 _TINY = np.finfo(np.float64).tiny
+_WARD_ROWS = 256  # rows per chunk when the Ward costs are made from the cosines
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,7 @@ class LayerAllocation:
     certificate: float  # normalised certificate curve e_l(width), in [0, 1]
     count: int  # params or MACs of the producer layer at the chosen widths
     share: float  # count / Allocation.achieved (the output layer is no block's producer)
+    floor: int  # smallest width the allocator could give this block (see Allocation)
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,10 @@ class Allocation:
     ``total``: params or MACs of the compressible layers at full width; ``target`` =
     budget * total; ``achieved``: the count at the chosen widths (<= target).
     ``max_step_saving`` bounds target - achieved for the greedy allocator. ``threshold``:
-    CUP's global Ward distance (threshold allocator only). ``curves``: e_l(K), K = 1..n.
+    CUP's global Ward distance (threshold allocator only). ``uniform_keep``: the largest
+    keep ratio u whose uniform widths (each block's smallest allowed width >= u n_l) meet
+    the budget; the greedy allocators but ``tropnnc-sum`` give no block less than its
+    allowed width at FLOOR_FRACTION * u (its ``floor``). ``curves``: e_l(K), K = 1..n.
     """
 
     unit: str
@@ -98,6 +119,7 @@ class Allocation:
     min_width: int
     round_to: int
     threshold: float | None
+    uniform_keep: float | None
     layers: list[LayerAllocation]
     curves: dict[str, list[float]] = field(repr=False)
 
@@ -118,81 +140,111 @@ def agglomerate(directions: Tensor | np.ndarray,
 
     ``directions`` (n, D) unit rows d_i, ``mass`` (n,) weights m_i > 0. Clusters are merged
     by the weighted Ward criterion M_A M_B / (M_A + M_B) ||mu_A - mu_B||^2 (mu: m-weighted
-    mean direction, Lance-Williams update, nearest-neighbour bookkeeping): a squared
-    surrogate of the P5 increase, zero for units pointing the same way. After every merge
-    the true objective sum_i m_i r_i of the current partition is updated in O(|cluster|)
-    from Gram-space sums (u_C = normalize(sum_{i in C} m_i d_i)).
+    mean direction): a squared surrogate of the P5 increase, zero for units pointing the
+    same way. The objective sum_i m_i r_i of every partition along the hierarchy is computed
+    exactly from Gram-space sums (u_C = normalize(sum_{i in C} m_i d_i)).
 
     Returns ``merges`` (n-1, 2): the pair (a, b), a < b, merged at each step, a cluster
-    being labelled by its smallest member (b joins a), and ``cost`` (n,): cost[K-1] = the
-    objective of the partition into K clusters (cost[n-1] = 0).
+    being labelled by its smallest member (b joins a), and ``cost`` (n,):
+    cost[K-1] = the objective of the partition into K clusters (cost[n-1] = 0).
     """
-    d = np.asarray(directions, dtype=np.float64)
+    d = torch.as_tensor(np.asarray(directions, dtype=np.float64))
+    return ward_curve((d @ d.T).numpy(), np.asarray(mass, dtype=np.float64))
+
+
+def ward_curve(cosines: np.ndarray, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`agglomerate` from the (n, n) cosines of the directions (float32 or float64;
+    clipped to [-1, 1] in place) and the masses (n,).
+
+    The merge order comes from the Ward costs alone (one float64 (n, n) matrix,
+    Lance-Williams updates, nearest-neighbour bookkeeping); the objective is then replayed
+    along it, each merge touching only the cosines between its two clusters.
+    """
     m = np.asarray(mass, dtype=np.float64)
-    n = d.shape[0]
-    merges = np.zeros((max(n - 1, 0), 2), dtype=np.int64)
-    cost = np.zeros(n)
+    n = m.size
     if n <= 1:
-        return merges, cost
-    dt = torch.from_numpy(d)
-    g = np.clip((dt @ dt.T).numpy(), -1.0, 1.0)  # (n, n) cosines (torch's matmul is faster)
-    weight = m.copy()  # cluster masses M_c (indexed by surviving member)
-    dist = (m[:, None] * m[None, :] / np.maximum(m[:, None] + m[None, :], _TINY)
-            * np.maximum(2.0 - 2.0 * g, 0.0))  # (n, n) Ward merge costs of singletons
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(n)
+    g = np.clip(cosines, -1.0, 1.0, out=cosines)
+    merges = _ward_merges(g, m)
+    return merges, _replay(g, m, merges)
+
+
+def _ward_merges(g: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The weighted Ward merges (n-1, 2) of the units with cosines ``g`` and masses ``m``,
+    one at a time, cheapest first; a cluster is labelled (and its distances kept in the row
+    of) its smallest member. Ward is reducible, so after a merge only the rows whose nearest
+    neighbour was one of the two clusters need a new nearest neighbour."""
+    n = m.size
+    dist = np.empty((n, n))  # Ward costs of singletons, made in row chunks
+    for s in range(0, n, _WARD_ROWS):
+        e = min(n, s + _WARD_ROWS)
+        ms = m[s:e, None]
+        np.multiply(ms * m[None, :] / np.maximum(ms + m[None, :], _TINY),
+                    np.maximum(2.0 - 2.0 * g[s:e].astype(np.float64), 0.0), out=dist[s:e])
     np.fill_diagonal(dist, np.inf)
+    weight = m.copy()  # cluster masses M_c
+    merges = np.zeros((n - 1, 2), dtype=np.int64)
     near = dist.argmin(axis=1)  # (n,) nearest neighbour
     near_d = dist[np.arange(n), near]
-    inner = g * m[None, :]  # (n, n): inner[i, c] = <d_i, S_c>, S_c = sum_{j in c} m_j d_j
-    s2 = m * m  # ||S_c||^2
-    ccost = np.zeros(n)  # objective of each cluster
-    label = np.arange(n)
-    active = np.ones(n, dtype=bool)
-    total = 0.0
+    gone = np.zeros(n, dtype=bool)  # merged into another cluster (its row and column stale)
     for step in range(n - 1):
         a = int(near_d.argmin())
         b = int(near[a])
         a, b = min(a, b), max(a, b)
         merges[step] = (a, b)
-        # Ward / Lance-Williams update of the merged cluster's row
         ma, mb, dab = weight[a], weight[b], dist[a, b]
-        new = (((weight + ma) * dist[:, a] + (weight + mb) * dist[:, b] - weight * dab)
-               / np.maximum(weight + ma + mb, _TINY))
-        new[~active] = np.inf
-        new[a] = new[b] = np.inf
-        dist[a, :] = new
-        dist[:, a] = new
-        dist[b, :] = np.inf
-        dist[:, b] = np.inf
+        new = (weight + ma) * dist[a]  # Lance-Williams, from rows (the matrix is symmetric)
+        new += (weight + mb) * dist[b]
+        new -= weight * dab
+        new /= np.maximum(weight + (ma + mb), _TINY)
+        gone[b] = True
+        np.copyto(new, np.inf, where=gone)
+        new[a] = np.inf
+        dist[a] = new
+        dist[:, a] = new  # column b is left stale: masked by ``gone`` where it is read
         weight[a] = ma + mb
-        active[b] = False
         near_d[b] = np.inf
-        # exact objective of the merged cluster
-        in_a = label == a
-        in_b = label == b
-        cross = float(m[in_a] @ inner[in_a, b])  # <S_a, S_b>
-        inner[:, a] += inner[:, b]
-        s2[a] = s2[a] + s2[b] + 2.0 * cross
-        label[in_b] = a
-        members = in_a | in_b
-        cos = inner[members, a] / math.sqrt(max(s2[a], _TINY))
-        mm = m[members]
+        stale = (near == a) | (near == b)
+        stale &= ~gone
+        stale[a] = True
+        rows = stale.nonzero()[0]
+        sub = dist[rows]
+        np.copyto(sub, np.inf, where=gone)
+        near[rows] = sub.argmin(axis=1)
+        near_d[rows] = sub[np.arange(rows.size), near[rows]]
+        better = new < near_d
+        np.copyto(near, a, where=better)
+        np.copyto(near_d, new, where=better)
+    return merges
+
+
+def _replay(g: np.ndarray, m: np.ndarray, merges: np.ndarray) -> np.ndarray:
+    """The objective sum_i m_i r_i after every merge of ``merges`` (cost[K-1] for K
+    clusters), from <d_i, S_C> of each unit with its cluster's sum, updated per merge from
+    the cosines between the two clusters only."""
+    n = m.size
+    cost = np.zeros(n)
+    members = [np.array([i]) for i in range(n)]
+    inner = m.copy()  # <d_i, S_C(i)>
+    s2 = m * m  # ||S_C||^2 per cluster label
+    ccost = np.zeros(n)
+    total = 0.0
+    for step, (a, b) in enumerate(merges):
+        ia, ib = members[a], members[b]
+        sub = g[np.ix_(ia, ib)].astype(np.float64)  # (|A|, |B|) cosines
+        to_b = sub @ m[ib]  # <d_i, S_B>, i in A
+        inner[ia] += to_b
+        inner[ib] += m[ia] @ sub
+        s2[a] += s2[b] + 2.0 * float(m[ia] @ to_b)
+        members[a] = both = np.concatenate([ia, ib])
+        cos = inner[both] / math.sqrt(max(s2[a], _TINY))
+        mm = m[both]
         resid = np.where(cos >= 0, mm * np.sqrt(np.maximum(1.0 - cos * cos, 0.0)), mm)
         merged = float(resid.sum())
         total += merged - ccost[a] - ccost[b]
         ccost[a], ccost[b] = merged, 0.0
         cost[n - 2 - step] = max(total, 0.0)
-        # nearest neighbours: rows that pointed at a or b are recomputed (Ward is reducible,
-        # so no other row can find a closer neighbour than before except the merged one)
-        stale = active & ((near == a) | (near == b))
-        stale[a] = True
-        rows = stale.nonzero()[0]
-        sub = dist[rows]
-        near[rows] = sub.argmin(axis=1)
-        near_d[rows] = sub[np.arange(rows.size), near[rows]]
-        better = new < near_d
-        near[better] = a
-        near_d[better] = new[better]
-    return merges, cost
+    return cost
 
 
 def certificate_curve(block: Block, norm: str = "l2") -> Tensor:
@@ -201,17 +253,23 @@ def certificate_curve(block: Block, norm: str = "l2") -> Tensor:
     e(K) = sum_i m_i r_i / sum_i m_i along the hierarchy of :func:`agglomerate` over the live
     units (w_i != 0 and c_i != 0); dead units are dropped first at no cost, so e(K) = 0 for
     K >= the number of live units. Made non-increasing in K (a running maximum), since more
-    units never have to cost more. Cost: one Gram matrix plus O(n^2) vectorised work.
+    units never have to cost more. Cost: one Gram matrix of the rows, as tropnnc's own
+    clustering makes it (:func:`tropnnc.cluster.cosine_gram`: float32 for large blocks),
+    plus O(n^2) vectorised work.
     """
-    mass = block.unit_mass(norm)
-    live = (mass > 0).numpy()
-    w = block.weight.numpy()[live]
-    d = w / np.linalg.norm(w, axis=1, keepdims=True)
-    _, cost = agglomerate(d, mass.numpy()[live])
+    mass = block.unit_mass(norm).to(torch.float64)
+    live = mass > 0
+    rows, norms = block.weight, block.row_norms
+    if not bool(live.all()):
+        rows, norms = rows[live], norms[live]
     curve = np.zeros(block.n)
-    total = float(mass.sum())
-    if total > 0 and cost.size:
-        curve[:cost.size] = cost / total
+    if rows.shape[0] > 1:
+        g = cosine_gram(rows, norms).cpu().numpy()
+        _, cost = ward_curve(g, mass[live].cpu().numpy())
+        del g
+        total = float(mass.sum())
+        if total > 0:
+            curve[:cost.size] = cost / total
     curve = np.maximum.accumulate(curve[::-1])[::-1]  # e(K-1) >= e(K)
     return torch.from_numpy(np.clip(curve, 0.0, 1.0))
 
@@ -369,11 +427,13 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
     keep at most ``budget`` of their params (``unit='params'``) or MACs (``'macs'``).
 
     ``allocator``: ``'tropnnc'`` (greedy on tropnnc certificate curves, for any method, so
-    methods compare at equal budgets), ``'tropnnc-log'`` (the same on -log(1 - e)),
-    ``'method'`` (the method's own: CUP's global Ward threshold for ``cup``, the certificate
-    curves with the method's ``norm`` for ``tropnnc``), or None: ``'method'`` for cup and
-    tropnnc, ``'tropnnc'`` otherwise. ``options``: the method's options (tropnnc's ``norm``,
-    cup's ``include_bias``). The curves are computed on the original weights of each block.
+    methods compare at equal budgets, with no block pushed beyond the certificate cap),
+    ``'tropnnc-log'`` (the same on -log(1 - e)), ``'tropnnc-sum'`` (the plain greedy on the
+    sum of the curves, without the cap: it can empty a layer), ``'method'`` (the method's
+    own: CUP's global Ward threshold for ``cup``, the certificate curves with the method's
+    ``norm`` for ``tropnnc``), or None: ``'method'`` for cup and tropnnc, ``'tropnnc'``
+    otherwise. ``options``: the method's options (tropnnc's ``norm``, cup's
+    ``include_bias``). The curves are computed on the original weights of each block.
     """
     value = _check_budget(budget)
     _check_unit(unit)
@@ -391,8 +451,7 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
     norm = str(options.get("norm", "l2")) if method == "tropnnc" else "l2"
 
     layout = _layout(model, specs, unit, _inputs_for(model, unit, example_inputs))
-    blocks = [extract(model, s) for s in specs]
-    full = np.array([b.n for b in blocks], dtype=np.int64)
+    full = np.array([_units(get_module(model, s.producer)) for s in specs], dtype=np.int64)
     allowed = [_allowed(int(n), min_width, round_to) for n in full]
     total = layout.count(full)
     target = value * total
@@ -402,17 +461,24 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
         raise ValueError(f"budget {budget} is below {floor / total:.6g}, the smallest fraction "
                          f"of the compressible layers' {unit} that the minimum widths allow "
                          f"(min_width={min_width}{extra}: {floor} of {total})")
-    curves = [certificate_curve(b, norm).numpy() for b in blocks]
-    threshold = None
+    # one block at a time: only one block's float copies are alive while its curve is made
+    curves = [certificate_curve(extract(model, s), norm).numpy() for s in specs]
+    threshold = uniform = None
+    floors = np.array([a[-1] for a in allowed], dtype=np.int64)
     if threshold_mode:
         include_bias = bool(options.get("include_bias", False))
-        widths, threshold = _threshold_widths(blocks, allowed, layout, target, include_bias)
+        widths, threshold = _threshold_widths(model, specs, allowed, layout, target,
+                                              include_bias)
         name = "cup-threshold"
     else:
         log = mode == "tropnnc-log"
+        if mode != "tropnnc-sum":
+            uniform = _uniform_keep(allowed, layout, target)
+            floors = _uniform_widths(allowed, FLOOR_FRACTION * uniform)
         costs = [-np.log(np.maximum(1.0 - c, 1e-12)) if log else c for c in curves]
-        widths = _greedy(costs, allowed, layout, target)
-        name = "tropnnc-log-curves" if log else "tropnnc-curves"
+        widths = _greedy(costs, allowed, layout, target, floors)
+        name = {"tropnnc-log": "tropnnc-log-curves",
+                "tropnnc-sum": "tropnnc-sum-curves"}.get(mode, "tropnnc-curves")
     counts = layout.counts(widths)
     achieved = int(counts.sum())
     step = _max_step_saving(allowed, layout, full)
@@ -420,11 +486,35 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
     layers = [LayerAllocation(s.producer, int(full[b]), int(widths[b]),
                               float(curves[b][widths[b] - 1]),
                               int(counts[index[s.producer]]),
-                              float(counts[index[s.producer]]) / max(achieved, 1))
+                              float(counts[index[s.producer]]) / max(achieved, 1),
+                              int(floors[b]))
               for b, s in enumerate(specs)]
     return Allocation(unit, value, name, total, target, achieved, step, min_width, round_to,
-                      threshold, layers,
+                      threshold, uniform, layers,
                       {s.producer: c.tolist() for s, c in zip(specs, curves, strict=True)})
+
+
+def _uniform_widths(allowed: list[np.ndarray], keep: float) -> np.ndarray:
+    """Per block, the smallest allowed width >= keep * n (the full width n always is); the
+    ratios a / n are compared with a relative tolerance, so keep = a / n gives exactly a."""
+    bound = keep * (1.0 - 1e-12)
+    return np.array([a[np.nonzero(a / a[0] >= bound)[0][-1]] for a in allowed],
+                    dtype=np.int64)
+
+
+def _uniform_keep(allowed: list[np.ndarray], layout: _Layout, target: float) -> float:
+    """The largest keep ratio u whose uniform widths (:func:`_uniform_widths`) meet the
+    target: bisection over the ratios a / n at which some block's width changes (the count
+    grows with u; at u = 0 every block has its smallest allowed width, which meets it)."""
+    ratios = np.unique(np.concatenate([[0.0]] + [a / a[0] for a in allowed]))
+    lo, hi = 0, ratios.size - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if layout.count(_uniform_widths(allowed, float(ratios[mid]))) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(ratios[lo])
 
 
 def _max_step_saving(allowed: list[np.ndarray], layout: _Layout, full: np.ndarray) -> int:
@@ -445,10 +535,12 @@ def _max_step_saving(allowed: list[np.ndarray], layout: _Layout, full: np.ndarra
 
 
 def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout,
-            target: float) -> np.ndarray:
+            target: float, floors: np.ndarray) -> np.ndarray:
     """Shrink blocks one allowed step at a time, cheapest certificate increase per unit of
-    count saved first, until the count is at most ``target``. Lazy heap over blocks."""
+    count saved first, none below its width in ``floors``, until the count is at most
+    ``target`` (the floors meet it). Lazy heap over blocks."""
     hulls = [_lower_hull(c) for c in curves]
+    last = [int(np.nonzero(a == f)[0][0]) for a, f in zip(allowed, floors, strict=True)]
     widths = np.array([a[0] for a in allowed], dtype=np.int64)
     pos = np.zeros(len(allowed), dtype=np.int64)
     version = np.zeros(len(allowed), dtype=np.int64)
@@ -484,7 +576,7 @@ def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout
     heap: list[tuple[float, int, int, int]] = []
 
     def push(b: int) -> None:
-        if pos[b] + 1 >= allowed[b].size:
+        if pos[b] >= last[b]:
             return
         save = saving(b)
         rise = hulls[b][allowed[b][pos[b] + 1] - 1] - hulls[b][widths[b] - 1]
@@ -524,8 +616,9 @@ def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout
         count += best_grow
 
 
-def _threshold_widths(blocks: list[Block], allowed: list[np.ndarray], layout: _Layout,
-                      target: float, include_bias: bool) -> tuple[np.ndarray, float]:
+def _threshold_widths(model: nn.Module, specs: list[BlockSpec], allowed: list[np.ndarray],
+                      layout: _Layout, target: float,
+                      include_bias: bool) -> tuple[np.ndarray, float]:
     """CUP's global threshold: bisection over the sorted Ward merge heights of all blocks for
     the smallest t whose widths K_l(t) (clamped to the allowed widths) meet the target."""
     from scipy.cluster.hierarchy import linkage
@@ -533,7 +626,10 @@ def _threshold_widths(blocks: list[Block], allowed: list[np.ndarray], layout: _L
     from .methods.cup import features
 
     events = []
-    for block in blocks:
+    sizes = []
+    for spec in specs:
+        block = extract(model, spec)
+        sizes.append(block.n)
         live = (block.weight.abs().sum(1) > 0) & (block.out.flatten(1).abs().sum(1) > 0)
         idx = live.nonzero().squeeze(1)
         heights = np.zeros(0)
@@ -544,8 +640,8 @@ def _threshold_widths(blocks: list[Block], allowed: list[np.ndarray], layout: _L
     ascending = [a[::-1] for a in allowed]
 
     def widths_at(t: float) -> np.ndarray:
-        k = np.array([block.n - np.searchsorted(e, t, side="right")
-                      for block, e in zip(blocks, events, strict=True)], dtype=np.int64)
+        k = np.array([n - np.searchsorted(e, t, side="right")
+                      for n, e in zip(sizes, events, strict=True)], dtype=np.int64)
         k = np.maximum(k, [a[0] for a in ascending])
         return np.array([a[min(np.searchsorted(a, w), a.size - 1)]
                          for a, w in zip(ascending, k, strict=True)], dtype=np.int64)

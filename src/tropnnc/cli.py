@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the compressible layers' parameters (or MACs) to keep; "
                         "per-layer widths are chosen for you (instead of --keep)")
     p.add_argument("--budget-unit", choices=("params", "macs"), help="unit of --budget")
-    p.add_argument("--allocator", choices=("tropnnc", "tropnnc-log", "method"),
+    p.add_argument("--allocator", choices=("tropnnc", "tropnnc-log", "tropnnc-sum", "method"),
                    help="how --budget is split between layers (default: tropnnc curves)")
     p.add_argument("--min-width", type=_positive_int, help="smallest width with --budget")
     p.add_argument("--round-to", type=_positive_int,

@@ -16,7 +16,8 @@ def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
     Linear and Conv2d layer, by module name, for one sample.
 
     Runs ``model`` once in eval mode on zeros shaped like ``example_inputs`` (a batch of two:
-    BatchNorm without running statistics rejects a batch of one).
+    BatchNorm without running statistics rejects a batch of one), on the meta device (shapes
+    without arithmetic: a VGG-16 forward at 224 px in milliseconds) unless that fails.
     """
     found: dict[str, int] = {}
 
@@ -36,7 +37,13 @@ def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
     try:
         model.eval()
         with torch.no_grad():
-            model(sample)
+            try:  # shapes only: the forward on meta tensors does no arithmetic
+                tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+                meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+                torch.func.functional_call(model, meta, (sample.to("meta"),))
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                found.clear()  # an op without a meta kernel, or data-dependent code
+                model(sample)
     finally:
         model.train(was_training)
         for h in handles:

@@ -6,7 +6,9 @@ all rows at the end (atomic writes). Method specs are ``name[+refit][:opt=value,
 ``tropnnc``, ``tropnnc:norm=l1,refine=5``, ``tropnnc+refit`` (the data-free merge followed by a
 least-squares refit of the consumer on calibration inputs: data-driven), ``model-folding+ls``
 (the data-free least-squares reconstruction, ``compress(reconstruct=...)``; options prefixed
-``ls.`` go to it, e.g. ``model-folding+ls:ls.shrink=0.5``) or ``thinet``.
+``ls.`` go to it, e.g. ``model-folding+ls:ls.shrink=0.5``) or ``thinet``; ``torch-pruning``
+runs an external anchor (:mod:`tropnnc.experiments.anchor`, optional extra ``anchor``) on
+the same blocks at the same widths.
 
 Run the experiments of the spec with ``python -m tropnnc.experiments.sweep --experiment E3``.
 """
@@ -30,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from ..api import DEFAULT_PIPELINE, compress
+from ..api import DEFAULT_PIPELINE, CompressionResult, compress
 from ..counting import count_macs, count_params, infer_example_inputs
 from ..graph import discover
 from ..methods import method_class
@@ -38,6 +40,7 @@ from ..reconstruct import Reconstruction
 from ..surgery import get_module
 from ..train import evaluate
 from ..zoo import CNN
+from .anchor import EXTERNAL
 from .report import write_outputs
 from .train_cache import load_split, outputs_of, trained_model
 
@@ -62,7 +65,7 @@ class MethodSpec:
 
     @property
     def data_driven(self) -> bool:
-        return self.refit or method_class(self.name).data_driven
+        return self.refit or (self.name not in EXTERNAL and method_class(self.name).data_driven)
 
     @property
     def method(self) -> str:
@@ -94,7 +97,12 @@ def parse_method(spec: str) -> MethodSpec:
     refit = head.endswith("+refit")
     ls = head.endswith("+ls")
     name = head[:-len("+refit")] if refit else head[:-len("+ls")] if ls else head
-    method_class(name)
+    if name in EXTERNAL:
+        if refit or ls:
+            raise ValueError(f"method spec {spec!r}: {name} is an external anchor, "
+                             "no +refit or +ls")
+    else:
+        method_class(name)
     options: dict[str, Any] = {}
     recon: dict[str, Any] | None = {} if ls else None
     for item in filter(None, (o.strip() for o in opts.split(","))):
@@ -111,6 +119,18 @@ def parse_method(spec: str) -> MethodSpec:
     parsed = MethodSpec(spec.strip(), name, options, refit, recon)
     parsed.reconstruction()  # bad reconstruction options fail here, not mid-sweep
     return parsed
+
+
+def run_method(spec: MethodSpec, model: nn.Module, mapping: Mapping[str, float], seed: int,
+               calibration: torch.Tensor | None) -> CompressionResult:
+    """Compress ``model`` as one method spec says: a library method through
+    :func:`tropnnc.compress` (calibration inputs only for data-driven specs), or an external
+    anchor (:mod:`tropnnc.experiments.anchor`) on the same blocks and widths."""
+    if spec.name in EXTERNAL:
+        return EXTERNAL[spec.name](model, mapping, seed=seed, **spec.options)
+    return compress(model, mapping, spec.name, seed=seed,
+                    calibration=calibration if spec.data_driven else None,
+                    reconstruct=spec.reconstruction(), **spec.options)
 
 
 def keep_mapping(model: nn.Module, layers: str | None, keep: float) -> dict[str, float]:
@@ -294,7 +314,8 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
                           "certificate": 0.0, "seconds": 0.0, "data_driven": False,
                           "baseline_accuracy": baseline})
             for spec, keep in todo:
-                if not method_class(spec.name).multi_output and outputs_of(ds) > 1:
+                if (spec.name not in EXTERNAL and not method_class(spec.name).multi_output
+                        and outputs_of(ds) > 1):
                     note = f"{spec.label} skipped on {net}/{ds}: single-output method"
                     if note not in notes:
                         notes.append(note)
@@ -328,8 +349,7 @@ def compress_row(model: nn.Module, test_set: Dataset, calib: torch.Tensor | None
         calib = None if calib is None else calib.to(device)
     mapping = keep_mapping(model, common["layers"], keep)
     start = time.perf_counter()
-    result = compress(model, mapping, spec.name, seed=int(common["seed"]), calibration=calib,
-                      reconstruct=spec.reconstruction(), **spec.options)
+    result = run_method(spec, model, mapping, int(common["seed"]), calib)
     seconds = time.perf_counter() - start
     acc = (evaluator or Evaluator(model, test_set))(result.model)
     certs = [b.certificate for b in result.blocks]
