@@ -387,7 +387,7 @@ def test_float32_cosines_of_a_large_block_give_the_same_curve():
 # -------------------------------------------------------------------------------------------
 
 
-def test_no_block_below_half_its_uniform_width():
+def test_no_block_below_its_floor_of_the_uniform_width():
     """Random-init vgg-small at half its MACs: the plain sum of the curves (the default
     before the floors) takes a 128-channel layer down to 2 channels while keeping its
     neighbours whole. The floor: the uniform keep ratio u that meets the budget (found here
