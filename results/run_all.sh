@@ -19,3 +19,17 @@ $PY -m tropnnc.experiments.sweep --experiment E3 --out results/E3-greedy-seeding
     --methods tropnnc tropnnc:norm=l1 tropnnc:refine=5 tropnnc+refit --threads 1
 $PY -m tropnnc.experiments.sweep --experiment E2 --out results/E2-greedy-seeding \
     --methods tropnnc tropnnc:norm=l1 tropnnc:refine=5 tropnnc+refit --threads 1
+$PY -m tropnnc.experiments.sweep --experiment E3 --out results/expected-error/E3 --threads 1 \
+    --methods tropnnc tropnnc+ls tropnnc+ls:ls.shrink=0.5 model-folding model-folding+ls \
+    model-folding+ls:ls.shrink=0.5 neural-path-kmeans neural-path-kmeans+ls \
+    neural-path-kmeans+ls:ls.shrink=0.5 l1+ls default torch-pruning
+$PY -m tropnnc.experiments.sweep --experiment E2 --out results/expected-error/E2 --threads 1 \
+    --methods tropnnc tropnnc+ls model-folding model-folding+ls neural-path-kmeans \
+    neural-path-kmeans+ls tropnnc+ls:kernel=activations model-folding+ls:ls.shrink=0.8 \
+    default torch-pruning
+$PY -m tropnnc.experiments.sweep --networks vgg-small --dataset fashion-mnist --layers conv \
+    --epochs 2 --train-size 12000 --test-size 2000 --seeds 0 1 2 --keeps 0.9 0.75 0.5 0.25 \
+    --out results/expected-error/bn-vgg-small --threads 1 \
+    --methods tropnnc tropnnc+ls model-folding model-folding+ls neural-path-kmeans \
+    neural-path-kmeans+ls l1 l1+ls tropnnc+ls:ls.shrink=0.5 model-folding+ls:ls.shrink=0.5 \
+    tropnnc+ls:kernel=activations default torch-pruning
