@@ -95,7 +95,8 @@ def test_keep_width_and_mapping():
 
 def test_report_certificates_and_table():
     result = tropnnc.compress(lenet(), 0.5, radius=2.0)
-    assert all(b.certificate > 0 and b.certificate <= b.certificate_sum for b in result.blocks)
+    assert all(b.certificate > 0 for b in result.blocks)
+    assert all(b.certificate_sum > b.certificate for b in result.blocks)  # several outputs
     assert "1" in result.table() and "parameters" in result.table()
     d = result.to_dict()
     assert d["method"] == "adaptive" and len(d["blocks"]) == 2  # the default pipeline

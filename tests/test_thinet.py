@@ -69,7 +69,7 @@ def test_negative_scales_drop_the_certificate():
     torch.testing.assert_close(_outputs(reads[:, merge.kept], merge.out), _outputs(reads, out))
 
 
-def test_greedy_removes_smallest_first_and_is_vectorised():
+def test_greedy_removes_smallest_first():
     x = torch.diag(torch.tensor([3.0, 1.0, 2.0, 0.5], dtype=torch.float64))
     assert greedy_removal(x.T @ x, 2).tolist() == [3, 1]
 

@@ -35,7 +35,7 @@ from .surgery import apply, extract, get_module
 log = logging.getLogger(__name__)
 
 Keep = float | int
-KeySpec = Keep | Mapping[str, Keep]
+KeepSpec = Keep | Mapping[str, Keep]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ DEFAULT_PIPELINE: tuple[str, dict[str, object], Reconstruction] = (
     "adaptive", {}, Reconstruction(bn_shrink=0.8))
 
 
-def compress(model: nn.Module, keep: KeySpec | None = None, method: str | None = None, *,
+def compress(model: nn.Module, keep: KeepSpec | None = None, method: str | None = None, *,
              seed: int = 0, example_inputs: torch.Tensor | None = None, strict: bool = False,
              radius: float | None = None, input_range: tuple[object, object] | None = None,
              input_stats: tuple[object, object] | None = None,
@@ -394,7 +394,7 @@ def _generator(seed: int, layer: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(layer.encode()))
 
 
-def _widths(model: nn.Module, specs: list[BlockSpec], keep: KeySpec) -> dict[str, int]:
+def _widths(model: nn.Module, specs: list[BlockSpec], keep: KeepSpec) -> dict[str, int]:
     """Target width per producer layer; ValueError for anything out of range."""
     sizes = {s.producer: _units(get_module(model, s.producer)) for s in specs}
     if isinstance(keep, Mapping):

@@ -192,9 +192,9 @@ def bias_correction(out: Tensor, mean_relu: Tensor, new_out: Tensor,
 def bn_repair(block: Block, merge: Merge, variance: bool = False) -> tuple[Merge, str | None]:
     """The merge with its consumer bias corrected from ``block``'s BN statistics.
 
-    ``variance``: first rescale/shift each merged row (about its estimated mean) so that its
-    estimated pre-activation mean and std equal the share-form targets sum mu_i / sum
-    lambda_i and sum sigma_i / sum lambda_i (:func:`affine_row_repair`), then correct the bias.
+    ``variance``: first scale each merged unit's consumer slices so that the variance its
+    cluster feeds the consumer is kept (:func:`consumer_variance_repair`), then correct the
+    bias.
     Returns (merge, None) when repaired, or the unchanged merge and the reason it was not
     (no BatchNorm statistics, or not a share-form merge).
     """
@@ -212,25 +212,6 @@ def bn_repair(block: Block, merge: Merge, variance: bool = False) -> tuple[Merge
     base = (block.consumer_bias if block.consumer_bias is not None
             else torch.zeros(block.m, dtype=torch.float64))
     return replace(merge, consumer_bias=base.double() + delta), None
-
-
-def affine_row_repair(block: Block, merge: Merge, mu: Tensor, sigma: Tensor) -> Tensor:
-    """Merged rows rescaled and shifted so their estimated stats hit the share-form targets.
-
-    Estimated stats (m, s) of <u_k, (x,1)> as in :func:`merged_stats` with the rows; targets
-    (m*, s*) by the plain share-weighted form; row' = a u_k + (m* - a m) e_bias with a = s*/s.
-    Copies of original units (``merge.kept``) and clusters without an estimate are unchanged.
-    """
-    m, s = merged_stats(mu, sigma, merge.assignment, merge.shares, merge.k, None,
-                        block.weight, merge.rows)
-    mt, st = merged_stats(mu, sigma, merge.assignment, merge.shares, merge.k)
-    ok = (s > 0) & (st > 0)
-    if merge.kept is not None:
-        ok &= merge.kept < 0
-    a = torch.where(ok, st / torch.where(ok, s, torch.ones_like(s)), torch.ones_like(s))
-    rows = merge.rows.double() * a[:, None]
-    rows[:, -1] += torch.where(ok, mt - a * m, torch.zeros_like(m))
-    return rows.to(merge.rows.dtype)
 
 
 def consumer_variance_repair(block: Block, merge: Merge, mu: Tensor, sigma: Tensor) -> Merge:
@@ -268,7 +249,7 @@ def consumer_variance_repair(block: Block, merge: Merge, mu: Tensor, sigma: Tens
 
 
 def check_repair(repair: object) -> str | None:
-    """Validate a ``repair`` option: None or "bn"."""
+    """Validate a ``repair`` option: None, "bn" or "bn-var"."""
     if repair not in REPAIRS:
         raise ValueError(f"repair must be None, 'bn' or 'bn-var', got {repair!r}")
     return repair  # type: ignore[return-value]
