@@ -18,7 +18,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def methods() -> list[str]:
-    """The names of all registered methods."""
+    """The names of all registered methods. ``compress(model, keep)`` without a method runs
+    the default pipeline (``tropnnc.api.DEFAULT_PIPELINE``: ``adaptive`` followed by the
+    least-squares reconstruction); ``"tropnnc"`` is the paper's algorithm alone."""
     return sorted(_REGISTRY)
 
 
