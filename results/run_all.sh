@@ -34,5 +34,5 @@ $PY -m tropnnc.experiments.sweep --networks vgg-small --dataset fashion-mnist --
     neural-path-kmeans+ls l1 l1+ls tropnnc+ls:ls.shrink=0.5 model-folding+ls:ls.shrink=0.5 \
     tropnnc+ls:kernel=activations default torch-pruning
 $PY -m tropnnc.experiments.sweep --experiment E4 --out results/expected-error/E4 --threads 1 \
-    --seeds 0 1 2 3 --layers conv --keeps 0.9 0.75 0.6 0.5 \
+    --seeds 0 1 2 3 4 --layers conv --keeps 0.9 0.75 0.6 0.5 \
     --methods default model-folding neural-path-kmeans tropnnc torch-pruning
