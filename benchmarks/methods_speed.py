@@ -38,7 +38,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vgg16_speed import MB, Peak, build_vgg16, loadavg, trained_like_  # noqa: E402
+from vgg16_speed import (  # noqa: E402
+    MB,
+    Peak,
+    build_vgg16,
+    loadavg,
+    trained_like_,
+    without_input_shape,
+)
 
 import tropnnc  # noqa: E402
 from tropnnc import zoo  # noqa: E402
@@ -68,20 +75,6 @@ def build(name: str, seed: int) -> nn.Module:
         if isinstance(mod, nn.BatchNorm2d):
             mod.reset_parameters()
     return trained_like_(model, seed).eval()
-
-
-def without_input_shape(model: nn.Module):
-    """Context: hide ``model.input_shape`` so compress skips MAC counting."""
-
-    class _Ctx:
-        def __enter__(self):
-            self.shape = model.__dict__.pop("input_shape", None)
-
-        def __exit__(self, *exc):
-            if self.shape is not None:
-                model.input_shape = self.shape
-
-    return _Ctx()
 
 
 def run_phase(model: nn.Module, phase: str, keep: float, seed: int, limit: int

@@ -76,6 +76,16 @@ def weight_gram(weight: Tensor) -> Tensor:
     return (w @ w.T).double()
 
 
+def bn_unit_stats(bn: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean and std (n,) of each unit's folded pre-activation from its BN statistics.
+
+    mean = beta; std = |gamma| sqrt(v / (v + eps)) (the std of the normalised value is
+    sqrt(v / (v + eps)) when v is the true variance; ~ |gamma| for eps << v).
+    """
+    var = bn["running_var"].clamp(min=0)
+    return bn["bias"].clone(), bn["weight"].abs() * (var / (var + bn["eps"])).sqrt()
+
+
 def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0,
                      gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mean (n,) and covariance (n, n) of the pre-activations of rows ``weight`` (n, d+1).
@@ -83,16 +93,15 @@ def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float 
     With ``bn`` (the folded BatchNorm's statistics): mean beta, std |gamma| sqrt(v/(v+eps)),
     correlation the cosine of the incoming weights. Without: isotropic input N(0, sigma^2 I),
     mean the bias, covariance sigma^2 W W^T. ``gram``: W W^T of the weights (bias excluded)
-    if the caller has it.
+    if the caller has it. The BN statistics may live on another device than the rows.
     """
     g = weight_gram(weight) if gram is None else gram.double()  # (n, n)
     if bn is None:
         return weight[:, -1].double().clone(), sigma * sigma * g
-    var = bn["running_var"].double().clamp(min=0)
-    std = bn["weight"].double().abs() * (var / (var + bn["eps"].double())).sqrt()
+    mean, std = (t.to(device=g.device, dtype=torch.float64) for t in bn_unit_stats(bn))
     norms = g.diagonal().clamp(min=0).sqrt()
     scale = torch.where(norms > 0, std / torch.where(norms > 0, norms, 1.0), 0.0)  # s_i/||w_i||
-    return bn["bias"].double().clone(), scale[:, None] * g * scale[None, :]
+    return mean, scale[:, None] * g * scale[None, :]
 
 
 def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
@@ -247,8 +256,9 @@ def _bvn_near_one(h: Tensor, k: Tensor, r: Tensor) -> Tensor:
 
 
 def relu_mean(m: Tensor, s: Tensor) -> Tensor:
-    """E[relu(z)] for z ~ N(m, s^2) (s = 0: relu(m))."""
-    m, s = torch.broadcast_tensors(m.double(), s.double().abs())
+    """E[relu(z)] for z ~ N(m, s^2), elementwise (s = 0: relu(m))."""
+    m, s = torch.broadcast_tensors(torch.as_tensor(m, dtype=torch.float64),
+                                   torch.as_tensor(s, dtype=torch.float64).abs())
     pos = s > 0
     h = m / torch.where(pos, s, 1.0)
     return torch.where(pos, s * (h * _Phi(h) + _phi(h)), m.clamp(min=0))

@@ -71,7 +71,7 @@ def least_squares_projection(block: Block, merge: Merge, options: Reconstruction
                              ) -> tuple[Tensor, Tensor, Tensor] | str:
     """P (K, n), E[a] (n,), E[a~] (K,) under the block's input model, float64; or the
     reason (a string) why the model is degenerate for this merge."""
-    model = unit_model(block.weight.cpu(), _cpu(block.bn), merge.rows.cpu(),
+    model = unit_model(block.weight.cpu(), block.bn, merge.rows.cpu(),
                        merge.assignment.cpu(), options.sigma)
     moments = activation_moments(model, block.activation, options.samples, generator)
     cov = moments.new_cov
@@ -133,6 +133,3 @@ def reconstruct_merge(block: Block, merge: Merge, options: Reconstruction | None
     return replace(merge, out=out, shares=None, projection=p.to(block.weight.device),
                    consumer_bias=(base + delta).to(block.weight.device)), None
 
-
-def _cpu(bn: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    return None if bn is None else {key: v.cpu() for key, v in bn.items()}

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 
 from .block import Block, Merge
+from .moments import bn_unit_stats
+from .moments import relu_mean as gaussian_relu_mean
 
 REPAIRS = (None, "bn", "bn-var")
 _SQRT2 = math.sqrt(2.0)
@@ -62,15 +64,6 @@ def _phi_Phi(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return t, phi, big_phi
 
 
-def gaussian_relu_mean(m: Tensor, s: Tensor) -> Tensor:
-    """E[relu(z)] for z ~ N(m, s^2), elementwise: m Phi(m/s) + s phi(m/s) (s = 0: relu(m))."""
-    m, s = torch.broadcast_tensors(torch.as_tensor(m, dtype=torch.float64),
-                                   torch.as_tensor(s, dtype=torch.float64).abs())
-    _, phi, big_phi = _phi_Phi(m, s)
-    out = m * big_phi + s * phi
-    return torch.where(s > 0, out, m.clamp(min=0))
-
-
 def gaussian_relu_var(m: Tensor, s: Tensor) -> Tensor:
     """Var[relu(z)] for z ~ N(m, s^2): (m^2 + s^2) Phi + m s phi - E[relu(z)]^2 (>= 0)."""
     m, s = torch.broadcast_tensors(torch.as_tensor(m, dtype=torch.float64),
@@ -79,16 +72,6 @@ def gaussian_relu_var(m: Tensor, s: Tensor) -> Tensor:
     second = (m * m + s * s) * big_phi + m * s * phi
     mean = m * big_phi + s * phi
     return torch.where(s > 0, (second - mean * mean).clamp(min=0), torch.zeros_like(m))
-
-
-def bn_unit_stats(bn: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Mean and std (n,) of each unit's folded pre-activation from its BN statistics.
-
-    mean = beta; std = |gamma| sqrt(v / (v + eps)) (the std of the normalised value is
-    sqrt(v / (v + eps)) when v is the true variance; ~ |gamma| for eps << v).
-    """
-    var = bn["running_var"].clamp(min=0)
-    return bn["bias"].clone(), bn["weight"].abs() * (var / (var + bn["eps"])).sqrt()
 
 
 def merged_stats(mu: Tensor, sigma: Tensor, assignment: Tensor, shares: Tensor, k: int,

@@ -264,29 +264,22 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
     k = merge.k
     ranges = [_read_range(model, c) for c in spec.consumers]  # before the widths change
     col = 0
-    for p in spec.producers:
+    members = [(p, False) for p in spec.producers] + [(p, True) for p in spec.channelwise]
+    for p, depthwise in members:  # each member's columns of the joined rows, in order
         mod = get_module(model, p.layer)
         width = mod.weight[0].numel() + 1
         part = merge.rows[:, col:col + width]
         col += width
         like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
-        if isinstance(mod, nn.Linear):
-            new: nn.Module = skip_init(nn.Linear, mod.in_features, k, **like)
+        if depthwise:
+            new: nn.Module = skip_init(nn.Conv2d, k, k, mod.kernel_size, mod.stride,
+                                       mod.padding, mod.dilation, groups=k,
+                                       padding_mode=mod.padding_mode, **like)
+        elif isinstance(mod, nn.Linear):
+            new = skip_init(nn.Linear, mod.in_features, k, **like)
         else:
             new = skip_init(nn.Conv2d, mod.in_channels, k, mod.kernel_size, mod.stride,
                             mod.padding, mod.dilation, padding_mode=mod.padding_mode, **like)
-        _write(new, mod, part)
-        set_module(model, p.layer, new)
-        if p.bn is not None:
-            set_module(model, p.bn, nn.Identity())
-    for p in spec.channelwise:
-        mod = get_module(model, p.layer)
-        width = mod.weight[0].numel() + 1
-        part = merge.rows[:, col:col + width]
-        col += width
-        like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
-        new = skip_init(nn.Conv2d, k, k, mod.kernel_size, mod.stride, mod.padding,
-                        mod.dilation, groups=k, padding_mode=mod.padding_mode, **like)
         _write(new, mod, part)
         set_module(model, p.layer, new)
         if p.bn is not None:

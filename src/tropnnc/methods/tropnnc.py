@@ -98,7 +98,7 @@ class TropNNC(Method):
         device = weight.device
         norms = block.row_norms  # (n,)
         if self.kernel == "activations":
-            gram, std = activation_correlation(weight.cpu(), _cpu(block.bn))  # float64
+            gram, std = activation_correlation(weight.cpu(), block.bn)  # float64
             c_norm = block.unit_mass(self.norm) / torch.where(norms > 0, norms, 1.0)
             gram, mass = gram.to(device), (c_norm.cpu().double() * std).to(device)
         else:
@@ -136,7 +136,7 @@ class TropNNC(Method):
         inv_norms = torch.where(norms > 0, 1.0 / norms, 0.0)  # zero rows have no direction
         product = None  # A G (k, n), shared by member_cosines and merged_gram
         if self.rows == "moments":
-            rows, shares = moment_rows(weight.cpu(), _cpu(block.bn), assignment.cpu(), k)
+            rows, shares = moment_rows(weight.cpu(), block.bn, assignment.cpu(), k)
             rows, shares = rows.to(device), shares.to(device=device, dtype=weight.dtype)
         elif gram.dtype == weight.dtype and self.kernel == "weights":  # the Gram is as precise
             # as the rows: ||r_c|| and lambda_i = ||w_i|| cos(d_i, r_a(i)) from it, O(n^2),
@@ -156,10 +156,6 @@ class TropNNC(Method):
         next_gram = (merged_gram(gram, assignment, alpha, k, product=product) if want_gram
                      else None)
         return merge_by_shares(block, assignment, shares, rows), next_gram
-
-
-def _cpu(bn: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    return None if bn is None else {key: v.cpu() for key, v in bn.items()}
 
 
 def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:
