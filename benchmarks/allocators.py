@@ -45,8 +45,19 @@ from tropnnc.train import evaluate  # noqa: E402
 #: network -> (cache dir or None for the default, training options)
 NETS = {"lenet-300-100": {}, "e2-cnn": {}, "vgg-small": {"epochs": 2, "train_size": 12000}}
 VARIANTS = ["uniform", "sum", "log-nofloor", "floor0.25", "floor0.5", "log-floor0.5"]
-FIELDS = ["network", "unit", "budget", "variant", "seed", "accuracy", "baseline_accuracy",
-          "achieved", "min_fraction", "widths", "seconds"]
+FIELDS = [
+    "network",
+    "unit",
+    "budget",
+    "variant",
+    "seed",
+    "accuracy",
+    "baseline_accuracy",
+    "achieved",
+    "min_fraction",
+    "widths",
+    "seconds",
+]
 
 
 def test_subset(size: int):
@@ -75,14 +86,18 @@ def run_variant(model, variant: str, unit: str, budget: float, seed: int):
     if variant == "uniform":
         return tropnnc.compress(model, uniform_keep(model, unit, budget), seed=seed)
     saved = budget_mod.FLOOR_FRACTION
-    allocator, fraction = {"sum": ("tropnnc-sum", saved), "log-nofloor": ("tropnnc-log", 0.0),
-                           "log-floor0.5": ("tropnnc-log", 0.5)}.get(variant, ("tropnnc", None))
+    allocator, fraction = {
+        "sum": ("tropnnc-sum", saved),
+        "log-nofloor": ("tropnnc-log", 0.0),
+        "log-floor0.5": ("tropnnc-log", 0.5),
+    }.get(variant, ("tropnnc", None))
     if fraction is None:
         fraction = float(variant.removeprefix("floor"))
     budget_mod.FLOOR_FRACTION = fraction
     try:
-        return tropnnc.compress(model, budget=budget, budget_unit=unit, seed=seed,
-                                allocator=allocator)
+        return tropnnc.compress(
+            model, budget=budget, budget_unit=unit, seed=seed, allocator=allocator
+        )
     finally:
         budget_mod.FLOOR_FRACTION = saved
 
@@ -103,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
-    done = {(r["network"], r["unit"], float(r["budget"]), r["variant"], int(r["seed"]))
-            for r in rows}
+    done = {
+        (r["network"], r["unit"], float(r["budget"]), r["variant"], int(r["seed"])) for r in rows
+    }
     test = test_subset(args.test_size)
     for net in args.networks:
         for seed in args.seeds:
@@ -121,13 +137,24 @@ def main(argv: list[str] | None = None) -> None:
                         seconds = time.perf_counter() - start
                         acc = evaluate(result.model, test)
                         frac = min(b.units_after / b.units_before for b in result.blocks)
-                        achieved = (result.allocation.achieved / result.allocation.total
-                                    if result.allocation else float("nan"))
-                        row = {"network": net, "unit": unit, "budget": budget,
-                               "variant": variant, "seed": seed, "accuracy": acc,
-                               "baseline_accuracy": base, "achieved": achieved,
-                               "min_fraction": frac, "seconds": seconds,
-                               "widths": "/".join(str(b.units_after) for b in result.blocks)}
+                        achieved = (
+                            result.allocation.achieved / result.allocation.total
+                            if result.allocation
+                            else float("nan")
+                        )
+                        row = {
+                            "network": net,
+                            "unit": unit,
+                            "budget": budget,
+                            "variant": variant,
+                            "seed": seed,
+                            "accuracy": acc,
+                            "baseline_accuracy": base,
+                            "achieved": achieved,
+                            "min_fraction": frac,
+                            "seconds": seconds,
+                            "widths": "/".join(str(b.units_after) for b in result.blocks),
+                        }
                         rows.append(row)
                         new = not csv_path.exists()
                         with csv_path.open("a", newline="") as f:
@@ -135,26 +162,35 @@ def main(argv: list[str] | None = None) -> None:
                             if new:
                                 w.writeheader()
                             w.writerow(row)
-                        print(f"{net} seed {seed} {unit} {budget:g} {variant:11s} "
-                              f"acc {acc:.4f} min width {frac:.3f} widths {row['widths']}",
-                              flush=True)
+                        print(
+                            f"{net} seed {seed} {unit} {budget:g} {variant:11s} "
+                            f"acc {acc:.4f} min width {frac:.3f} widths {row['widths']}",
+                            flush=True,
+                        )
     write_table(rows, out / "table.md")
 
 
 def write_table(rows: list[dict], path: Path) -> None:
     """Mean +- std accuracy (%) per (network, unit, budget) and variant."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = ["Test accuracy (%) on 2,000 Fashion-MNIST test images, tropnnc, no fine-tuning, "
-             "mean +- std over seeds; in brackets: the smallest width / full width of any "
-             "block (mean over seeds).", "",
-             "| network | unit | budget | " + " | ".join(variants) + " |",
-             "|---" * (3 + len(variants)) + "|"]
+    lines = [
+        "Test accuracy (%) on 2,000 Fashion-MNIST test images, tropnnc, no fine-tuning, "
+        "mean +- std over seeds; in brackets: the smallest width / full width of any "
+        "block (mean over seeds).",
+        "",
+        "| network | unit | budget | " + " | ".join(variants) + " |",
+        "|---" * (3 + len(variants)) + "|",
+    ]
     keys = list(dict.fromkeys((r["network"], r["unit"], float(r["budget"])) for r in rows))
     for net, unit, budget in keys:
         cells = []
         for v in variants:
-            sel = [r for r in rows if (r["network"], r["unit"], float(r["budget"]),
-                                       r["variant"]) == (net, unit, budget, v)]
+            sel = [
+                r
+                for r in rows
+                if (r["network"], r["unit"], float(r["budget"]), r["variant"])
+                == (net, unit, budget, v)
+            ]
             if not sel:
                 cells.append("")
                 continue

@@ -19,8 +19,16 @@ import torch
 import tropnnc
 from tropnnc.graph import GroupSpec
 
-TORCHVISION = ["resnet18", "resnet50", "densenet121", "googlenet", "squeezenet1_0",
-               "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf"]
+TORCHVISION = [
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "googlenet",
+    "squeezenet1_0",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+]
 TIMM = ["vit_tiny_patch16_224", "convnext_tiny"]
 
 
@@ -54,10 +62,12 @@ def row(name: str, method: str) -> str:
     blocks = len(result.blocks)
     p0, p1 = result.params_before, result.params_after
     m0, m1 = result.macs_before, result.macs_after
-    return (f"| {name} | {blocks} ({groups} groups) / {len(result.skipped)} | "
-            f"{p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M ({100 * (1 - p1 / p0):.0f}%) | "
-            f"{m0 / 1e9:.3f}G -> {m1 / 1e9:.3f}G ({100 * (1 - m1 / m0):.0f}%) | "
-            f"{seconds:.1f} |")
+    return (
+        f"| {name} | {blocks} ({groups} groups) / {len(result.skipped)} | "
+        f"{p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M ({100 * (1 - p1 / p0):.0f}%) | "
+        f"{m0 / 1e9:.3f}G -> {m1 / 1e9:.3f}G ({100 * (1 - m1 / m0):.0f}%) | "
+        f"{seconds:.1f} |"
+    )
 
 
 def main() -> None:
@@ -65,8 +75,10 @@ def main() -> None:
     parser.add_argument("--method", default="tropnnc")
     parser.add_argument("--models", nargs="*", default=TORCHVISION + TIMM)
     args = parser.parse_args()
-    print("| model | compressed (groups) / skipped | parameters (removed) | MACs (removed) "
-          "| seconds |")
+    print(
+        "| model | compressed (groups) / skipped | parameters (removed) | MACs (removed) "
+        "| seconds |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for name in args.models:
         print(row(name, args.method), flush=True)

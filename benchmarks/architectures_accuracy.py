@@ -30,8 +30,15 @@ from tropnnc.experiments.train_cache import load_split, trained_model  # noqa: E
 from tropnnc.train import evaluate  # noqa: E402
 
 NETS = ["resnet-mini", "mobilenetv2-mini", "vit-mini"]
-METHODS = ["tropnnc", "model-folding", "neuron-merging", "neural-path-kmeans", "cup", "l1",
-           "random"]
+METHODS = [
+    "tropnnc",
+    "model-folding",
+    "neuron-merging",
+    "neural-path-kmeans",
+    "cup",
+    "l1",
+    "random",
+]
 
 
 def main() -> None:
@@ -49,14 +56,24 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     test = load_split("fashion-mnist", "test")
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
-    test = torch.utils.data.Subset(test, idx[:args.test_size].tolist())
+    test = torch.utils.data.Subset(test, idx[: args.test_size].tolist())
     rows = []
     for net in args.nets:
-        model = trained_model(net, "fashion-mnist", 0, args.cache, epochs=args.epochs,
-                              train_size=args.train_size)
+        model = trained_model(
+            net, "fashion-mnist", 0, args.cache, epochs=args.epochs, train_size=args.train_size
+        )
         base = evaluate(model, test)
-        rows.append({"net": net, "method": "uncompressed", "keep": 1.0, "seed": 0,
-                     "accuracy": base, "macs": None, "seconds": 0.0})
+        rows.append(
+            {
+                "net": net,
+                "method": "uncompressed",
+                "keep": 1.0,
+                "seed": 0,
+                "accuracy": base,
+                "macs": None,
+                "seconds": 0.0,
+            }
+        )
         print(f"{net}: {base:.4f}", flush=True)
         for method in args.methods:
             for keep in args.keeps:
@@ -64,29 +81,46 @@ def main() -> None:
                     start = time.perf_counter()
                     result = tropnnc.compress(model, keep, method, seed=seed)
                     seconds = time.perf_counter() - start
-                    rows.append({"net": net, "method": method, "keep": keep, "seed": seed,
-                                 "accuracy": evaluate(result.model, test),
-                                 "macs": result.macs_after / result.macs_before,
-                                 "seconds": seconds})
-                print(f"  {method} keep {keep}: "
-                      f"{statistics.mean(r['accuracy'] for r in rows[-len(args.seeds):]):.4f}",
-                      flush=True)
+                    rows.append(
+                        {
+                            "net": net,
+                            "method": method,
+                            "keep": keep,
+                            "seed": seed,
+                            "accuracy": evaluate(result.model, test),
+                            "macs": result.macs_after / result.macs_before,
+                            "seconds": seconds,
+                        }
+                    )
+                print(
+                    f"  {method} keep {keep}: "
+                    f"{statistics.mean(r['accuracy'] for r in rows[-len(args.seeds) :]):.4f}",
+                    flush=True,
+                )
     with open(args.out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| net | method | " + " | ".join(f"keep {k}" for k in args.keeps) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in args.keeps) + " |"]
+    lines = [
+        "| net | method | " + " | ".join(f"keep {k}" for k in args.keeps) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in args.keeps) + " |",
+    ]
     for net in args.nets:
         base = next(r["accuracy"] for r in rows if r["net"] == net)
         lines.append(f"| {net} | uncompressed | {100 * base:.1f} |" + " |" * (len(args.keeps) - 1))
         for method in args.methods:
             cells = []
             for keep in args.keeps:
-                acc = [100 * r["accuracy"] for r in rows if (r["net"], r["method"], r["keep"])
-                       == (net, method, keep)]
-                macs = next(r["macs"] for r in rows if (r["net"], r["method"], r["keep"])
-                            == (net, method, keep))
+                acc = [
+                    100 * r["accuracy"]
+                    for r in rows
+                    if (r["net"], r["method"], r["keep"]) == (net, method, keep)
+                ]
+                macs = next(
+                    r["macs"]
+                    for r in rows
+                    if (r["net"], r["method"], r["keep"]) == (net, method, keep)
+                )
                 sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 cells.append(f"{statistics.mean(acc):.1f} +- {sd:.1f} ({100 * macs:.0f}% MACs)")
             lines.append(f"| {net} | {method} | " + " | ".join(cells) + " |")

@@ -45,14 +45,19 @@ from tropnnc.experiments.train_cache import load_split, trained_model  # noqa: E
 from tropnnc.graph import discover  # noqa: E402
 
 
-def consumer_outputs(model: nn.Module, consumer: str, producer: str,
-                     x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def consumer_outputs(
+    model: nn.Module, consumer: str, producer: str, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The consumer's output and the producer's input, per sample, for inputs ``x``."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(consumer).register_forward_hook(
-                 lambda m, a, out: seen.__setitem__("y", out)),
-             model.get_submodule(producer).register_forward_pre_hook(
-                 lambda m, a: seen.__setitem__("x", a[0]))]
+    hooks = [
+        model.get_submodule(consumer).register_forward_hook(
+            lambda m, a, out: seen.__setitem__("y", out)
+        ),
+        model.get_submodule(producer).register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("x", a[0])
+        ),
+    ]
     try:
         model(x)
     finally:
@@ -61,8 +66,9 @@ def consumer_outputs(model: nn.Module, consumer: str, producer: str,
     return seen["y"], seen["x"]
 
 
-def block_error(before: nn.Module, after: nn.Module, consumer: str, producer: str,
-                x: torch.Tensor) -> torch.Tensor:
+def block_error(
+    before: nn.Module, after: nn.Module, consumer: str, producer: str, x: torch.Tensor
+) -> torch.Tensor:
     """max_j |y_j - y~_j| per sample (over outputs and positions)."""
     y, _ = consumer_outputs(before, consumer, producer, x)
     y2, _ = consumer_outputs(after, consumer, producer, x)
@@ -73,13 +79,21 @@ def input_norm(module: nn.Module, x: torch.Tensor) -> float:
     """The largest norm of one input of ``module`` (a patch for a conv)."""
     if isinstance(module, nn.Linear):
         return float(x.norm(dim=-1).max())
-    patches = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
-                                   module.stride)
+    patches = nn.functional.unfold(
+        x, module.kernel_size, module.dilation, module.padding, module.stride
+    )
     return float(patches.norm(dim=1).max())
 
 
-def ascent(before: nn.Module, after: nn.Module, consumer: str, producer: str,
-           starts: torch.Tensor, steps: int, lr: float) -> float:
+def ascent(
+    before: nn.Module,
+    after: nn.Module,
+    consumer: str,
+    producer: str,
+    starts: torch.Tensor,
+    steps: int,
+    lr: float,
+) -> float:
     """Largest block error found by Adam on the inputs, kept in [0, 1]."""
     x = starts.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
@@ -103,32 +117,50 @@ def measure(name: str, model: nn.Module, images: torch.Tensor, keep: float, args
     rows = []
     before = model
     for i, spec in enumerate(specs):
-        result = tropnnc.compress(model, {n: keep for n in names[:i + 1]}, "tropnnc",
-                                  seed=args.seed)
+        result = tropnnc.compress(
+            model, {n: keep for n in names[: i + 1]}, "tropnnc", seed=args.seed
+        )
         after, report = result.model, result.blocks[i]
         for p in after.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            errs = torch.cat([block_error(before, after, spec.consumer, spec.producer, b)
-                              for b in images.split(1000)])
+            errs = torch.cat(
+                [
+                    block_error(before, after, spec.consumer, spec.producer, b)
+                    for b in images.split(1000)
+                ]
+            )
             _, xin = consumer_outputs(after, spec.consumer, spec.producer, images[:2000])
         real_norm = input_norm(after.get_submodule(spec.producer), xin)
         g = torch.Generator().manual_seed(args.seed)
         half = args.restarts // 2
-        starts = torch.cat([images[errs.topk(half).indices],
-                            torch.rand((args.restarts - half,) + images.shape[1:], generator=g)])
+        starts = torch.cat(
+            [
+                images[errs.topk(half).indices],
+                torch.rand((args.restarts - half,) + images.shape[1:], generator=g),
+            ]
+        )
         t = time.perf_counter()
-        worst_ascent = ascent(before, after, spec.consumer, spec.producer, starts,
-                              args.steps, args.lr)
+        worst_ascent = ascent(
+            before, after, spec.consumer, spec.producer, starts, args.steps, args.lr
+        )
         worst_test = float(errs.max())
-        rows.append({
-            "network": name, "keep": keep, "block": f"{spec.producer} -> {spec.consumer}",
-            "units": f"{report.units_before} -> {report.units_after}",
-            "radius": report.radius, "input_norm_test": real_norm,
-            "certificate": report.certificate, "test": worst_test, "ascent": worst_ascent,
-            "ratio": report.certificate / max(worst_test, worst_ascent),
-            "certificate_radius_1": report.certificate * math.sqrt(2 / (report.radius**2 + 1)),
-            "ascent_seconds": time.perf_counter() - t})
+        rows.append(
+            {
+                "network": name,
+                "keep": keep,
+                "block": f"{spec.producer} -> {spec.consumer}",
+                "units": f"{report.units_before} -> {report.units_after}",
+                "radius": report.radius,
+                "input_norm_test": real_norm,
+                "certificate": report.certificate,
+                "test": worst_test,
+                "ascent": worst_ascent,
+                "ratio": report.certificate / max(worst_test, worst_ascent),
+                "certificate_radius_1": report.certificate * math.sqrt(2 / (report.radius**2 + 1)),
+                "ascent_seconds": time.perf_counter() - t,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         before = after
     return rows
@@ -148,7 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     test = load_split("fashion-mnist", "test")
-    images = test.tensors[0][:args.test_size]
+    images = test.tensors[0][: args.test_size]
     rows = []
     for name in args.networks:
         model = trained_model(name, "fashion-mnist", 0, args.cache_dir).float().eval()
@@ -156,14 +188,18 @@ def main() -> None:
             p.requires_grad_(False)
         for keep in args.keeps:
             rows += measure(name, model, images, keep, args)
-    lines = ["| network | keep | block | units | radius | input norm (test) | certificate "
-             "| worst test | worst ascent | certificate / worst | radius-1 certificate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| network | keep | block | units | radius | input norm (test) | certificate "
+        "| worst test | worst ascent | certificate / worst | radius-1 certificate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['network']} | {r['keep']} | {r['block']} | {r['units']} | "
-                     f"{r['radius']:.1f} | {r['input_norm_test']:.1f} | "
-                     f"{r['certificate']:.4g} | {r['test']:.4g} | {r['ascent']:.4g} | "
-                     f"{r['ratio']:.0f} | {r['certificate_radius_1']:.4g} |")
+        lines.append(
+            f"| {r['network']} | {r['keep']} | {r['block']} | {r['units']} | "
+            f"{r['radius']:.1f} | {r['input_norm_test']:.1f} | "
+            f"{r['certificate']:.4g} | {r['test']:.4g} | {r['ascent']:.4g} | "
+            f"{r['ratio']:.0f} | {r['certificate_radius_1']:.4g} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out is not None:

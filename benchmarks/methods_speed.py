@@ -51,8 +51,16 @@ import tropnnc  # noqa: E402
 from tropnnc import zoo  # noqa: E402
 from tropnnc.cluster import gram_matrix  # noqa: E402
 
-METHODS = ["tropnnc", "l1", "random", "neuron-merging", "neural-path-kmeans", "model-folding",
-           "cup", "srinivas-babu"]
+METHODS = [
+    "tropnnc",
+    "l1",
+    "random",
+    "neuron-merging",
+    "neural-path-kmeans",
+    "model-folding",
+    "cup",
+    "srinivas-babu",
+]
 BUDGET = "budget (tropnnc, macs)"
 
 
@@ -77,8 +85,9 @@ def build(name: str, seed: int) -> nn.Module:
     return trained_like_(model, seed).eval()
 
 
-def run_phase(model: nn.Module, phase: str, keep: float, seed: int, limit: int
-              ) -> dict[str, object]:
+def run_phase(
+    model: nn.Module, phase: str, keep: float, seed: int, limit: int
+) -> dict[str, object]:
     """One compress (a method, or budget mode): seconds (None past the limit), peak memory
     above the resident size, and tropnnc's row shapes (for the Gram products)."""
     signal.signal(signal.SIGALRM, _alarm)
@@ -87,8 +96,9 @@ def run_phase(model: nn.Module, phase: str, keep: float, seed: int, limit: int
         with Peak() as peak:
             start = time.perf_counter()
             if phase == BUDGET:
-                result = tropnnc.compress(model, method="tropnnc", seed=seed, budget=keep,
-                                          budget_unit="macs")
+                result = tropnnc.compress(
+                    model, method="tropnnc", seed=seed, budget=keep, budget_unit="macs"
+                )
             else:
                 with without_input_shape(model):
                     result = tropnnc.compress(model, keep, phase, seed=seed)
@@ -97,10 +107,16 @@ def run_phase(model: nn.Module, phase: str, keep: float, seed: int, limit: int
         return {"seconds": None, "peak": float("nan")}
     finally:
         signal.alarm(0)
-    shapes = [(b.units_before, result.model.get_submodule(b.layer).weight[0].numel() + 1)
-              for b in result.blocks]
-    out = {"seconds": seconds, "peak": peak.delta, "shapes": shapes,
-           "certificate_sum": sum(b.certificate_sum for b in result.blocks)}
+    shapes = [
+        (b.units_before, result.model.get_submodule(b.layer).weight[0].numel() + 1)
+        for b in result.blocks
+    ]
+    out = {
+        "seconds": seconds,
+        "peak": peak.delta,
+        "shapes": shapes,
+        "certificate_sum": sum(b.certificate_sum for b in result.blocks),
+    }
     del result
     return out
 
@@ -134,22 +150,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=300,
-                        help="seconds after which one run of a method is stopped")
+    parser.add_argument(
+        "--limit", type=int, default=300, help="seconds after which one run of a method is stopped"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write raw numbers here")
     args = parser.parse_args()
 
-    print(f"# compression speed of every method ({platform.processor() or platform.machine()},"
-          f" {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"tropnnc from {Path(tropnnc.__file__).parent})")
+    print(
+        f"# compression speed of every method ({platform.processor() or platform.machine()},"
+        f" {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"tropnnc from {Path(tropnnc.__file__).parent})"
+    )
     print(f"load average at start: {loadavg()}")
     phases = list(args.methods) + ([] if args.no_budget else [BUDGET])
     raw: dict[str, dict[str, object]] = {}
     for net in args.networks:
         model = build(net, args.seed)
         params = sum(p.numel() for p in model.parameters())
-        print(f"\n{net}: {params / 1e6:.1f}M params ({params * 4 / MB:.0f} MB float32), "
-              f"keep {args.keep}", flush=True)
+        print(
+            f"\n{net}: {params / 1e6:.1f}M params ({params * 4 / MB:.0f} MB float32), "
+            f"keep {args.keep}",
+            flush=True,
+        )
         runs: dict[str, list[dict[str, object]]] = {p: [] for p in phases}
         grams: list[float] = []
         for rep in range(args.repeats):
@@ -159,10 +181,16 @@ def main() -> None:
                 runs[phase].append(run_phase(model, phase, args.keep, args.seed, args.limit))
                 r = runs[phase][-1]
                 took = "stopped" if r["seconds"] is None else f"{r['seconds']:.2f} s"
-                print(f"  repeat {rep + 1} {phase}: {took}, peak +{r['peak'] / MB:.0f} MB, "
-                      f"load {loadavg()}", flush=True)
-            shapes = next(r["shapes"] for r in runs["tropnnc"] if "shapes" in r) \
-                if "tropnnc" in runs and runs["tropnnc"] else []
+                print(
+                    f"  repeat {rep + 1} {phase}: {took}, peak +{r['peak'] / MB:.0f} MB, "
+                    f"load {loadavg()}",
+                    flush=True,
+                )
+            shapes = (
+                next(r["shapes"] for r in runs["tropnnc"] if "shapes" in r)
+                if "tropnnc" in runs and runs["tropnnc"]
+                else []
+            )
             if shapes:
                 grams.append(run_grams(shapes, args.seed + rep))
         raw[net] = {"runs": runs, "grams": grams, "params": params}
@@ -170,8 +198,10 @@ def main() -> None:
         done = [r["seconds"] for r in runs.get("tropnnc", []) if r["seconds"] is not None]
         base = statistics.median(done) if done else float("nan")
         model_mb = params * 4 / MB
-        print(f"\n| {net}, keep {args.keep} | seconds (median of {args.repeats}) | "
-              f"/ tropnnc | / Gram products | peak memory above the model |")
+        print(
+            f"\n| {net}, keep {args.keep} | seconds (median of {args.repeats}) | "
+            f"/ tropnnc | / Gram products | peak memory above the model |"
+        )
         print("|---|---|---|---|---|")
         for phase in phases:
             secs = [r["seconds"] for r in runs[phase]]
@@ -181,10 +211,15 @@ def main() -> None:
             peak = statistics.median(peaks) if peaks else float("nan")
             ratio_t = f"{med / base:.2f}" if med is not None else "-"
             ratio_g = f"{med / gram_s:.2f}" if med is not None else "-"
-            print(f"| {phase} | {fmt_seconds(secs, args.limit)} | {ratio_t} | {ratio_g} | "
-                  f"{peak / MB:.0f} MB = {peak / MB / model_mb:.2f} x model |")
-        print(f"| Gram products of tropnnc's row shapes (float32) | {gram_s:.2f} | "
-              f"{gram_s / base:.2f} | 1.00 | |", flush=True)
+            print(
+                f"| {phase} | {fmt_seconds(secs, args.limit)} | {ratio_t} | {ratio_g} | "
+                f"{peak / MB:.0f} MB = {peak / MB / model_mb:.2f} x model |"
+            )
+        print(
+            f"| Gram products of tropnnc's row shapes (float32) | {gram_s:.2f} | "
+            f"{gram_s / base:.2f} | 1.00 | |",
+            flush=True,
+        )
         del model
     print(f"\nload average at end: {loadavg()}")
     if args.json is not None:

@@ -43,8 +43,19 @@ NETWORKS = {
     "vgg-small": (2, 20000, 5000),  # CPU-bound: a 20k subset, 2 epochs, 5k test images
 }
 KEEPS = (0.75, 0.5, 0.3, 0.2, 0.1)
-FIELDS = ["network", "seed", "variant", "keep", "budget", "params", "params_fraction",
-          "widths", "accuracy", "baseline_accuracy", "seconds"]
+FIELDS = [
+    "network",
+    "seed",
+    "variant",
+    "keep",
+    "budget",
+    "params",
+    "params_fraction",
+    "widths",
+    "accuracy",
+    "baseline_accuracy",
+    "seconds",
+]
 
 
 def trained(name: str, seed: int, cache: Path) -> nn.Module:
@@ -61,8 +72,14 @@ def trained(name: str, seed: int, cache: Path) -> nn.Module:
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
         ds = Subset(ds, order[:subset].tolist())
     report = train(model, ds, seed=seed, epochs=epochs, num_threads=1)
-    log.info("trained %s seed %d: %d epochs, val acc %.4f, %.0fs", name, seed,
-             report.epochs_run, report.best_val_accuracy, report.seconds)
+    log.info(
+        "trained %s seed %d: %d epochs, val acc %.4f, %.0fs",
+        name,
+        seed,
+        report.epochs_run,
+        report.best_val_accuracy,
+        report.seconds,
+    )
     cache.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model.eval()
@@ -77,15 +94,20 @@ def main() -> None:
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--keeps", nargs="+", type=float, default=list(KEEPS))
-    parser.add_argument("--variants", nargs="+", default=["uniform", "budget"],
-                        help="uniform, budget (tropnnc curves), budget-log (tropnnc-log), "
-                             "budget-r8 (round_to=8), "
-                             "cup-uniform, cup-threshold")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["uniform", "budget"],
+        help="uniform, budget (tropnnc curves), budget-log (tropnnc-log), "
+        "budget-r8 (round_to=8), "
+        "cup-uniform, cup-threshold",
+    )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/tropnnc-nonuniform-cache"))
     parser.add_argument("--out", type=Path, default=Path("results/nonuniform"))
     parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--table-only", action="store_true",
-                        help="rewrite table.md from results.csv")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite table.md from results.csv"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tropnnc").setLevel(logging.WARNING)
@@ -107,9 +129,16 @@ def run(args: argparse.Namespace) -> None:
     from tropnnc.budget import compressible_count
 
     test_all = data.load_fashion_mnist("test")
-    rows = [r for r in _read(args.out)
-            if not (r["network"] in args.networks and r["seed"] in args.seeds
-                    and r["keep"] in args.keeps and r["variant"] in args.variants)]
+    rows = [
+        r
+        for r in _read(args.out)
+        if not (
+            r["network"] in args.networks
+            and r["seed"] in args.seeds
+            and r["keep"] in args.keeps
+            and r["variant"] in args.variants
+        )
+    ]
     for name in args.networks:
         for seed in args.seeds:
             model = trained(name, seed, args.cache)
@@ -117,8 +146,7 @@ def run(args: argparse.Namespace) -> None:
             base = evaluate(model, test)
             specs, _ = discover(model)
             full = compressible_count(model, specs, "params")
-            log.info("%s seed %d: baseline %.4f, %d compressible params", name, seed, base,
-                     full)
+            log.info("%s seed %d: baseline %.4f, %d compressible params", name, seed, base, full)
             for keep in args.keeps:
                 uniform = None
                 for variant in args.variants:
@@ -136,18 +164,37 @@ def run(args: argparse.Namespace) -> None:
                     params = compressible_count(result.model, specs, "params")
                     acc = evaluate(result.model, test)
                     widths = "/".join(str(b.units_after) for b in result.blocks)
-                    rows.append({"network": name, "seed": seed, "variant": variant,
-                                 "keep": keep, "budget": "" if budget is None else budget,
-                                 "params": params, "params_fraction": params / full,
-                                 "widths": widths, "accuracy": acc,
-                                 "baseline_accuracy": base, "seconds": seconds})
-                    log.info("%s seed %d keep %.2f %-14s params %.4f acc %.4f widths %s",
-                             name, seed, keep, variant, params / full, acc, widths)
+                    rows.append(
+                        {
+                            "network": name,
+                            "seed": seed,
+                            "variant": variant,
+                            "keep": keep,
+                            "budget": "" if budget is None else budget,
+                            "params": params,
+                            "params_fraction": params / full,
+                            "widths": widths,
+                            "accuracy": acc,
+                            "baseline_accuracy": base,
+                            "seconds": seconds,
+                        }
+                    )
+                    log.info(
+                        "%s seed %d keep %.2f %-14s params %.4f acc %.4f widths %s",
+                        name,
+                        seed,
+                        keep,
+                        variant,
+                        params / full,
+                        acc,
+                        widths,
+                    )
             write(rows, args.out)
 
 
-def _variant(model: nn.Module, variant: str, keep: float, budget: float,
-             seed: int) -> tropnnc.CompressionResult:
+def _variant(
+    model: nn.Module, variant: str, keep: float, budget: float, seed: int
+) -> tropnnc.CompressionResult:
     if variant == "budget":
         return tropnnc.compress(model, budget=budget, seed=seed)
     if variant == "budget-log":
@@ -183,9 +230,12 @@ def write(rows: list[dict[str, object]], out: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["Test accuracy (%) on Fashion-MNIST, no fine-tuning, mean +- std over seeds "
-             "(n = number of seeds). `params` = mean fraction of the parameters of the "
-             "compressible layers that is kept.", ""]
+    lines = [
+        "Test accuracy (%) on Fashion-MNIST, no fine-tuning, mean +- std over seeds "
+        "(n = number of seeds). `params` = mean fraction of the parameters of the "
+        "compressible layers that is kept.",
+        "",
+    ]
     for name in dict.fromkeys(str(r["network"]) for r in rows):
         sel = [r for r in rows if r["network"] == name]
         variants = list(dict.fromkeys(str(r["variant"]) for r in sel))

@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tropnnc  # noqa: E402
 from vgg16_speed import (  # noqa: E402
     _row_dim,
     build_vgg16,
@@ -32,6 +31,8 @@ from vgg16_speed import (  # noqa: E402
     timed,
     without_input_shape,
 )
+
+import tropnnc  # noqa: E402
 
 
 def main() -> None:
@@ -47,10 +48,12 @@ def main() -> None:
     for rep in range(args.repeats):
         with without_input_shape(model):
             # radius=1: the input-domain bounds (timed elsewhere) are left out of both
-            t_a, res_a = timed(lambda: tropnnc.compress(model, args.keep, "tropnnc",
-                                                        seed=args.seed, radius=1.0))
-            t_b, res_b = timed(lambda: tropnnc.compress(model, args.keep, seed=args.seed,
-                                                        radius=1.0))
+            t_a, res_a = timed(
+                lambda: tropnnc.compress(model, args.keep, "tropnnc", seed=args.seed, radius=1.0)
+            )
+            t_b, res_b = timed(
+                lambda: tropnnc.compress(model, args.keep, seed=args.seed, radius=1.0)
+            )
         shapes = [(b.units_before, _row_dim(res_a, b)) for b in res_a.blocks]
         t_c = run_grams(shapes, args.seed)["strips"]
         plain.append(t_a)
@@ -58,14 +61,21 @@ def main() -> None:
         grams.append(t_c)
         for a, b in zip(res_a.blocks, res_b.blocks, strict=True):
             per_block.setdefault(a.layer, []).append((a.seconds, b.seconds))
-        print(f"repeat {rep}: (a) {t_a:.2f} s  (b) {t_b:.2f} s  (c) {t_c:.2f} s  "
-              f"(b)/(c) {t_b / t_c:.2f}", flush=True)
+        print(
+            f"repeat {rep}: (a) {t_a:.2f} s  (b) {t_b:.2f} s  (c) {t_c:.2f} s  "
+            f"(b)/(c) {t_b / t_c:.2f}",
+            flush=True,
+        )
         del res_a, res_b
     a, b, c = (statistics.median(v) for v in (plain, full, grams))
-    print(f"\nmedians over {args.repeats}: (a) tropnnc {a:.2f} s | (b) default pipeline "
-          f"{b:.2f} s | (c) Gram products {c:.2f} s")
-    print(f"reconstruction adds (b)-(a) = {b - a:.2f} s; (b)/(a) = {b / a:.2f}; "
-          f"(b)/(c) = {b / c:.2f} (goal <= 2)")
+    print(
+        f"\nmedians over {args.repeats}: (a) tropnnc {a:.2f} s | (b) default pipeline "
+        f"{b:.2f} s | (c) Gram products {c:.2f} s"
+    )
+    print(
+        f"reconstruction adds (b)-(a) = {b - a:.2f} s; (b)/(a) = {b / a:.2f}; "
+        f"(b)/(c) = {b / c:.2f} (goal <= 2)"
+    )
     print(f"\n{'block':<16}{'tropnnc s':>11}{'+ls s':>9}")
     for layer, times in per_block.items():
         ta = statistics.median(t[0] for t in times)

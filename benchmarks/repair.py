@@ -44,8 +44,20 @@ METHODS = {
     "neuron-merging": ("neuron-merging", {"bn_aware": True}, None),
     "neuron-merging+repair": ("neuron-merging", {"bn_aware": True}, "bn"),
 }
-FIELDS = ["network", "method", "keep", "seed", "accuracy", "baseline_accuracy", "parameters",
-          "params_before", "certificate", "repaired_blocks", "blocks", "seconds"]
+FIELDS = [
+    "network",
+    "method",
+    "keep",
+    "seed",
+    "accuracy",
+    "baseline_accuracy",
+    "parameters",
+    "params_before",
+    "certificate",
+    "repaired_blocks",
+    "blocks",
+    "seconds",
+]
 
 
 def test_subset(size: int):
@@ -58,8 +70,7 @@ def test_subset(size: int):
 
 def conv_keep(model: nn.Module, keep: float) -> dict[str, float]:
     specs, _ = discover(model)
-    return {s.producer: keep for s in specs
-            if isinstance(get_module(model, s.producer), nn.Conv2d)}
+    return {s.producer: keep for s in specs if isinstance(get_module(model, s.producer), nn.Conv2d)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--keeps", type=float, nargs="+", default=[0.9, 0.75, 0.5, 0.25])
     p.add_argument("--networks", nargs="+", default=list(NETS))
-    p.add_argument("--methods", nargs="+",
-                   default=[m for m in METHODS if m != "model-folding-noAR"])
+    p.add_argument(
+        "--methods", nargs="+", default=[m for m in METHODS if m != "model-folding-noAR"]
+    )
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--out", default="results/repair")
     args = p.parse_args(argv)
@@ -96,22 +108,33 @@ def main(argv: list[str] | None = None) -> None:
                         if base is None:
                             base = evaluate(model, test)
                         t0 = time.perf_counter()
-                        res = tropnnc.compress(model, conv_keep(model, keep), method,
-                                               seed=seed, repair=repair, **opts)
+                        res = tropnnc.compress(
+                            model, conv_keep(model, keep), method, seed=seed, repair=repair, **opts
+                        )
                         secs = time.perf_counter() - t0
                         acc = evaluate(res.model, test)
-                        row = {"network": net, "method": label, "keep": keep, "seed": seed,
-                               "accuracy": acc, "baseline_accuracy": base,
-                               "parameters": res.params_after,
-                               "params_before": res.params_before,
-                               "certificate": max(b.certificate for b in res.blocks),
-                               "repaired_blocks": sum(b.repaired for b in res.blocks),
-                               "blocks": len(res.blocks), "seconds": round(secs, 2)}
+                        row = {
+                            "network": net,
+                            "method": label,
+                            "keep": keep,
+                            "seed": seed,
+                            "accuracy": acc,
+                            "baseline_accuracy": base,
+                            "parameters": res.params_after,
+                            "params_before": res.params_before,
+                            "certificate": max(b.certificate for b in res.blocks),
+                            "repaired_blocks": sum(b.repaired for b in res.blocks),
+                            "blocks": len(res.blocks),
+                            "seconds": round(secs, 2),
+                        }
                         writer.writerow(row)
                         fh.flush()
                         rows.append({k: str(v) for k, v in row.items()})
-                        print(f"{net} seed {seed} {label:<22} keep {keep}: {acc:.4f} "
-                              f"(base {base:.4f}, {secs:.1f}s)", flush=True)
+                        print(
+                            f"{net} seed {seed} {label:<22} keep {keep}: {acc:.4f} "
+                            f"(base {base:.4f}, {secs:.1f}s)",
+                            flush=True,
+                        )
     write_table(rows, out / "table.md")
 
 
@@ -122,17 +145,26 @@ def write_table(rows: list[dict[str, str]], path: Path) -> None:
         sub = [r for r in rows if r["network"] == net]
         keeps = sorted({float(r["keep"]) for r in sub}, reverse=True)
         seeds = sorted({int(r["seed"]) for r in sub})
-        base = [float(r["baseline_accuracy"]) for r in sub
-                if r["method"] == sub[0]["method"] and float(r["keep"]) == keeps[0]]
-        lines += [f"### {net} (seeds {', '.join(map(str, seeds))}; uncompressed "
-                  f"{_fmt([100 * b for b in base])})", "",
-                  "| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
-                  "|---|" + "---|" * len(keeps)]
+        base = [
+            float(r["baseline_accuracy"])
+            for r in sub
+            if r["method"] == sub[0]["method"] and float(r["keep"]) == keeps[0]
+        ]
+        lines += [
+            f"### {net} (seeds {', '.join(map(str, seeds))}; uncompressed "
+            f"{_fmt([100 * b for b in base])})",
+            "",
+            "| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
+            "|---|" + "---|" * len(keeps),
+        ]
         for label in dict.fromkeys(r["method"] for r in sub):
             cells = []
             for k in keeps:
-                acc = [100 * float(r["accuracy"]) for r in sub
-                       if r["method"] == label and float(r["keep"]) == k]
+                acc = [
+                    100 * float(r["accuracy"])
+                    for r in sub
+                    if r["method"] == label and float(r["keep"]) == k
+                ]
                 cells.append(_fmt(acc))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")

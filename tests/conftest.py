@@ -8,8 +8,9 @@ from tropnnc.block import Block
 from tropnnc.tropical import block_forward
 
 
-def random_block(n: int, d: int, m: int, *, seed: int = 0, reads: int = 1,
-                 radius: float = 1.0) -> Block:
+def random_block(
+    n: int, d: int, m: int, *, seed: int = 0, reads: int = 1, radius: float = 1.0
+) -> Block:
     """A block of n units on R^d with m outputs, weights and biases N(0, 1), mixed signs."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, d + 1, generator=g, dtype=torch.float64)
@@ -26,8 +27,7 @@ def multiples_block(k: int, per: int, d: int, m: int, *, seed: int = 0) -> Block
     weight = dirs.repeat_interleave(per, 0) * scales[:, None]
     perm = torch.randperm(k * per, generator=g)
     out = torch.randn(k * per, m, 1, generator=g, dtype=torch.float64)
-    return Block("fc", weight[perm], out, torch.zeros(m, dtype=torch.float64), 1.0,
-                 "linear", (d,))
+    return Block("fc", weight[perm], out, torch.zeros(m, dtype=torch.float64), 1.0, "linear", (d,))
 
 
 def ball_points(q: int, d: int, radius: float, *, seed: int = 1) -> torch.Tensor:
@@ -35,7 +35,7 @@ def ball_points(q: int, d: int, radius: float, *, seed: int = 1) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(q, d, generator=g, dtype=torch.float64)
     x = x / x.norm(dim=1, keepdim=True) * radius
-    x[q // 2:] *= torch.rand(q - q // 2, 1, generator=g, dtype=torch.float64)
+    x[q // 2 :] *= torch.rand(q - q // 2, 1, generator=g, dtype=torch.float64)
     return x
 
 

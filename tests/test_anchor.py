@@ -21,8 +21,9 @@ def tiny_net() -> nn.Sequential:
     """8 -> 6 hidden units -> 5 hidden units -> 3, with units 1 and 4 of the first hidden
     layer and unit 2 of the second 10x larger (producer row and consumer column)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
-                        nn.Linear(5, 3)).eval()
+    net = nn.Sequential(
+        nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)
+    ).eval()
     with torch.no_grad():
         for i in (1, 4):
             net[0].weight[i] *= 10
@@ -69,11 +70,17 @@ register_dataset("tiny-anchor", _tiny, 3)
 
 
 def test_sweep_runs_the_anchor_like_any_method(tmp_path):
-    kw = {"layers": None, "progress": False, "cache_dir": tmp_path / "models",
-          "configs": {"mlp": {"sizes": [16, 12, 8, 3], "input_shape": [1, 4, 4]}},
-          "train_kw": {"epochs": 1}, "calibration_size": 20}
-    path = sweep.run_sweep("mlp", ["torch-pruning", "l1"], [0.5], [0], "tiny-anchor",
-                           tmp_path / "out", **kw)
+    kw = {
+        "layers": None,
+        "progress": False,
+        "cache_dir": tmp_path / "models",
+        "configs": {"mlp": {"sizes": [16, 12, 8, 3], "input_shape": [1, 4, 4]}},
+        "train_kw": {"epochs": 1},
+        "calibration_size": 20,
+    }
+    path = sweep.run_sweep(
+        "mlp", ["torch-pruning", "l1"], [0.5], [0], "tiny-anchor", tmp_path / "out", **kw
+    )
     with open(path, newline="") as f:
         rows = {r["label"]: r for r in csv.DictReader(f)}
     tp_row, l1 = rows["torch-pruning"], rows["l1"]

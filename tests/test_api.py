@@ -114,12 +114,17 @@ def test_single_output_network_with_zonotope_kmeans():
     assert result.model(x).shape == (5, 1)
 
 
-@pytest.mark.parametrize("keep,match", [(0.0, "must be in \\(0, 1\\]"),
-                                        (-0.5, "must be in \\(0, 1\\]"),
-                                        (1.5, "must be in \\(0, 1\\]"),
-                                        (301, "between 1 and the layer's"),
-                                        (0, "between 1 and the layer's"),
-                                        ({"nope": 0.5}, "not compressible blocks: nope")])
+@pytest.mark.parametrize(
+    "keep,match",
+    [
+        (0.0, "must be in \\(0, 1\\]"),
+        (-0.5, "must be in \\(0, 1\\]"),
+        (1.5, "must be in \\(0, 1\\]"),
+        (301, "between 1 and the layer's"),
+        (0, "between 1 and the layer's"),
+        ({"nope": 0.5}, "not compressible blocks: nope"),
+    ],
+)
 def test_bad_keep(keep, match):
     with pytest.raises(ValueError, match=match):
         tropnnc.compress(lenet(), keep)
@@ -159,12 +164,10 @@ def test_not_a_module():
 
 
 def test_unsupported_activation_skipped_or_refused():
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
-                          nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     result = tropnnc.compress(model, 0.5)
     assert [b.layer for b in result.blocks] == ["2"]
-    assert any("1 (Tanh) after 0 is not a supported activation" in s.reason
-               for s in result.skipped)
+    assert any("1 (Tanh) after 0 is not a supported activation" in s.reason for s in result.skipped)
     with pytest.raises(ValueError, match="strict=True.*Tanh"):
         tropnnc.compress(model, 0.5, strict=True)
 
@@ -205,8 +208,11 @@ def test_conv_network_compresses_and_keep_one_identity():
 
 
 def test_bare_int_keep_of_one_is_refused_and_int_widths_are_logged(caplog):
-    with pytest.raises(ValueError, match=r"keep=1 \(an int\) would shrink every layer to ONE "
-                                         r"unit: pass keep=1.0 to keep every unit, or a mapping"):
+    with pytest.raises(
+        ValueError,
+        match=r"keep=1 \(an int\) would shrink every layer to ONE "
+        r"unit: pass keep=1.0 to keep every unit, or a mapping",
+    ):
         tropnnc.compress(lenet(), 1)
     assert tropnnc.compress(lenet(), {"1": 1}).model[1].out_features == 1  # asked by name
     with caplog.at_level("INFO", logger="tropnnc"):
@@ -230,8 +236,10 @@ def test_train_mode_model_warns(caplog):
     assert "train mode" not in caplog.text
     with caplog.at_level("WARNING", logger="tropnnc"):
         tropnnc.compress(model.train(), 1.0)
-    assert "Sequential is in train mode, but its BatchNorms are folded with their running " \
-           "statistics" in caplog.text
+    assert (
+        "Sequential is in train mode, but its BatchNorms are folded with their running "
+        "statistics" in caplog.text
+    )
 
 
 def test_replaced_layers_keep_requires_grad():
@@ -241,30 +249,43 @@ def test_replaced_layers_keep_requires_grad():
     new = tropnnc.compress(model, 0.5).model
     assert (new[0].weight.requires_grad, new[0].bias.requires_grad) == (False, True)
     assert (new[3].weight.requires_grad, new[3].bias.requires_grad) == (False, False)
-    assert all(p.requires_grad for p in tropnnc.compress(bn_mlp().eval(), 0.5)
-               .model.parameters())
+    assert all(p.requires_grad for p in tropnnc.compress(bn_mlp().eval(), 0.5).model.parameters())
 
 
 def test_strict_avg_pool_before_the_relu_says_why():
     """DenseNet's transitions put an AvgPool2d between a conv and the next ReLU: refused in
     strict mode, with a reason that does not contradict itself."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(2), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.AvgPool2d(2),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()
     with pytest.raises(ValueError) as err:
         tropnnc.compress(model, 0.5, strict=True, example_inputs=torch.zeros(1, 1, 10, 10))
     message = str(err.value)
-    assert "cannot compress 0: 1 (AvgPool2d) directly after 0 comes before the ReLU, where " \
-           "only max pools and dropout are allowed" in message
+    assert (
+        "cannot compress 0: 1 (AvgPool2d) directly after 0 comes before the ReLU, where "
+        "only max pools and dropout are allowed" in message
+    )
     assert "allowed: ReLU, max/avg" not in message
 
 
-@pytest.mark.parametrize("calibration,match", [
-    (torch.full((8, 1, 28, 28), math.nan), "calibration batch 0 contains NaN or inf"),
-    ([torch.rand(4, 1, 28, 28), torch.full((4, 1, 28, 28), math.inf)],
-     "calibration batch 1 contains NaN or inf"),
-    (torch.zeros(0, 1, 28, 28), r"calibration holds no inputs \(0 samples\)"),
-])
+@pytest.mark.parametrize(
+    "calibration,match",
+    [
+        (torch.full((8, 1, 28, 28), math.nan), "calibration batch 0 contains NaN or inf"),
+        (
+            [torch.rand(4, 1, 28, 28), torch.full((4, 1, 28, 28), math.inf)],
+            "calibration batch 1 contains NaN or inf",
+        ),
+        (torch.zeros(0, 1, 28, 28), r"calibration holds no inputs \(0 samples\)"),
+    ],
+)
 def test_bad_calibration_is_refused_before_any_work(calibration, match):
     with pytest.raises(ValueError, match=match):
         tropnnc.compress(lenet(), 0.5, "thinet", calibration=calibration)
@@ -284,9 +305,11 @@ def test_no_compressible_block_message_is_a_summary():
     with pytest.raises(ValueError) as err:
         tropnnc.compress(nn.Sequential(*layers), 0.5)
     message = str(err.value)
-    assert message.startswith("compress: Sequential has no compressible block (producer -> "
-                              "ReLU -> consumer); skipped: 30 unsupported activation, 1 output "
-                              "layer; first: 0: 1 (Tanh) after 0 is not a supported activation")
+    assert message.startswith(
+        "compress: Sequential has no compressible block (producer -> "
+        "ReLU -> consumer); skipped: 30 unsupported activation, 1 output "
+        "layer; first: 0: 1 (Tanh) after 0 is not a supported activation"
+    )
     assert message.endswith("(and 28 more); verbose logging (-v) lists every layer")
     assert len(message) < 500 and "\n" not in message
 
@@ -295,15 +318,18 @@ def test_linear_bottleneck_is_a_block_with_the_identity_activation():
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
     specs, _ = tropnnc.graph.discover(model)
     assert [(s.producer, s.consumer, s.activation) for s in specs] == [
-        ("0", "1", "identity"), ("1", "3", "relu")]
+        ("0", "1", "identity"),
+        ("1", "3", "relu"),
+    ]
 
 
 def test_compress_shows_block_progress_on_a_terminal_only(monkeypatch, capsys):
     import io
     import sys
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(),
-                          nn.Linear(5, 2))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 2)
+    )
     tropnnc.compress(model, 0.5)
     assert capsys.readouterr().err == ""  # not a terminal: quiet
 

@@ -24,8 +24,11 @@ def seeded(seed: int) -> torch.Generator:
 
 def hand_mlp() -> nn.Module:
     """2 -> 3 -> 2 -> 1 with the weights of the hand computation below."""
-    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(),
-                          nn.Linear(2, 1)).double().eval()
+    model = (
+        nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 0.5], [-1.0, -1.0]]))
         model[0].bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
@@ -46,8 +49,9 @@ def test_linear_hand_computed():
     # normalised: x in [(0 - 0.5) / 0.5, (1 - 0.5) / 0.5] = [-1, 1]: ranges [-2.5, 3.5],
     # [-2, 0], [0, 4] -> sqrt(3.5^2 + 4^2)
     result = tropnnc.compress(model, 1.0, input_stats=(0.5, 0.5))
-    assert [b.radius for b in result.blocks] == pytest.approx([math.sqrt(2),
-                                                               math.sqrt(28.25)], rel=1e-15)
+    assert [b.radius for b in result.blocks] == pytest.approx(
+        [math.sqrt(2), math.sqrt(28.25)], rel=1e-15
+    )
     assert result.input_domain == {"range": [0.0, 1.0], "stats": {"mean": 0.5, "std": 0.5}}
     result = tropnnc.compress(model, 1.0)  # the default domain: [0, 1]
     assert [b.radius for b in result.blocks] == pytest.approx([math.sqrt(2), 2.5], rel=1e-15)
@@ -75,14 +79,14 @@ def test_conv_patches_with_padding_and_stride_hand_computed():
     hi[0, 0, 0] = 2.0
     conv = nn.Conv2d(1, 2, 3, stride=2, padding=1).double()
     assert norm_bound(conv, input_domain((1, 3, 3), (lo, hi))) == pytest.approx(
-        math.sqrt(16 + 3), rel=1e-15)
+        math.sqrt(16 + 3), rel=1e-15
+    )
     # per-channel stats: channel c in [(0 - m_c) / s_c, (1 - m_c) / s_c]; a 2x2 patch
     conv = nn.Conv2d(3, 4, 2).double()
     mean, std = [0.5, 0.25, 0.0], [0.5, 0.25, 2.0]
     mag = [1.0, 3.0, 0.5]  # max(|lo_c|, |hi_c|)
     box = input_domain((3, 5, 5), None, (mean, std))
-    assert norm_bound(conv, box) == pytest.approx(math.sqrt(4 * sum(v * v for v in mag)),
-                                                  rel=1e-15)
+    assert norm_bound(conv, box) == pytest.approx(math.sqrt(4 * sum(v * v for v in mag)), rel=1e-15)
     with pytest.raises(TypeError, match="not a Linear or convolution"):
         norm_bound(nn.ReLU(), box)
 
@@ -133,14 +137,18 @@ def domain_samples(lo: torch.Tensor, hi: torch.Tensor, q: int, seed: int) -> tor
     third = q // 3
     u[:third] = (u[:third] > 0.5).to(F64)
     u[0] = (hi.abs() >= lo.abs()).to(F64)[0]
-    u[third:2 * third] = u[third:2 * third].round() * 0.8 + u[third:2 * third] * 0.2
+    u[third : 2 * third] = u[third : 2 * third].round() * 0.8 + u[third : 2 * third] * 0.2
     return lo + (hi - lo) * u
 
 
 def capture_inputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict:
     seen: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(name).register_forward_pre_hook(
-        lambda mod, args, name=name: seen.__setitem__(name, args[0])) for name in layers]
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, name=name: seen.__setitem__(name, args[0])
+        )
+        for name in layers
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -163,8 +171,9 @@ def largest_input_norm(module: nn.Module, x: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("domain", [((0.0, 1.0), None), ((-1.0, 1.0), None),
-                                    ((0.0, 1.0), ([0.4, 0.6], [0.2, 0.3]))])
+@pytest.mark.parametrize(
+    "domain", [((0.0, 1.0), None), ((-1.0, 1.0), None), ((0.0, 1.0), ([0.4, 0.6], [0.2, 0.3]))]
+)
 def test_derived_bounds_cover_sampled_inputs(seed, domain):
     model = branchy(seed)
     layers = ["c1", "c2", "c3", "c4", "fc1", "fc2", "fc3"]
@@ -180,8 +189,7 @@ def test_derived_bounds_cover_sampled_inputs(seed, domain):
         radius = bounds.radius(name)
         assert measured <= radius * (1 + 1e-12), (name, measured, radius)
     # the first layer's box is the domain itself: the corners reach its bound exactly
-    assert largest_input_norm(model.c1, seen["c1"]) == pytest.approx(bounds.radius("c1"),
-                                                                     rel=1e-12)
+    assert largest_input_norm(model.c1, seen["c1"]) == pytest.approx(bounds.radius("c1"), rel=1e-12)
 
 
 def test_bounds_follow_replaced_modules():
@@ -200,9 +208,17 @@ def test_bounds_follow_replaced_modules():
 
 def conv_net(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(12, 10, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(10 * 4 * 4, 24), nn.ReLU(), nn.Linear(24, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(12, 10, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(10 * 4 * 4, 24),
+        nn.ReLU(),
+        nn.Linear(24, 3),
+    )
     model.input_shape = (1, 8, 8)
     return model.double().eval()
 
@@ -219,16 +235,19 @@ def test_certificate_with_derived_radius_holds_on_in_domain_inputs(method):
     names = [str(p) for p, _ in BLOCKS]
     for i, (p, c) in enumerate(BLOCKS):
         # the network as compress sees it just before block i, and just after it
-        before = tropnnc.compress(model, {n: widths[n] for n in names[:i]}, method,
-                                  seed=1).model if i else model
-        result = tropnnc.compress(model, {n: widths[n] for n in names[:i + 1]}, method,
-                                  seed=1)
+        before = (
+            tropnnc.compress(model, {n: widths[n] for n in names[:i]}, method, seed=1).model
+            if i
+            else model
+        )
+        result = tropnnc.compress(model, {n: widths[n] for n in names[: i + 1]}, method, seed=1)
         after, report = result.model, result.blocks[i]
         assert report.radius == pytest.approx(
-            IntervalBounds(before, box).radius(names[i]), rel=1e-12)
+            IntervalBounds(before, box).radius(names[i]), rel=1e-12
+        )
         with torch.no_grad():
             inner = after[:p](x)  # block i's inputs in the compressed network
-            err = (before[p:c + 1](inner) - after[p:c + 1](inner)).abs().max().item()
+            err = (before[p : c + 1](inner) - after[p : c + 1](inner)).abs().max().item()
         assert largest_input_norm(after[p], inner) <= report.radius
         assert 0 < err <= report.certificate * (1 + 1e-9), (method, i, err, report)
         assert math.isfinite(report.certificate)
@@ -237,8 +256,13 @@ def test_certificate_with_derived_radius_holds_on_in_domain_inputs(method):
 def test_radius_nan_with_a_warning_where_the_domain_does_not_reach(caplog):
     torch.manual_seed(0)
     # a LayerNorm in front: no interval rule; a conv first layer without input_shape
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 5),
-                          nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)
+        )
+        .double()
+        .eval()
+    )
     assert [s.producer for s in discover(model)[0]] == ["3"]
     with caplog.at_level(logging.WARNING, logger="tropnnc.bounds"):
         result = tropnnc.compress(model, 0.6)
@@ -257,18 +281,24 @@ def test_radius_nan_with_a_warning_where_the_domain_does_not_reach(caplog):
         IntervalBounds(model, input_domain((4,))).radius("3")
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"radius": 1.0, "input_range": (0, 1)}, ValueError, "either radius .* or input_range"),
-    ({"radius": 2.0, "input_stats": (0, 1)}, ValueError, "either radius"),
-    ({"radius": 0.0}, ValueError, "radius must be a positive number, got 0.0"),
-    ({"radius": True}, ValueError, "radius must be a positive number, got True"),
-    ({"input_range": (1.0, 0.0)}, ValueError, "the low end must not exceed the high end"),
-    ({"input_stats": (0.5, 0.0)}, ValueError, "every std must be positive"),
-    ({"input_stats": ([0.1, 0.2, 0.3], 1.0)}, ValueError,
-     r"input_stats mean of shape \(3,\) does not fit inputs of shape \(1, 8, 8\)"),
-    ({"input_range": ("a", 1.0)}, TypeError, "input_range low end must be a number"),
-    ({"input_range": (0.0, math.inf)}, ValueError, "the input domain must be finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"radius": 1.0, "input_range": (0, 1)}, ValueError, "either radius .* or input_range"),
+        ({"radius": 2.0, "input_stats": (0, 1)}, ValueError, "either radius"),
+        ({"radius": 0.0}, ValueError, "radius must be a positive number, got 0.0"),
+        ({"radius": True}, ValueError, "radius must be a positive number, got True"),
+        ({"input_range": (1.0, 0.0)}, ValueError, "the low end must not exceed the high end"),
+        ({"input_stats": (0.5, 0.0)}, ValueError, "every std must be positive"),
+        (
+            {"input_stats": ([0.1, 0.2, 0.3], 1.0)},
+            ValueError,
+            r"input_stats mean of shape \(3,\) does not fit inputs of shape \(1, 8, 8\)",
+        ),
+        ({"input_range": ("a", 1.0)}, TypeError, "input_range low end must be a number"),
+        ({"input_range": (0.0, math.inf)}, ValueError, "the input domain must be finite"),
+    ],
+)
 def test_bad_domains(kwargs, error, match):
     with pytest.raises(error, match=match):
         tropnnc.compress(conv_net(), 0.5, **kwargs)
@@ -292,8 +322,9 @@ def test_cli_input_domain_flags_and_manifest(tmp_path, capsys):
         out = capsys.readouterr()
         return code, out.out, out.err
 
-    code, stdout, err = run("compress", "lenet-300-100", "--weights", weights, "-o",
-                            tmp_path / "a", "--keep", "0.5")
+    code, stdout, err = run(
+        "compress", "lenet-300-100", "--weights", weights, "-o", tmp_path / "a", "--keep", "0.5"
+    )
     assert code == 0, err
     plan = json.loads((tmp_path / "a" / "manifest.json").read_text())["compression"]
     assert plan["input_domain"] == {"range": [0.0, 1.0], "stats": None}
@@ -301,26 +332,48 @@ def test_cli_input_domain_flags_and_manifest(tmp_path, capsys):
     assert plan["blocks"][0]["radius"] == pytest.approx(28.0)
     assert plan["blocks"][0]["radius"] == pytest.approx(bounds.radius("1"))
     assert "radius" in stdout.splitlines()[0] and "28" in stdout.splitlines()[1]
-    code, _, err = run("compress", "lenet-300-100", "--weights", weights, "-o", tmp_path / "b",
-                       "--keep", "0.5", "--input-range=-1,1", "--input-mean", "0.2",
-                       "--input-std", "0.5")
+    code, _, err = run(
+        "compress",
+        "lenet-300-100",
+        "--weights",
+        weights,
+        "-o",
+        tmp_path / "b",
+        "--keep",
+        "0.5",
+        "--input-range=-1,1",
+        "--input-mean",
+        "0.2",
+        "--input-std",
+        "0.5",
+    )
     assert code == 0, err
     plan = json.loads((tmp_path / "b" / "manifest.json").read_text())["compression"]
-    assert plan["input_domain"] == {"range": [-1.0, 1.0], "stats": {"mean": [0.2],
-                                                                     "std": [0.5]}}
+    assert plan["input_domain"] == {"range": [-1.0, 1.0], "stats": {"mean": [0.2], "std": [0.5]}}
     assert (plan["input_range"], plan["input_mean"], plan["input_std"]) == (
-        [-1.0, 1.0], [0.2], [0.5])
+        [-1.0, 1.0],
+        [0.2],
+        [0.5],
+    )
     assert plan["blocks"][0]["radius"] == pytest.approx(28 * 2.4)  # max |(+-1 - 0.2) / 0.5|
     assert io.load(tmp_path / "b")[1].out_features == 150
-    (tmp_path / "c.json").write_text(json.dumps({
-        "model": "lenet-300-100", "weights": weights, "out": str(tmp_path / "c"),
-        "input_range": [0, 255]}))
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "model": "lenet-300-100",
+                "weights": weights,
+                "out": str(tmp_path / "c"),
+                "input_range": [0, 255],
+            }
+        )
+    )
     code, _, err = run("compress", "--config", tmp_path / "c.json")
     assert code == 0, err
     plan = json.loads((tmp_path / "c" / "manifest.json").read_text())["compression"]
     assert plan["blocks"][0]["radius"] == pytest.approx(28 * 255)
-    code, _, err = run("compress", "lenet-300-100", "--weights", weights, "-o", tmp_path / "d",
-                       "--radius", "3")
+    code, _, err = run(
+        "compress", "lenet-300-100", "--weights", weights, "-o", tmp_path / "d", "--radius", "3"
+    )
     assert code == 0, err
     plan = json.loads((tmp_path / "d" / "manifest.json").read_text())["compression"]
     assert plan["input_domain"] is None and plan["blocks"][0]["radius"] == 3.0
@@ -328,11 +381,14 @@ def test_cli_input_domain_flags_and_manifest(tmp_path, capsys):
         (["--radius", "2", "--input-range", "0,1"], "either radius or input_range"),
         (["--input-mean", "0.5"], "input_mean and input_std go together"),
         (["--input-range", "1,0"], "expected LOW,HIGH with LOW <= HIGH, got '1,0'"),
-        (["--input-std", "0.5,x", "--input-mean", "0"], "expected numbers separated by "
-         "commas, got '0.5,x'"),
+        (
+            ["--input-std", "0.5,x", "--input-mean", "0"],
+            "expected numbers separated by commas, got '0.5,x'",
+        ),
     ]:
-        code, _, err = run("compress", "lenet-300-100", "--weights", weights, "-o",
-                           tmp_path / "e", *argv)
+        code, _, err = run(
+            "compress", "lenet-300-100", "--weights", weights, "-o", tmp_path / "e", *argv
+        )
         assert code == 2 and message in err, (argv, err)
     (tmp_path / "bad.json").write_text(json.dumps({"input_range": [0, "x"]}))
     code, _, err = run("compress", "--config", tmp_path / "bad.json")

@@ -28,8 +28,12 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 def layer_params(model: nn.Module) -> int:
     """Parameters of the Linear/Conv2d layers (every layer of the zoo nets is compressible)."""
-    return sum(p.numel() for mod in model.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
-               for p in mod.parameters())
+    return sum(
+        p.numel()
+        for mod in model.modules()
+        if isinstance(mod, (nn.Linear, nn.Conv2d))
+        for p in mod.parameters()
+    )
 
 
 def one_unit_savings(model: nn.Module, unit: str) -> int:
@@ -49,8 +53,11 @@ def one_unit_savings(model: nn.Module, unit: str) -> int:
 
 def random_block(n: int, d: int, m: int, seed: int = 0) -> Block:
     g = torch.Generator().manual_seed(seed)
-    return Block("b", torch.randn(n, d + 1, generator=g, dtype=torch.float64),
-                 torch.randn(n, m, 1, generator=g, dtype=torch.float64))
+    return Block(
+        "b",
+        torch.randn(n, d + 1, generator=g, dtype=torch.float64),
+        torch.randn(n, m, 1, generator=g, dtype=torch.float64),
+    )
 
 
 # -------------------------------------------------------------------------------------------
@@ -75,8 +82,9 @@ def test_agglomerate_cost_is_the_objective_of_each_cut():
         u = np.zeros((k, dim))
         np.add.at(u, lab, m[:, None] * d)
         u /= np.linalg.norm(u, axis=1, keepdims=True)
-        resid = cosine_residual(torch.tensor(d), torch.tensor(m), torch.tensor(lab),
-                                torch.tensor(u)).numpy()
+        resid = cosine_residual(
+            torch.tensor(d), torch.tensor(m), torch.tensor(lab), torch.tensor(u)
+        ).numpy()
         single = np.bincount(lab)[lab] == 1  # exactly 0 (the reference rounds to ~1e-8)
         objective = resid[~single].sum()
         assert cost[k - 1] == pytest.approx(objective, rel=1e-9, abs=1e-12)
@@ -88,11 +96,12 @@ def test_curve_is_zero_for_positive_multiples_of_k_directions():
     dirs = torch.randn(k, 9, generator=g, dtype=torch.float64)
     pick = torch.arange(n) % k
     scale = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
-    block = Block("b", dirs[pick] * scale[:, None],
-                  torch.randn(n, 6, 2, generator=g, dtype=torch.float64))
+    block = Block(
+        "b", dirs[pick] * scale[:, None], torch.randn(n, 6, 2, generator=g, dtype=torch.float64)
+    )
     curve = certificate_curve(block)
     assert curve.shape == (n,)
-    assert float(curve[k - 1:].abs().max()) < 1e-6
+    assert float(curve[k - 1 :].abs().max()) < 1e-6
     assert float(curve[k - 2]) > 1e-3
     assert bool((curve[:-1] >= curve[1:]).all()) and 0 <= float(curve.min())
     assert float(curve.max()) <= 1
@@ -104,7 +113,7 @@ def test_curve_drops_dead_units_first():
     weight[:4] = 0  # dead: no input
     out[4:7] = 0  # dead: no output
     curve = certificate_curve(Block("b", weight, out))
-    assert float(curve[23 - 1:].abs().max()) == 0  # 23 live units
+    assert float(curve[23 - 1 :].abs().max()) == 0  # 23 live units
     assert float(curve[21]) > 0
 
 
@@ -278,8 +287,9 @@ def test_macs_budget_needs_an_input_shape():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     with pytest.raises(ValueError, match="budget_unit='macs' needs the input shape"):
         tropnnc.compress(model, budget=0.5, budget_unit="macs")
-    result = tropnnc.compress(model, budget=0.5, budget_unit="macs",
-                              example_inputs=torch.zeros(1, 1, 10, 10))
+    result = tropnnc.compress(
+        model, budget=0.5, budget_unit="macs", example_inputs=torch.zeros(1, 1, 10, 10)
+    )
     x = torch.zeros(1, 1, 10, 10)
     assert result.allocation.total == count_macs(model, x)
     assert result.allocation.achieved == count_macs(result.model, x) <= 0.5 * count_macs(model, x)
@@ -288,8 +298,13 @@ def test_macs_budget_needs_an_input_shape():
 
 def test_folded_batchnorm_counts_as_the_producer_bias():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(6 * 6 * 6, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 3),
+    ).eval()
     specs, _ = discover(model)
     full = compressible_count(model, specs)
     assert full == 6 * 9 + 6 + 6 * 36 * 3 + 3
@@ -322,7 +337,8 @@ def reference_agglomerate(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.
         merges[step] = (a, b)
         ma, mb, dab = weight[a], weight[b], dist[a, b]
         new = ((weight + ma) * dist[:, a] + (weight + mb) * dist[:, b] - weight * dab) / (
-            weight + ma + mb)
+            weight + ma + mb
+        )
         new[~active] = np.inf
         new[a] = new[b] = np.inf
         dist[a, :] = dist[:, a] = new
@@ -337,8 +353,7 @@ def reference_agglomerate(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.
         label[in_b] = a
         members = in_a | in_b
         cos = inner[members, a] / math.sqrt(s2[a])
-        resid = np.where(cos >= 0, m[members] * np.sqrt(np.maximum(1 - cos * cos, 0)),
-                         m[members])
+        resid = np.where(cos >= 0, m[members] * np.sqrt(np.maximum(1 - cos * cos, 0)), m[members])
         total += float(resid.sum()) - ccost[a] - ccost[b]
         ccost[a], ccost[b] = float(resid.sum()), 0.0
         cost[n - 2 - step] = max(total, 0.0)
@@ -351,8 +366,10 @@ def reference_agglomerate(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.
     return merges, cost
 
 
-@pytest.mark.parametrize("n, dim, families, seed", [(2, 3, 1, 0), (9, 4, 3, 1), (80, 12, 10, 2),
-                                                    (300, 40, 50, 3), (300, 40, 300, 4)])
+@pytest.mark.parametrize(
+    "n, dim, families, seed",
+    [(2, 3, 1, 0), (9, 4, 3, 1), (80, 12, 10, 2), (300, 40, 50, 3), (300, 40, 300, 4)],
+)
 def test_agglomerate_equals_the_reference(n, dim, families, seed):
     rng = np.random.default_rng(seed)
     proto = rng.normal(size=(families, dim))
@@ -396,9 +413,12 @@ def test_no_block_below_its_floor_of_the_uniform_width():
     model = build("vgg-small")
     x = torch.zeros((1,) + tuple(model.input_shape))
     specs, _ = discover(model)
-    sizes = {s.producer: get_module(model, s.producer).out_channels
-             if isinstance(get_module(model, s.producer), nn.Conv2d)
-             else get_module(model, s.producer).out_features for s in specs}
+    sizes = {
+        s.producer: get_module(model, s.producer).out_channels
+        if isinstance(get_module(model, s.producer), nn.Conv2d)
+        else get_module(model, s.producer).out_features
+        for s in specs
+    }
     target = 0.5 * count_macs(model, x)
 
     def uniform(u: float) -> dict[str, int]:
@@ -466,4 +486,5 @@ def test_output_positions_on_meta_equal_a_real_forward(monkeypatch):
             m.setattr(torch.func, "functional_call", fail)
             real = output_positions(model, x)
         assert meta == real and len(real) == sum(
-            isinstance(mod, (nn.Linear, nn.Conv2d)) for mod in model.modules())
+            isinstance(mod, (nn.Linear, nn.Conv2d)) for mod in model.modules()
+        )

@@ -563,8 +563,9 @@ def test_float32_gram_agrees_with_float64_on_the_objective(seed):
     assert b.objective == pytest.approx(a.objective, rel=1e-4)
     # the objective recomputed in float64 from the float32 run's centroids matches too
     u = unit(cl._combine(d, b.assignment, b.coefficients.double(), 6))
-    assert float(direct_residual(d, w, b.assignment, u).sum()) == pytest.approx(a.objective,
-                                                                                 rel=1e-6)
+    assert float(direct_residual(d, w, b.assignment, u).sum()) == pytest.approx(
+        a.objective, rel=1e-6
+    )
 
 
 def test_spherical_kmeans_with_forced_float32_gram_is_exact_on_multiples(monkeypatch):
@@ -581,8 +582,7 @@ def test_spherical_kmeans_gram_matches_spherical_kmeans():
     a = spherical_kmeans(d, w, 9, generator=gen(5), refine=2)
     b = cl.spherical_kmeans_gram(d @ d.T, w, 9, generator=gen(5), refine=2)
     assert torch.equal(a.assignment, b.assignment) and a.objective == b.objective
-    torch.testing.assert_close(a.centroids, unit(cl._combine(d, b.assignment,
-                                                              b.coefficients, 9)))
+    torch.testing.assert_close(a.centroids, unit(cl._combine(d, b.assignment, b.coefficients, 9)))
     ident = cl.spherical_kmeans_gram(d @ d.T, w, 70, generator=gen(0))
     assert torch.equal(ident.assignment, torch.arange(70)) and ident.objective == 0.0
 
@@ -591,11 +591,11 @@ def test_merged_gram_is_the_gram_of_the_merged_directions():
     d, w = random_dirs(13, 40, 5)
     c = cl.spherical_kmeans_gram(d @ d.T, w, 7, generator=gen(1))
     u = unit(cl._combine(d, c.assignment, c.coefficients, 7))
-    torch.testing.assert_close(cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7),
-                               u @ u.T)
+    torch.testing.assert_close(cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7), u @ u.T)
     ag = cl.combine_rows(d @ d.T, c.assignment, c.coefficients, 7)  # (7, 40) A G, given
     torch.testing.assert_close(
-        cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7, product=ag), u @ u.T)
+        cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7, product=ag), u @ u.T
+    )
     cos, _ = cl.member_cosines(d @ d.T, c.assignment, c.coefficients, 7, product=ag)
     torch.testing.assert_close(cos, (d * u[c.assignment]).sum(dim=1))
 
@@ -614,7 +614,7 @@ def test_incremental_lloyd_reaches_a_true_fixed_point(spherical, monkeypatch):
         score = x @ c.centroids.T  # (n, K) cosines
     else:
         c = kmeans(x, 9, generator=gen(9), weights=w, iters=1000)
-        score = -torch.cdist(x, c.centroids) ** 2
+        score = -(torch.cdist(x, c.centroids) ** 2)
     own = score.gather(1, c.assignment[:, None]).squeeze(1)
     assert bool((own >= score.max(dim=1).values - 1e-12).all())
 
@@ -651,16 +651,14 @@ def test_spherical_kmeans_gram_value_errors():
     with pytest.raises(ValueError, match=r"gram must have shape \(n, n\)"):
         cl.spherical_kmeans_gram(torch.eye(3, 4, dtype=F64), torch.ones(3), 2, generator=gen(0))
     with pytest.raises(ValueError, match="gram must be finite"):
-        cl.spherical_kmeans_gram(torch.full((3, 3), math.nan), torch.ones(3), 2,
-                                 generator=gen(0))
+        cl.spherical_kmeans_gram(torch.full((3, 3), math.nan), torch.ones(3), 2, generator=gen(0))
     with pytest.raises(ValueError, match="unit-norm rows"):
         cl.spherical_kmeans_gram(2 * torch.eye(3, dtype=F64), torch.ones(3), 2, generator=gen(0))
 
 
 @pytest.mark.parametrize("per_step", [1, 3, 8])
 @pytest.mark.parametrize("truncated", [False, True])
-def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, per_step,
-                                                                 monkeypatch):
+def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, per_step, monkeypatch):
     if truncated:  # gains over each candidate's 4 nearest units only
         monkeypatch.setattr(cl, "_GREEDY_EXACT_WORK", 0)
         monkeypatch.setattr(cl, "_GREEDY_NEIGHBOURS", 4)
@@ -751,5 +749,5 @@ def test_greedy_seeding_restarts_are_independent(per_step, exact_work, monkeypat
     u = torch.rand(4, 24, cl._local_trials(24), generator=gen(2), dtype=F64)
     seeds, near = cl._greedy_cosine_seeds(g, w, 24, u, 1e-12, per_step=per_step)
     for r in range(4):
-        one, one_near = cl._greedy_cosine_seeds(g, w, 24, u[r:r + 1], 1e-12, per_step=per_step)
-        assert torch.equal(seeds[r:r + 1], one) and torch.equal(near[r:r + 1], one_near)
+        one, one_near = cl._greedy_cosine_seeds(g, w, 24, u[r : r + 1], 1e-12, per_step=per_step)
+        assert torch.equal(seeds[r : r + 1], one) and torch.equal(near[r : r + 1], one_near)

@@ -54,14 +54,27 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
 
 def conv_pool_conv(n: int = 12, stride: int = 1) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, n, 3, stride=stride, padding=1), nn.ReLU(inplace=True),
-                         nn.MaxPool2d(2), nn.Conv2d(n, 5, 3, padding=1)).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, n, 3, stride=stride, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(n, 5, 3, padding=1),
+        )
+        .double()
+        .eval()
+    )
 
 
 def conv_flatten_linear(n: int = 12) -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, n, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(n * 16, 5)).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, n, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(n * 16, 5)
+        )
+        .double()
+        .eval()
+    )
 
 
 class Functional(nn.Module):
@@ -99,8 +112,11 @@ def test_positive_multiples_collapse_through_functional_ops():
     model = Functional().double().eval()
     set_multiples(model.c1, 3, seed=1)
     set_multiples(model.c2, 5, seed=2)
-    result = tropnnc.compress(model, {"c1": 3, "c2": 5},  # the shape for the input domain
-                              example_inputs=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    result = tropnnc.compress(
+        model,
+        {"c1": 3, "c2": 5},  # the shape for the input domain
+        example_inputs=torch.zeros(1, 3, 8, 8, dtype=torch.float64),
+    )
     assert [b.layer for b in result.blocks] == ["c1", "c2"]
     assert all(b.certificate < 1e-9 for b in result.blocks)
     assert result.model.fc.in_features == 5 and result.model.c2.in_channels == 3
@@ -124,8 +140,9 @@ def max_patch_norm(x: torch.Tensor, conv: nn.Conv2d) -> float:
 
 
 @pytest.mark.parametrize("method", CERTIFIED)
-@pytest.mark.parametrize("build,stride", [(conv_pool_conv, 1), (conv_pool_conv, 2),
-                                          (conv_flatten_linear, 1)])
+@pytest.mark.parametrize(
+    "build,stride", [(conv_pool_conv, 1), (conv_pool_conv, 2), (conv_flatten_linear, 1)]
+)
 def test_certificate_bounds_measured_error_per_position(method, build, stride):
     model = build() if build is conv_flatten_linear else build(stride=stride)
     size = 10 if build is conv_flatten_linear else 12
@@ -146,25 +163,35 @@ def test_batchnorm_folding_preserves_forward():
     for producer, bn, x in [
         (nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), torch.randn(4, 3, 6, 6, generator=g)),
         (nn.Linear(7, 9), nn.BatchNorm1d(9), torch.randn(5, 7, generator=g)),
-        (nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8, affine=False),
-         torch.randn(4, 3, 6, 6, generator=g)),
+        (
+            nn.Conv2d(3, 8, 3, bias=False),
+            nn.BatchNorm2d(8, affine=False),
+            torch.randn(4, 3, 6, 6, generator=g),
+        ),
     ]:
         model = nn.Sequential(producer, bn).eval()
         randomize_bn(model)
         w = producer.weight.detach().double()
-        b = (torch.zeros(w.shape[0], dtype=torch.float64) if producer.bias is None
-             else producer.bias.detach().double())
+        b = (
+            torch.zeros(w.shape[0], dtype=torch.float64)
+            if producer.bias is None
+            else producer.bias.detach().double()
+        )
         fw, fb = fold_batchnorm(w, b, bn)
         assert fw.shape == w.shape and fb.shape == b.shape
         folded = (F.conv2d if isinstance(producer, nn.Conv2d) else F.linear)(
-            x.double(), fw, fb, **({"padding": producer.padding}
-                                   if isinstance(producer, nn.Conv2d) else {}))
+            x.double(),
+            fw,
+            fb,
+            **({"padding": producer.padding} if isinstance(producer, nn.Conv2d) else {}),
+        )
         y = model(x).double()
         assert (folded - y).abs().max() <= 1e-5 * y.abs().max()
 
 
-@pytest.mark.parametrize("name,config", [("vgg16-cifar", {"width": 0.125, "hidden": 16}),
-                                         ("vgg-small", {"hidden": 32})])
+@pytest.mark.parametrize(
+    "name,config", [("vgg16-cifar", {"width": 0.125, "hidden": 16}), ("vgg-small", {"hidden": 32})]
+)
 def test_folded_network_keeps_forward_and_has_no_batchnorm(name, config):
     torch.manual_seed(0)
     model = zoo.build(name, **config).eval()
@@ -173,14 +200,17 @@ def test_folded_network_keeps_forward_and_has_no_batchnorm(name, config):
     result = tropnnc.compress(model, 1.0)
     y, y1 = model(x), result.model(x)
     assert (y1 - y).abs().max() <= 1e-5 * y.abs().max()
-    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
-                   for m in result.model.modules())  # every BN followed a compressed producer
+    assert not any(
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in result.model.modules()
+    )  # every BN followed a compressed producer
     specs, _ = discover(model)
-    assert all(isinstance(result.model.get_submodule(s.bn), nn.Identity)
-               for s in specs if s.bn is not None)
+    assert all(
+        isinstance(result.model.get_submodule(s.bn), nn.Identity) for s in specs if s.bn is not None
+    )
     if name == "vgg16-cifar":  # BatchNorm1d after the hidden Linear layers folds too
-        assert sum(isinstance(model.get_submodule(s.bn), nn.BatchNorm1d)
-                   for s in specs if s.bn) == 2
+        assert (
+            sum(isinstance(model.get_submodule(s.bn), nn.BatchNorm1d) for s in specs if s.bn) == 2
+        )
 
 
 def bn_block_model(bias: bool) -> nn.Module:
@@ -193,8 +223,16 @@ def bn_block_model(bias: bool) -> nn.Module:
     with c = 0 too.
     """
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8),
-                          nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=bias),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, 3, padding=1),
+        )
+        .double()
+        .eval()
+    )
     randomize_bn(model, seed=7)
     conv, bn = model[0], model[1]
     plan = {3: (2, 0.5), 4: (1, 0.3), 5: (2, 0.2), 6: (0, 0.4), 7: (1, 0.6)}  # n: (m, s)
@@ -208,8 +246,9 @@ def bn_block_model(bias: bool) -> nn.Module:
             b_m = float(conv.bias[m]) if bias else 0.0
             sig = (bn.running_var + bn.eps).sqrt()
             mu_m = bn.running_mean[m] - b_m  # BN(a x + b) = BN'(a x) with mean mu - b
-            mu_n = s * (mu_m - sig[m] * bn.bias[m] / bn.weight[m]) \
-                + bn.bias[n] * sig[n] / bn.weight[n]
+            mu_n = (
+                s * (mu_m - sig[m] * bn.bias[m] / bn.weight[m]) + bn.bias[n] * sig[n] / bn.weight[n]
+            )
             bn.running_mean[n] = mu_n + b_n
     return model
 
@@ -218,8 +257,9 @@ def bn_block_model(bias: bool) -> nn.Module:
 def test_bn_aware_neuron_merging_is_exact_on_scaled_copies(bias):
     model = bn_block_model(bias)
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    result = tropnnc.compress(model, 3, "neuron-merging", bn_aware=True, threshold=0.5,
-                              example_inputs=x[:1])
+    result = tropnnc.compress(
+        model, 3, "neuron-merging", bn_aware=True, threshold=0.5, example_inputs=x[:1]
+    )
     report = result.blocks[0]
     assert report.assignment == [0, 1, 2, 2, 1, 2, 0, 1]  # 3 and 5 go to 2, not to 0
     assert report.certificate < 1e-9
@@ -232,15 +272,24 @@ def test_bn_aware_score_lambda_and_positive_scale():
     raw = block.bn["raw"]
     torch.testing.assert_close(unfold_rows(block.weight, block.bn), raw)
     gen = seeded(0)
-    merge = compress_block(get_method("neuron-merging", bn_aware=True, bn_lambda=0.0), block, 3,
-                           gen)
+    merge = compress_block(
+        get_method("neuron-merging", bn_aware=True, bn_lambda=0.0), block, 3, gen
+    )
     assert merge.assignment[3] == 2 and float(certificate(block, merge).max()) < 1e-9
     # a negative gamma on the right partner makes S < 0: never merged into it
     bn = dict(block.bn)
     bn["weight"] = bn["weight"].clone()
     bn["weight"][2] *= -1
-    flipped = type(block)(block.name, block.weight, block.out, block.consumer_bias,
-                          block.radius, block.kind, block.unit_shape, bn)
+    flipped = type(block)(
+        block.name,
+        block.weight,
+        block.out,
+        block.consumer_bias,
+        block.radius,
+        block.kind,
+        block.unit_shape,
+        bn,
+    )
     merge = compress_block(get_method("neuron-merging", bn_aware=True), flipped, 3, gen)
     assert merge.assignment[3] != 2 and merge.assignment[5] != 2
     assert bool((merge.shares >= 0).all())
@@ -257,8 +306,12 @@ def stream_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...
     """Output shapes of the residual stream: the stem and every residual block."""
     shapes: dict[str, tuple[int, ...]] = {}
     names = ["maxpool"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda mod, args, out, n=n: shapes.__setitem__(n, tuple(out.shape))) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda mod, args, out, n=n: shapes.__setitem__(n, tuple(out.shape))
+        )
+        for n in names
+    ]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -277,14 +330,24 @@ def test_resnet18_compresses_branches_and_the_residual_stream():
     inner = [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
     streams = ["conv1"] + [f"layer{i}.0.downsample.0" for i in range(2, 5)]
     assert [b.layer for b in result.blocks] == [
-        streams[0], *inner[:2], streams[1], *inner[2:4], streams[2], *inner[4:6], streams[3],
-        *inner[6:]]
+        streams[0],
+        *inner[:2],
+        streams[1],
+        *inner[2:4],
+        streams[2],
+        *inner[4:6],
+        streams[3],
+        *inner[6:],
+    ]
     for name in inner:
         block = result.model.get_submodule(name.rsplit(".", 1)[0])
         planes = model.get_submodule(name).out_channels
         assert block.conv1.out_channels == planes // 2 == block.conv2.in_channels
-        assert block.conv2.out_channels == planes // 2 == block.conv1.in_channels * (
-            2 if block.downsample is not None else 1)
+        assert (
+            block.conv2.out_channels
+            == planes // 2
+            == block.conv1.in_channels * (2 if block.downsample is not None else 1)
+        )
         assert isinstance(block.bn1, nn.Identity) and isinstance(block.bn2, nn.Identity)
     assert result.model.fc.in_features == 32 and result.model.conv1.out_channels == 4
     assert [s.layer for s in result.skipped] == ["fc"]
@@ -303,8 +366,9 @@ def test_e2_cnn_counts_by_hand():
     macs = 24 * 24 * 8 * 25 + 4 * 4 * 8 * 8 * 25 + 8 * 500 + 500 * 10
     assert result.params_after == params == sum(p.numel() for p in result.model.parameters())
     assert result.macs_after == macs
-    assert result.params_before == (16 * 25 + 16) + (16 * 16 * 25 + 16) + (16 * 500 + 500) \
-        + (500 * 10 + 10)
+    assert result.params_before == (16 * 25 + 16) + (16 * 16 * 25 + 16) + (16 * 500 + 500) + (
+        500 * 10 + 10
+    )
     assert result.macs_before == 24 * 24 * 16 * 25 + 16 * 16 * 16 * 25 + 16 * 500 + 5000
     assert flop_macs(result.model, model.input_shape) == macs
 
@@ -316,12 +380,15 @@ def flop_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-@pytest.mark.parametrize("name,config", [
-    ("resnet18", {"width": 8, "input_size": 32}),
-    ("resnet20", {"width": 4, "in_channels": 1, "input_size": 28, "shortcut": "conv"}),
-    ("alexnet-cifar", {"hidden": (64, 32)}),
-    ("vgg16-cifar", {"width": 0.125, "hidden": 16}),
-])
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("resnet18", {"width": 8, "input_size": 32}),
+        ("resnet20", {"width": 4, "in_channels": 1, "input_size": 28, "shortcut": "conv"}),
+        ("alexnet-cifar", {"hidden": (64, 32)}),
+        ("vgg16-cifar", {"width": 0.125, "hidden": 16}),
+    ],
+)
 def test_macs_agree_with_flop_counter(name, config):
     torch.manual_seed(0)
     model = zoo.build(name, **config).eval()

@@ -18,12 +18,23 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32),
-                         nn.ReLU(), nn.Linear(32, 5))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5)
+    )
 
 
-@pytest.mark.parametrize("method", ["tropnnc", "l1", "neural-path-kmeans", "srinivas-babu",
-                                    "model-folding", "cup", "neuron-merging"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "tropnnc",
+        "l1",
+        "neural-path-kmeans",
+        "srinivas-babu",
+        "model-folding",
+        "cup",
+        "neuron-merging",
+    ],
+)
 def test_compress_on_cuda_matches_cpu(method):
     cpu = _model()
     gpu = _model().cuda()

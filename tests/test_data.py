@@ -48,8 +48,9 @@ def write(path: Path, payload: bytes, gz: bool = False) -> Path:
     return path
 
 
-def make_idx_set(folder: Path, n_train: int = 30, n_test: int = 12, gz: bool = True,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+def make_idx_set(
+    folder: Path, n_train: int = 30, n_test: int = 12, gz: bool = True, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -161,8 +162,10 @@ def _corrupt_cases():
     img = idx_bytes(good_images)
     return {
         "wrong magic": (img[:2] + b"\x07\x03" + img[4:], "magic"),
-        "labels magic for images": (b"\x00\x00\x08\x01" + struct.pack(">I", 4) + bytes(4),
-                                    "dimensions"),
+        "labels magic for images": (
+            b"\x00\x00\x08\x01" + struct.pack(">I", 4) + bytes(4),
+            "dimensions",
+        ),
         "truncated": (img[:-10], "truncated"),
         "trailing": (img + b"\x00", "trailing"),
         "bad dims": (idx_bytes(np.zeros((4, 27, 28), np.uint8)), "dimensions"),
@@ -220,8 +223,9 @@ def test_download_uses_mirrors_atomically(tmp_path, isolated, monkeypatch):
     make_idx_set(src, n_train=9)
     md5 = {n: hashlib.md5((src / n).read_bytes()).hexdigest() for n in D._IDX_FILES}
     monkeypatch.setattr(D, "FASHION_MNIST_MD5", md5)
-    monkeypatch.setattr(D, "FASHION_MNIST_MIRRORS",
-                        [(tmp_path / "no-such-mirror").as_uri(), src.as_uri()])
+    monkeypatch.setattr(
+        D, "FASHION_MNIST_MIRRORS", [(tmp_path / "no-such-mirror").as_uri(), src.as_uri()]
+    )
     with pytest.raises(D.DatasetNotFoundError):
         D.load_fashion_mnist("train")  # download is off by default
     ds = D.load_fashion_mnist("train", download=True)

@@ -66,8 +66,10 @@ def test_trained_model_num_classes_from_dataset(tmp_path):
     model = trained_model("lenet-300-100", "tiny28", 0, tmp_path, epochs=1, train_size=30)
     assert model.zoo_config["num_classes"] == 4
     assert model.train_meta["train_options"]["train_size"] == 30
-    assert model.train_meta["train_report"]["n_train"] + model.train_meta["train_report"][
-        "n_val"] == 30
+    assert (
+        model.train_meta["train_report"]["n_train"] + model.train_meta["train_report"]["n_val"]
+        == 30
+    )
 
 
 def test_parse_method_and_keep_mapping():
@@ -79,8 +81,11 @@ def test_parse_method_and_keep_mapping():
     with pytest.raises(ValueError, match="unknown method"):
         sweep.parse_method("nope")
     ls = sweep.parse_method("model-folding+ls:restarts=2,ls.shrink=0.5")
-    assert (ls.name, ls.options, ls.reconstruct) == ("model-folding", {"restarts": 2},
-                                                     {"shrink": 0.5})
+    assert (ls.name, ls.options, ls.reconstruct) == (
+        "model-folding",
+        {"restarts": 2},
+        {"shrink": 0.5},
+    )
     assert ls.method == "model-folding+ls" and not ls.data_driven
     assert ls.reconstruction().shrink == 0.5
     with pytest.raises(ValueError, match="needs the '\\+ls' suffix"):
@@ -109,9 +114,14 @@ def test_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep, "compress", counting)
     methods = ["random", "tropnnc:norm=l1", "thinet", "tropnnc+refit", "zonotope-kmeans"]
-    kw = {"layers": None, "calibration_size": 60, "progress": False,
-          "cache_dir": tmp_path / "models", "configs": {"mlp": TINY_MLP},
-          "train_kw": {"epochs": 2}}
+    kw = {
+        "layers": None,
+        "calibration_size": 60,
+        "progress": False,
+        "cache_dir": tmp_path / "models",
+        "configs": {"mlp": TINY_MLP},
+        "train_kw": {"epochs": 2},
+    }
     out = tmp_path / "sweep"
     csv_path = sweep.run_sweep("mlp", methods, [0.5, 0.25], [0, 1], "tiny", out, **kw)
     rows = _rows(csv_path)
@@ -146,9 +156,16 @@ def test_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
 
 
 def test_demo_quick(tmp_path):
-    table = demo.run_demo(tmp_path / "demo", quick=True, network="mlp", dataset="tiny",
-                          config=TINY_MLP, cache_dir=tmp_path / "models", calibration_size=50,
-                          progress=False)
+    table = demo.run_demo(
+        tmp_path / "demo",
+        quick=True,
+        network="mlp",
+        dataset="tiny",
+        config=TINY_MLP,
+        cache_dir=tmp_path / "models",
+        calibration_size=50,
+        progress=False,
+    )
     text = table.read_text()
     rows = _rows(tmp_path / "demo" / "results.csv")
     labels = {r["label"] for r in rows}
@@ -163,8 +180,10 @@ def _write_cifar(root, n_per_batch=8):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng.integers(0, 10, n_per_batch)]}
+        batch = {
+            b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, n_per_batch)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
 
@@ -172,10 +191,20 @@ def _write_cifar(root, n_per_batch=8):
 def test_e5_path_cifar_pickles(tmp_path):
     _write_cifar(tmp_path / "cifar")
     cfg = {"sizes": [3072, 24, 16, 10], "input_shape": [3, 32, 32]}
-    out = sweep.run_sweep("mlp", ["tropnnc", "thinet"], [0.5], [0], "cifar10", tmp_path / "e5",
-                          calibration_size=20, progress=False, cache_dir=tmp_path / "models",
-                          configs={"mlp": cfg}, train_kw={"epochs": 1},
-                          data_root=tmp_path / "cifar")
+    out = sweep.run_sweep(
+        "mlp",
+        ["tropnnc", "thinet"],
+        [0.5],
+        [0],
+        "cifar10",
+        tmp_path / "e5",
+        calibration_size=20,
+        progress=False,
+        cache_dir=tmp_path / "models",
+        configs={"mlp": cfg},
+        train_kw={"epochs": 1},
+        data_root=tmp_path / "cifar",
+    )
     rows = _rows(out)
     assert [r["label"] for r in rows] == ["uncompressed", "tropnnc", "thinet"]
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)

@@ -33,13 +33,13 @@ PASS_FORMS = {
     "view-shape0": lambda s, x: F.avg_pool2d(torch.relu(s.a(x)), 2).view(x.shape[0], -1),
     "own-size0": lambda s, x: _own_size(F.max_pool2d(s.a(x).relu_(), 2)),
     "view-minus1-n": lambda s, x: F.max_pool2d(F.relu(s.a(x), inplace=True), 2).view(-1, 128),
-    "reshape-fn": lambda s, x: torch.reshape(F.max_pool2d(torch.relu_(s.a(x)), 2),
-                                             (x.size(0), -1)),
+    "reshape-fn": lambda s, x: torch.reshape(F.max_pool2d(torch.relu_(s.a(x)), 2), (x.size(0), -1)),
     "flatten-method": lambda s, x: F.adaptive_avg_pool2d(F.relu(s.a(x)), 4).flatten(1),
     "adaptive-max": lambda s, x: torch.flatten(F.adaptive_max_pool2d(F.relu(s.a(x)), 4), 1),
     "pool-before-relu": lambda s, x: torch.flatten(F.relu(F.max_pool2d(s.a(x), 2)), 1),
-    "dropout2d": lambda s, x: torch.flatten(F.dropout2d(F.max_pool2d(F.relu(s.a(x)), 2),
-                                                        0.2, s.training), 1),
+    "dropout2d": lambda s, x: torch.flatten(
+        F.dropout2d(F.max_pool2d(F.relu(s.a(x)), 2), 0.2, s.training), 1
+    ),
     "leaky-zero": lambda s, x: torch.flatten(F.max_pool2d(F.leaky_relu(s.a(x), 0.0), 2), 1),
     "view-computed": lambda s, x: _computed(F.max_pool2d(F.relu(s.a(x)), 2)),
 }
@@ -56,31 +56,52 @@ def _own_size(x):
 @pytest.mark.parametrize("form", sorted(PASS_FORMS))
 def test_pass_through_forms_are_blocks(form):
     blocks, skips = discover(Wrap(PASS_FORMS[form]))
-    assert [(b.producer, b.consumer, b.flatten) for b in blocks] == [("a", "fc", True),
-                                                                      ("fc", "head", False)]
+    assert [(b.producer, b.consumer, b.flatten) for b in blocks] == [
+        ("a", "fc", True),
+        ("fc", "head", False),
+    ]
     assert [s.layer for s in skips] == ["head"]
 
 
 @pytest.mark.parametrize("form", ["global-mean", "adaptive-1-flatten"])
 def test_global_average_then_linear(form):
-    fns = {"global-mean": lambda s, x: F.relu(s.a(x)).mean((2, 3)),
-           "adaptive-1-flatten": lambda s, x: torch.flatten(
-               nn.functional.adaptive_avg_pool2d(F.relu(s.a(x)), (1, 1)), 1)}
+    fns = {
+        "global-mean": lambda s, x: F.relu(s.a(x)).mean((2, 3)),
+        "adaptive-1-flatten": lambda s, x: torch.flatten(
+            nn.functional.adaptive_avg_pool2d(F.relu(s.a(x)), (1, 1)), 1
+        ),
+    }
     blocks, _ = discover(Wrap(fns[form], features=8))
     assert blocks[0].producer == "a" and blocks[0].consumer == "fc" and blocks[0].flatten
 
 
 def test_sequential_modules_inplace_relu_and_pools():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-                          nn.MaxPool2d(2), nn.Dropout(0.1), nn.Conv2d(8, 8, 3),
-                          nn.ReLU(inplace=True), nn.AvgPool2d(2), nn.Dropout2d(0.1),
-                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 2)),
-                          nn.Flatten(), nn.Dropout(), nn.Linear(32, 4), nn.LeakyReLU(0.0),
-                          nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.1),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(inplace=True),
+        nn.AvgPool2d(2),
+        nn.Dropout2d(0.1),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((2, 2)),
+        nn.Flatten(),
+        nn.Dropout(),
+        nn.Linear(32, 4),
+        nn.LeakyReLU(0.0),
+        nn.Linear(4, 2),
+    )
     blocks, skips = discover(model)
     assert [(b.producer, b.consumer, b.bn, b.between) for b in blocks] == [
-        ("0", "5", "1", ("3", "4")), ("5", "9", None, ("7", "8")),
-        ("9", "14", None, ("11", "12", "13")), ("14", "16", None, ())]
+        ("0", "5", "1", ("3", "4")),
+        ("5", "9", None, ("7", "8")),
+        ("9", "14", None, ("11", "12", "13")),
+        ("14", "16", None, ()),
+    ]
     assert [b.flatten for b in blocks] == [False, False, True, False]
     assert [s.layer for s in skips] == ["16"]
 
@@ -96,8 +117,9 @@ def build(bad: nn.Module | None = None, conv: bool = False) -> nn.Module:
     return nn.Sequential(*layers, *([bad] if bad is not None else []), *tail)
 
 
-def check_refused(model: nn.Module, layer: str, *names: str, example=None,
-                  run: bool = True) -> None:
+def check_refused(
+    model: nn.Module, layer: str, *names: str, example=None, run: bool = True
+) -> None:
     """``layer`` is skipped as refused with a reason naming ``names``; strict raises."""
     _, skips = discover(model)
     skip = next(s for s in skips if s.layer == layer)
@@ -114,13 +136,23 @@ def check_refused(model: nn.Module, layer: str, *names: str, example=None,
         assert name in str(err.value)
 
 
-@pytest.mark.parametrize("act,name", [(nn.GELU(), "gelu"), (nn.SiLU(), "silu"),
-                                      (nn.LeakyReLU(0.1), "leaky_relu:0.1"),
-                                      (nn.ReLU6(), "relu6"), (nn.Hardswish(), "hardswish")])
+@pytest.mark.parametrize(
+    "act,name",
+    [
+        (nn.GELU(), "gelu"),
+        (nn.SiLU(), "silu"),
+        (nn.LeakyReLU(0.1), "leaky_relu:0.1"),
+        (nn.ReLU6(), "relu6"),
+        (nn.Hardswish(), "hardswish"),
+    ],
+)
 def test_accepted_activations_are_blocks(act, name):
     blocks, _ = discover(build(act))
     assert [(b.producer, b.consumer, b.activation) for b in blocks] == [
-        ("0", "2", "relu"), ("2", "4", name), ("4", "6", "relu")]
+        ("0", "2", "relu"),
+        ("2", "4", name),
+        ("4", "6", "relu"),
+    ]
 
 
 @pytest.mark.parametrize("act", [nn.Tanh(), nn.Sigmoid(), nn.ELU(), nn.PReLU()])
@@ -131,8 +163,11 @@ def test_other_activations_refused(act):
 
 def test_non_relu_conv_and_functional():
     blocks, _ = discover(build(nn.SiLU(), conv=True))
-    assert [(b.producer, b.activation) for b in blocks] == [("0", "relu"), ("2", "silu"),
-                                                             ("4", "relu")]
+    assert [(b.producer, b.activation) for b in blocks] == [
+        ("0", "relu"),
+        ("2", "silu"),
+        ("4", "relu"),
+    ]
 
     class Functional(nn.Module):
         def __init__(self, fn) -> None:
@@ -153,13 +188,26 @@ def test_non_relu_conv_and_functional():
 
 
 def test_grouped_and_depthwise_convs_refused():
-    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
-                            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                            nn.Linear(8 * 16, 2))
+    grouped = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 2),
+    )
     check_refused(grouped, "0", "0 (Conv2d)", "groups=2", example=torch.zeros(1, 4, 4, 4))
-    depthwise = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(8 * 16, 8), nn.ReLU(), nn.Linear(8, 2))
+    depthwise = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 8),
+        nn.ReLU(),
+        nn.Linear(8, 2),
+    )
     blocks, skips = discover(depthwise)  # the depthwise filters merge with the units
     group = blocks[0]
     assert isinstance(group, GroupSpec)
@@ -167,11 +215,23 @@ def test_grouped_and_depthwise_convs_refused():
     assert group.consumers == (Consumer("6", (("0", None),), 0, True),)
     assert group.activation == "relu+depthwise"
     assert [s.layer for s in skips] == ["8"]
-    multiplier = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8),
-                               nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4, 8), nn.ReLU(),
-                               nn.Linear(8, 2))
-    check_refused(multiplier, "0", "read by 2 (Conv2d), a grouped convolution", "groups=8",
-                  example=torch.zeros(1, 3, 4, 4))
+    multiplier = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, groups=8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4, 8),
+        nn.ReLU(),
+        nn.Linear(8, 2),
+    )
+    check_refused(
+        multiplier,
+        "0",
+        "read by 2 (Conv2d), a grouped convolution",
+        "groups=8",
+        example=torch.zeros(1, 3, 4, 4),
+    )
 
 
 class Reshaper(nn.Module):
@@ -199,17 +259,27 @@ class Reshaper(nn.Module):
         return self.out(F.relu(self.fc(torch.flatten(F.relu(h), 1))))
 
 
-@pytest.mark.parametrize("how,names", [("channel-shuffle", (".view()", "mixes channels")),
-                                       ("pixel-shuffle", ("shuffle (PixelShuffle)",
-                                                          "mixes channels")),
-                                       ("permute", (".permute()", "mixes channels"))])
+@pytest.mark.parametrize(
+    "how,names",
+    [
+        ("channel-shuffle", (".view()", "mixes channels")),
+        ("pixel-shuffle", ("shuffle (PixelShuffle)", "mixes channels")),
+        ("permute", (".permute()", "mixes channels")),
+    ],
+)
 def test_channel_mixing_reshapes_refused(how, names):
     check_refused(Reshaper(how), "a", *names, example=torch.zeros(1, 3, 4, 4))
 
 
 def test_bad_flatten_and_view_refused():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2),
-                          nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(2),
+        nn.Linear(16, 8),
+        nn.ReLU(),
+        nn.Linear(8, 2),
+    )
     _, skips = discover(model)
     assert "2 (Flatten)" in skips[0].reason and skips[0].refused
 
@@ -238,8 +308,7 @@ def test_linear_read_through_flatten_of_tokens_refused():
         def forward(self, x):  # (B, 3, 6) tokens
             return self.c(F.relu(self.b(F.relu(self.a(x)).flatten(1))))
 
-    check_refused(Tokens(), "a", "consumer b (Linear)", "12 features",
-                  example=torch.zeros(1, 3, 6))
+    check_refused(Tokens(), "a", "consumer b (Linear)", "12 features", example=torch.zeros(1, 3, 6))
 
 
 def test_attention_left_alone():
@@ -255,14 +324,17 @@ def test_attention_left_alone():
         def forward(self, x):  # (B, T, 6)
             h = F.relu(self.q(x))
             if self.functional:
-                h = F.scaled_dot_product_attention(h, x[..., :8].new_ones(1, 1, 8),
-                                                   x.new_ones(1, 1, 8))
+                h = F.scaled_dot_product_attention(
+                    h, x[..., :8].new_ones(1, 1, 8), x.new_ones(1, 1, 8)
+                )
             else:
                 h = self.attn(h, h, h)[0]
             return self.out(F.relu(self.mid(h)))
 
-    for functional, name in ((False, "attn (MultiheadAttention)"),
-                             (True, "scaled_dot_product_attention()")):
+    for functional, name in (
+        (False, "attn (MultiheadAttention)"),
+        (True, "scaled_dot_product_attention()"),
+    ):
         model = Attn(functional)
         _, skips = discover(model)
         skip = next(s for s in skips if s.layer == "q")
@@ -272,8 +344,12 @@ def test_attention_left_alone():
 
 
 def test_batchnorm_after_relu_and_unfoldable_batchnorm_refused():
-    check_refused(build(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(8))), "2", "3.1 (BatchNorm1d)",
-                  "not positively homogeneous")
+    check_refused(
+        build(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(8))),
+        "2",
+        "3.1 (BatchNorm1d)",
+        "not positively homogeneous",
+    )
     no_stats = nn.BatchNorm1d(8, track_running_stats=False)
     # (run=False: a one-sample MAC count cannot run BatchNorm without running statistics)
     check_refused(build(no_stats), "2", "3 (BatchNorm1d)", "no running statistics", run=False)
@@ -299,8 +375,7 @@ def test_refusal_is_logged_as_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="tropnnc.api"):
         result = tropnnc.compress(build(nn.Tanh()), 0.5)
     assert [b.layer for b in result.blocks] == ["0", "4"]
-    assert any("skipping 2" in r.getMessage() and "Tanh" in r.getMessage()
-               for r in caplog.records)
+    assert any("skipping 2" in r.getMessage() and "Tanh" in r.getMessage() for r in caplog.records)
 
 
 class Branches(nn.Module):
@@ -325,14 +400,20 @@ class Branches(nn.Module):
 
 def test_residual_and_concat_channels_form_groups():
     blocks, skips = discover(Branches())
-    assert [type(b).__name__ for b in blocks] == ["GroupSpec", "BlockSpec", "GroupSpec",
-                                                  "BlockSpec"]
+    assert [type(b).__name__ for b in blocks] == [
+        "GroupSpec",
+        "BlockSpec",
+        "GroupSpec",
+        "BlockSpec",
+    ]
     stream, inner, side, fuse = blocks
     assert [p.layer for p in stream.producers] == ["stem", "last"]
     segments = (("stem", None), ("side", None))
-    assert stream.consumers == (Consumer("inner", (("stem", None),), 0, False),
-                                Consumer("side", (("stem", None),), 0, False),
-                                Consumer("fuse", segments, 0, False))
+    assert stream.consumers == (
+        Consumer("inner", (("stem", None),), 0, False),
+        Consumer("side", (("stem", None),), 0, False),
+        Consumer("fuse", segments, 0, False),
+    )
     assert stream.activation == "relu" and stream.between == ("add", "cat")
     assert (inner.producer, inner.consumer) == ("inner", "last")
     assert side.producers == (Producer("side", None),)

@@ -66,7 +66,7 @@ def ball(q: int, d: int, radius: float, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(q, d, generator=g, dtype=torch.float64)
     x = x / x.norm(dim=1, keepdim=True) * radius
-    x[q // 2:] *= torch.rand(q - q // 2, 1, generator=g, dtype=torch.float64)
+    x[q // 2 :] *= torch.rand(q - q // 2, 1, generator=g, dtype=torch.float64)
     return x
 
 
@@ -121,8 +121,12 @@ def test_relu6_clipping_term_and_rescale():
     out = torch.tensor([[[1.0]], [[0.0]]], dtype=torch.float64)
     block = Block("fc", w, out, None, 10.0, activation="relu6")
     half = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
-    merge = Merge(half, torch.tensor([[[2.0]]], dtype=torch.float64),
-                  torch.tensor([0, -1]), torch.tensor([2.0, 0.0], dtype=torch.float64))
+    merge = Merge(
+        half,
+        torch.tensor([[[2.0]]], dtype=torch.float64),
+        torch.tensor([0, -1]),
+        torch.tensor([2.0, 0.0], dtype=torch.float64),
+    )
     assert float(certificate(block, merge)[0]) == pytest.approx(6.0)  # 0 row error + 6
     scaled = rescale_units(merge)  # the unit takes its member's scale: exact, bound 0
     torch.testing.assert_close(scaled.rows, w[:1])
@@ -142,8 +146,9 @@ def test_residual_group_duplicates_collapse_exactly():
     model = resnet18_small()
     specs, _ = discover(model)
     groups = [s for s in specs if isinstance(s, GroupSpec)]
-    assert [g.producer for g in groups] == ["conv1"] + [f"layer{i}.0.downsample.0"
-                                                        for i in (2, 3, 4)]
+    assert [g.producer for g in groups] == ["conv1"] + [
+        f"layer{i}.0.downsample.0" for i in (2, 3, 4)
+    ]
     keep = {}
     for g in groups:  # every producer of the stream (stem, branches, projection) duplicates
         duplicate(model, [(p.layer, p.bn) for p in g.producers], [(0, 1), (2, 3)])
@@ -185,8 +190,10 @@ def test_depthwise_group_duplicates_collapse_exactly():
     group = next(s for s in specs if s.producer == "features.4.conv.0")
     assert group.activation == "relu6+depthwise"
     assert [p.layer for p in group.channelwise] == ["features.4.conv.3"]
-    members = [("features.4.conv.0", "features.4.conv.1"), ("features.4.conv.3",
-                                                           "features.4.conv.4")]
+    members = [
+        ("features.4.conv.0", "features.4.conv.1"),
+        ("features.4.conv.3", "features.4.conv.4"),
+    ]
     duplicate(model, members, [(0, 1), (5, 9), (5, 20)])
     result = tropnnc.compress(model, {"features.4.conv.0": 29})
     x = torch.rand(3, *model.input_shape, dtype=torch.float64)
@@ -229,7 +236,9 @@ def test_vit_attention_and_stream_left_alone():
     model = zoo.build("vit-mini").eval()
     specs, skips = discover(model)
     assert [(s.producer, s.consumer, s.activation) for s in specs] == [
-        ("blocks.0.fc1", "blocks.0.fc2", "gelu"), ("blocks.1.fc1", "blocks.1.fc2", "gelu")]
+        ("blocks.0.fc1", "blocks.0.fc2", "gelu"),
+        ("blocks.1.fc1", "blocks.1.fc2", "gelu"),
+    ]
     reasons = {s.layer: s for s in skips}
     assert "added to a tensor that is not a layer's channels" in reasons["blocks.0.fc2"].reason
     assert "turns its channels into the features of tokens" in reasons["embed"].reason
@@ -310,8 +319,12 @@ def test_cli_info_names_each_group_member(capsys):
 
     assert main(["info", "resnet-mini"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
-    assert "compressible in channel group conv1 (5 layers) (folds layer1.0.bn2)" \
+    assert (
+        "compressible in channel group conv1 (5 layers) (folds layer1.0.bn2)"
         in lines["layer1.0.conv2"]
+    )
     assert "compressible -> layer1.0.conv2 (folds layer1.0.bn1)" in lines["layer1.0.conv1"]
-    assert "channel group layer2.0.downsample.0 (3 layers) (folds layer2.0.downsample.1)" \
+    assert (
+        "channel group layer2.0.downsample.0 (3 layers) (folds layer2.0.downsample.1)"
         in lines["layer2.0.downsample.0"]
+    )

@@ -78,8 +78,10 @@ def bn_cnn(factories: Path, seed: int = 0) -> nn.Module:
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
     """Every path under ``folder`` with its size and mtime (to see leftovers and changes)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -90,17 +92,28 @@ def tree(folder: Path) -> dict[str, tuple[int, int]]:
 def test_save_load_round_trip_zoo_bitwise(tmp_path):
     result = tropnnc.compress(lenet(), 0.3, "tropnnc")
     out = io.save(result, tmp_path / "out", settings={"keep": 0.3})
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors",
-                                                     "report.json", "report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "report.json",
+        "report.txt",
+    ]
     loaded = io.load(out)
     x = torch.rand(16, 1, 28, 28)
     assert torch.equal(loaded(x), result.model.eval()(x))
     assert not loaded.training
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["architecture"] == {
-        "kind": "zoo", "name": "lenet-300-100", "config": {}}
-    assert manifest["layers"]["1"] == {"class": "Linear", "in_features": 784,
-                                       "out_features": 90, "bias": True}
+        "kind": "zoo",
+        "name": "lenet-300-100",
+        "config": {},
+    }
+    assert manifest["layers"]["1"] == {
+        "class": "Linear",
+        "in_features": 784,
+        "out_features": 90,
+        "bias": True,
+    }
     plan = manifest["compression"]
     assert plan["method"] == "tropnnc" and plan["keep"] == 0.3 and plan["seed"] == 0
     assert plan["widths"] == {"1": 90, "3": 30}
@@ -130,8 +143,10 @@ def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path, factories):
         with torch.no_grad():
             save_file({{"y": model(x)}}, {str(tmp_path / "y.safetensors")!r})
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factories),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(factories), os.environ.get("PYTHONPATH", "")]),
+    }
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     with torch.no_grad():
         expected = result.model.eval()(x)
@@ -205,8 +220,9 @@ def test_zoo_config_overrides_and_factory_with_weights(tmp_path, factories):
     torch.manual_seed(0)
     mlp = zoo.build("mlp", sizes=[6, 5, 2])
     save_file(mlp.state_dict(), str(tmp_path / "mlp.safetensors"))
-    loaded = io.load_model("mlp", weights=tmp_path / "mlp.safetensors",
-                           zoo_config={"sizes": [6, 5, 2]})
+    loaded = io.load_model(
+        "mlp", weights=tmp_path / "mlp.safetensors", zoo_config={"sizes": [6, 5, 2]}
+    )
     assert loaded.zoo_config == {"sizes": [6, 5, 2]}
     cnn = bn_cnn(factories)
     save_file(cnn.state_dict(), str(tmp_path / "cnn.safetensors"))
@@ -219,8 +235,11 @@ def test_zoo_config_overrides_and_factory_with_weights(tmp_path, factories):
 def test_pickled_module_needs_the_flag(tmp_path):
     model = lenet()
     torch.save(model, tmp_path / "whole.pt")
-    with pytest.raises(ModelFileError, match=r"whole.pt is a pickle of Python objects "
-                                             r"\(tropnnc.zoo.MLP\).*--trust-pickle"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"whole.pt is a pickle of Python objects "
+        r"\(tropnnc.zoo.MLP\).*--trust-pickle",
+    ):
         io.load_model(tmp_path / "whole.pt")
     loaded = io.load_model(tmp_path / "whole.pt", trust_pickle=True)
     x = torch.rand(2, 1, 28, 28)
@@ -254,8 +273,11 @@ def test_truncated_and_garbage_safetensors(tmp_path, weights):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     (tmp_path / "empty.safetensors").write_bytes(b"")
     for name in ("half", "junk", "empty"):
-        with pytest.raises(ModelFileError, match=rf"{name}.safetensors: corrupt or truncated "
-                                                 "safetensors file"):
+        with pytest.raises(
+            ModelFileError,
+            match=rf"{name}.safetensors: corrupt or truncated "
+            "safetensors file",
+        ):
             io.load_model("lenet-300-100", weights=tmp_path / f"{name}.safetensors")
 
 
@@ -268,12 +290,18 @@ def test_truncated_torch_file(tmp_path):
 
 
 def test_state_dict_of_another_network(weights):
-    with pytest.raises(ModelFileError, match=r"w.safetensors does not match e2-cnn: missing "
-                                             r"keys features.0.weight.*unexpected keys "
-                                             r"1.bias, 1.weight"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"w.safetensors does not match e2-cnn: missing "
+        r"keys features.0.weight.*unexpected keys "
+        r"1.bias, 1.weight",
+    ):
         io.load_model("e2-cnn", weights=weights)
-    with pytest.raises(ModelFileError, match=r"does not match mlp: shape mismatch: 1.weight is "
-                                             r"\(300, 784\) in the file, \(200, 784\)"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"does not match mlp: shape mismatch: 1.weight is "
+        r"\(300, 784\) in the file, \(200, 784\)",
+    ):
         io.load_model("mlp", weights=weights, zoo_config={"sizes": [784, 200, 100, 10]})
 
 
@@ -309,23 +337,32 @@ def test_manifest_problems(tmp_path, factories):
         (folder / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
         data = json.loads(json.dumps(manifest))
         text = change(data)
-        (folder / "manifest.json").write_text(text if isinstance(text, str) else
-                                              json.dumps(data))
+        (folder / "manifest.json").write_text(text if isinstance(text, str) else json.dumps(data))
         return folder
 
     cases = {
-        "version": (lambda d: d.update(format_version=99),
-                    "unknown manifest format version 99 .*reads version 1"),
+        "version": (
+            lambda d: d.update(format_version=99),
+            "unknown manifest format version 99 .*reads version 1",
+        ),
         "format": (lambda d: d.update(format="other"), "not a tropnnc manifest"),
         "json": (lambda d: "{not json", "corrupt manifest"),
-        "arch": (lambda d: d["architecture"].update(kind="magic"),
-                 "unknown architecture kind 'magic'"),
-        "layer": (lambda d: d["layers"].update({"9": {"class": "Linear"}}),
-                  "layer '9' is not part of zoo network lenet-300-100"),
-        "shape": (lambda d: d["layers"]["1"].update(out_features=91),
-                  r"model.safetensors does not match the layers recorded in .*shape mismatch"),
-        "record": (lambda d: d["layers"]["1"].update({"class": "Conv3d"}),
-                   "layer '1' has unknown class 'Conv3d'"),
+        "arch": (
+            lambda d: d["architecture"].update(kind="magic"),
+            "unknown architecture kind 'magic'",
+        ),
+        "layer": (
+            lambda d: d["layers"].update({"9": {"class": "Linear"}}),
+            "layer '9' is not part of zoo network lenet-300-100",
+        ),
+        "shape": (
+            lambda d: d["layers"]["1"].update(out_features=91),
+            r"model.safetensors does not match the layers recorded in .*shape mismatch",
+        ),
+        "record": (
+            lambda d: d["layers"]["1"].update({"class": "Conv3d"}),
+            "layer '1' has unknown class 'Conv3d'",
+        ),
     }
     for name, (change, message) in cases.items():
         with pytest.raises(ModelFileError, match=message):
@@ -339,8 +376,9 @@ def test_manifest_problems(tmp_path, factories):
     with pytest.raises(ModelFileError, match="model.safetensors does not match .*sha256"):
         io.load(corrupted)
     factory_dir = io.save(tropnnc.compress(bn_cnn(factories), 0.5), tmp_path / "factory")
-    with pytest.raises(ModelFileError, match=f"names the factory {FACTORY_MODULE}:bn_cnn.*"
-                                             "--trust-code"):
+    with pytest.raises(
+        ModelFileError, match=f"names the factory {FACTORY_MODULE}:bn_cnn.*--trust-code"
+    ):
         io.load(factory_dir)
 
 
@@ -362,8 +400,10 @@ def test_existing_output_needs_overwrite_and_only_replaces_model_dirs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup left
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("x")
-    with pytest.raises(ModelFileError, match="refusing to overwrite .*precious: it is neither "
-                                             "empty nor a tropnnc model directory"):
+    with pytest.raises(
+        ModelFileError,
+        match="refusing to overwrite .*precious: it is neither empty nor a tropnnc model directory",
+    ):
         io.save(result, tmp_path / "precious", overwrite=True)
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "x"
 
@@ -380,8 +420,7 @@ def test_failed_or_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # parents it created are gone too
     (tmp_path / "file").write_text("a regular file")
     monkeypatch.undo()
-    with pytest.raises(ModelFileError, match="cannot write .*file/out: .*file is not a "
-                                             "directory"):
+    with pytest.raises(ModelFileError, match="cannot write .*file/out: .*file is not a directory"):
         io.save(result, tmp_path / "file" / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
@@ -437,8 +476,13 @@ io.save(tropnnc.compress(zoo.build("lenet-300-100"), 0.2), sys.argv[1], overwrit
 def test_killed_overwrite_without_atomic_exchange_is_recovered(tmp_path):
     out = io.save(tropnnc.compress(lenet(), 0.5), tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 9, done.stderr
     assert not out.exists()  # the window the exchange closes
     left = sorted(p.name.rsplit(".", 2)[-1] for p in tmp_path.iterdir())

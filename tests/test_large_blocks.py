@@ -37,8 +37,19 @@ def mlp(widths=(10, 24, 16, 3), dtype=torch.float32, seed: int = 0) -> nn.Module
 
 def conv_flatten(dtype=torch.float32) -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(12 * 9, 7), nn.ReLU(), nn.Linear(7, 4)).to(dtype).eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 12, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12 * 9, 7),
+            nn.ReLU(),
+            nn.Linear(7, 4),
+        )
+        .to(dtype)
+        .eval()
+    )
 
 
 def set_multiples(layer: nn.Module, k: int, seed: int = 0) -> None:
@@ -67,8 +78,9 @@ def test_float32_gram_keeps_exact_collapse_exact(monkeypatch):
             assert merge.rows.dtype == F64
             assert float(certificate(block, merge).max()) < 1e-9
             x = ball_points(300, 12, 2.0)
-            torch.testing.assert_close(forward(block, merge.rows, merge.out, x),
-                                       forward(block, block.weight, block.out, x))
+            torch.testing.assert_close(
+                forward(block, merge.rows, merge.out, x), forward(block, block.weight, block.out, x)
+            )
 
 
 def test_float32_gram_agrees_with_float64_on_a_random_block(monkeypatch):
@@ -85,8 +97,10 @@ def test_float32_gram_agrees_with_float64_on_a_random_block(monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["tropnnc", "neural-path-kmeans", "neuron-merging", "cup",
-                                    "l1", "random", "srinivas-babu"])
+@pytest.mark.parametrize(
+    "method",
+    ["tropnnc", "neural-path-kmeans", "neuron-merging", "cup", "l1", "random", "srinivas-babu"],
+)
 def test_float32_blocks_compress_with_every_method(method, monkeypatch):
     monkeypatch.setattr(surgery, "FLOAT64_MAX_WEIGHTS", 0)  # every block "large"
     model = mlp()
@@ -184,8 +198,7 @@ def test_block_helpers_match_plain_definitions(layout, monkeypatch):
     live = (block.weight != 0).any(1) & (block.out != 0).flatten(1).any(1)
     assert torch.equal(block.live(), live)
     e = torch.rand(block.n, generator=gen(2), dtype=F64)
-    torch.testing.assert_close(block.weighted_out_abs(e),
-                               (out64.abs().sum(2) * e[:, None]).sum(0))
+    torch.testing.assert_close(block.weighted_out_abs(e), (out64.abs().sum(2) * e[:, None]).sum(0))
     k = 4
     a = torch.arange(block.n) % k
     a[1] = -1
@@ -197,13 +210,13 @@ def test_block_helpers_match_plain_definitions(layout, monkeypatch):
     ref.index_add_(0, a[live_a], shares[live_a].double()[:, None, None] * out64[live_a])
     torch.testing.assert_close(merge.out.double(), ref, rtol=1e-5, atol=1e-6)
     w64 = block.weight.double()
-    approx = torch.where(live_a[:, None], shares.double()[:, None] * rows.double()[a.clamp(0)],
-                         0.0)
+    approx = torch.where(live_a[:, None], shares.double()[:, None] * rows.double()[a.clamp(0)], 0.0)
     err = (w64 - approx).norm(dim=1)
     torch.testing.assert_close(share_errors(block.weight, a, shares, rows), err)
-    torch.testing.assert_close(certificate(block, merge),
-                               block.rho * share_bound(block.weight, block.out_abs(), a,
-                                                       shares, rows))
+    torch.testing.assert_close(
+        certificate(block, merge),
+        block.rho * share_bound(block.weight, block.out_abs(), a, shares, rows),
+    )
 
 
 def test_apply_adopts_slices_built_in_the_consumer_layout(monkeypatch):
@@ -214,8 +227,9 @@ def test_apply_adopts_slices_built_in_the_consumer_layout(monkeypatch):
     merge = compress_block(get_method("tropnnc"), block, 3, gen(0))
     assert merge.out.permute(1, 0, 2).is_contiguous()  # (m, K, r): the consumer's layout
     copied = conv_flatten()  # the same merge from unit-major slices: copied into the layer
-    surgery.apply(copied, spec, blk.Merge(merge.rows, merge.out.contiguous(),
-                                          merge.assignment, merge.shares))
+    surgery.apply(
+        copied, spec, blk.Merge(merge.rows, merge.out.contiguous(), merge.assignment, merge.shares)
+    )
     surgery.apply(model, spec, merge)
     assert model[6].weight.data_ptr() == merge.out.data_ptr()  # adopted, not copied
     assert model[6].weight.shape == (4, 3) and model[6].weight.requires_grad

@@ -92,13 +92,14 @@ def ref_fold_repair(block: Block, assignment: torch.Tensor, rows: torch.Tensor) 
 def ref_neural_path_kmeans(block: Block, k: int, generator: torch.Generator) -> Merge:
     paths = torch.cat([block.weight, block.out.flatten(1)], dim=1)
     clustering = kmeans(paths, k, generator=generator)
-    rows = clustering.centroids[:, :block.weight.shape[1]]
+    rows = clustering.centroids[:, : block.weight.shape[1]]
     shares = torch.ones(block.n, dtype=block.weight.dtype)
     return merge_by_shares(block, clustering.assignment, shares, rows)
 
 
-def ref_model_folding(block: Block, k: int, generator: torch.Generator, features: str,
-                      normalize: bool, repair: bool) -> Merge:
+def ref_model_folding(
+    block: Block, k: int, generator: torch.Generator, features: str, normalize: bool, repair: bool
+) -> Merge:
     feats = block.weight
     if features == "both":
         feats = torch.cat([block.weight, block.out.flatten(1)], dim=1)
@@ -195,42 +196,57 @@ def test_fold_repair_matches_reference(make, with_bn):
     a[k] = a[k + 1] = k - 1  # and one cluster of >= 3
     if with_bn:
         n = block.n
-        bn = {"weight": torch.randn(n, generator=g, dtype=torch.float64),
-              "bias": torch.randn(n, generator=g, dtype=torch.float64),
-              "running_mean": torch.zeros(n, dtype=torch.float64),
-              "running_var": torch.rand(n, generator=g, dtype=torch.float64) + 0.5,
-              "eps": torch.full((n,), 1e-5, dtype=torch.float64)}
+        bn = {
+            "weight": torch.randn(n, generator=g, dtype=torch.float64),
+            "bias": torch.randn(n, generator=g, dtype=torch.float64),
+            "running_mean": torch.zeros(n, dtype=torch.float64),
+            "running_var": torch.rand(n, generator=g, dtype=torch.float64) + 0.5,
+            "eps": torch.full((n,), 1e-5, dtype=torch.float64),
+        }
         bn["weight"][0] = 0.0  # a unit with gamma 0: target std 0 for its cluster
-        block = Block(block.name, block.weight, block.out, None, 1.0, block.kind,
-                      block.unit_shape, bn=bn)
+        block = Block(
+            block.name, block.weight, block.out, None, 1.0, block.kind, block.unit_shape, bn=bn
+        )
     weight = block.weight.clone()
     weight[1, :-1] = 0.0  # a unit without incoming weights
-    block = Block(block.name, weight, block.out, None, 1.0, block.kind, block.unit_shape,
-                  bn=block.bn)
+    block = Block(
+        block.name, weight, block.out, None, 1.0, block.kind, block.unit_shape, bn=block.bn
+    )
     rows = cluster_means(block.weight, a, k)
-    torch.testing.assert_close(fold_repair(block, a, rows), ref_fold_repair(block, a, rows),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        fold_repair(block, a, rows), ref_fold_repair(block, a, rows), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("make", BLOCKS)
 def test_neural_path_kmeans_matches_reference(make):
     block = make()
     k = block.n // 2
-    same_merge(get_method("neural-path-kmeans").merge(block, k, gen(3)),
-               ref_neural_path_kmeans(block, k, gen(3)))
+    same_merge(
+        get_method("neural-path-kmeans").merge(block, k, gen(3)),
+        ref_neural_path_kmeans(block, k, gen(3)),
+    )
 
 
 @pytest.mark.parametrize("make", BLOCKS)
-@pytest.mark.parametrize("features,normalize,repair", [
-    ("both", None, True), ("producer", None, True), ("both", False, False),
-    ("producer", True, False)])
+@pytest.mark.parametrize(
+    "features,normalize,repair",
+    [
+        ("both", None, True),
+        ("producer", None, True),
+        ("both", False, False),
+        ("producer", True, False),
+    ],
+)
 def test_model_folding_matches_reference(make, features, normalize, repair):
     block = make()
     k = max(2, block.n // 3)
-    method = get_method("model-folding", features=features, normalize=normalize,
-                        approx_repair=repair)
-    want = ref_model_folding(block, k, gen(4), features,
-                             repair if normalize is None else normalize, repair)
+    method = get_method(
+        "model-folding", features=features, normalize=normalize, approx_repair=repair
+    )
+    want = ref_model_folding(
+        block, k, gen(4), features, repair if normalize is None else normalize, repair
+    )
     same_merge(method.merge(block, k, gen(4)), want)
 
 
@@ -248,7 +264,7 @@ def test_gram_of_chunks_equals_the_product_of_the_whole_matrix():
     g = gen(6)
     for n in (5, 1100, 1537):  # one product, and strips of 512 with a partial last strip
         x = torch.randn(n, 70, generator=g, dtype=torch.float64)
-        got = gram_of_chunks((x[:, s:s + 16] for s in range(0, 70, 16)), n, torch.float64)
+        got = gram_of_chunks((x[:, s : s + 16] for s in range(0, 70, 16)), n, torch.float64)
         torch.testing.assert_close(got, x @ x.T, rtol=1e-12, atol=1e-12)
 
 
@@ -257,8 +273,9 @@ def test_centred_feature_gram_equals_the_concatenated_features():
     feats = torch.cat([block.weight, block.out.flatten(1)], dim=1)
     for transform, x in ((None, feats), (robust_scale, robust_scale(feats))):
         xc = x - x.mean(dim=0)
-        torch.testing.assert_close(centred_feature_gram(block, True, transform), xc @ xc.T,
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            centred_feature_gram(block, True, transform), xc @ xc.T, rtol=1e-12, atol=1e-12
+        )
     w = block.weight - block.weight.mean(dim=0)
     torch.testing.assert_close(centred_feature_gram(block, False), w @ w.T)
 

@@ -12,8 +12,15 @@ from tropnnc.methods import get_method, methods
 from tropnnc.methods.neuron_merging import bn_merge_terms
 
 ALL = methods()
-CERTIFIED = ["tropnnc", "neural-path-kmeans", "random", "l1", "neuron-merging", "cup",
-             "srinivas-babu"]
+CERTIFIED = [
+    "tropnnc",
+    "neural-path-kmeans",
+    "random",
+    "l1",
+    "neuron-merging",
+    "cup",
+    "srinivas-babu",
+]
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -21,21 +28,37 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def test_registry_lists_every_method():
-    assert ALL == sorted(["tropnnc", "zonotope-kmeans", "neural-path-kmeans", "random", "l1",
-                          "neuron-merging", "cup", "srinivas-babu", "thinet", "model-folding",
-                          "adaptive"])
+    assert ALL == sorted(
+        [
+            "tropnnc",
+            "zonotope-kmeans",
+            "neural-path-kmeans",
+            "random",
+            "l1",
+            "neuron-merging",
+            "cup",
+            "srinivas-babu",
+            "thinet",
+            "model-folding",
+            "adaptive",
+        ]
+    )
 
 
 def test_adaptive_runs_model_folding_on_batchnorm_blocks_and_tropnnc_elsewhere():
     g = torch.Generator().manual_seed(2)
-    w, out = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(
-        12, 3, 1, generator=g, dtype=torch.float64)
+    w, out = (
+        torch.randn(12, 5, generator=g, dtype=torch.float64),
+        torch.randn(12, 3, 1, generator=g, dtype=torch.float64),
+    )
     plain = Block("fc", w, out, None, 1.0, "linear", (4,))
-    bn = {"weight": torch.rand(12, generator=g, dtype=torch.float64) + 0.5,
-          "bias": torch.randn(12, generator=g, dtype=torch.float64),
-          "running_var": torch.rand(12, generator=g, dtype=torch.float64) + 0.5,
-          "running_mean": torch.zeros(12, dtype=torch.float64),
-          "eps": torch.full((12,), 1e-5, dtype=torch.float64)}
+    bn = {
+        "weight": torch.rand(12, generator=g, dtype=torch.float64) + 0.5,
+        "bias": torch.randn(12, generator=g, dtype=torch.float64),
+        "running_var": torch.rand(12, generator=g, dtype=torch.float64) + 0.5,
+        "running_mean": torch.zeros(12, dtype=torch.float64),
+        "eps": torch.full((12,), 1e-5, dtype=torch.float64),
+    }
     with_bn = Block("fc", w, out, None, 1.0, "linear", (4,), bn)
     for block, name in [(plain, "tropnnc"), (with_bn, "model-folding")]:
         got = get_method("adaptive").merge(block, 4, gen(3))
@@ -52,8 +75,9 @@ def test_measured_error_never_exceeds_certificate(name, shape):
         block = random_block(n, d, m, seed=seed, radius=2.5)
         merge = compress_block(get_method(name), block, n // 3, gen(seed))
         x = ball_points(2000, d, block.radius, seed=seed + 10)
-        err = (forward(block, block.weight, block.out, x)
-               - forward(block, merge.rows, merge.out, x)).abs()  # (q, m)
+        err = (
+            forward(block, block.weight, block.out, x) - forward(block, merge.rows, merge.out, x)
+        ).abs()  # (q, m)
         bound = certificate(block, merge)  # (m,)
         assert merge.k == n // 3
         assert torch.all(err.amax(0) <= bound * (1 + 1e-9) + 1e-12), name
@@ -65,8 +89,9 @@ def test_tropnnc_collapses_positive_multiples_exactly():
         merge = compress_block(get_method("tropnnc"), block, 5, gen(seed))
         assert float(certificate(block, merge).max()) < 1e-9
         x = ball_points(500, 12, 3.0)
-        torch.testing.assert_close(forward(block, merge.rows, merge.out, x),
-                                   forward(block, block.weight, block.out, x))
+        torch.testing.assert_close(
+            forward(block, merge.rows, merge.out, x), forward(block, block.weight, block.out, x)
+        )
 
 
 def test_tropnnc_joint_form_collapses_mixed_output_signs():
@@ -89,8 +114,9 @@ def test_predecessors_exact_only_for_identical_units(name):
     merge = compress_block(get_method(name), dup, 3, gen())
     assert float(certificate(dup, merge).max()) < 1e-9
     x = ball_points(300, 6, 2.0)
-    torch.testing.assert_close(forward(dup, merge.rows, merge.out, x),
-                               forward(dup, dup.weight, dup.out, x))
+    torch.testing.assert_close(
+        forward(dup, merge.rows, merge.out, x), forward(dup, dup.weight, dup.out, x)
+    )
 
 
 @pytest.mark.parametrize("name", ["neuron-merging", "srinivas-babu"])
@@ -106,8 +132,7 @@ def test_merging_baselines_exact_on_duplicates(name):
     merge = compress_block(get_method(name), block, 4, gen())
     assert float(certificate(block, merge).max()) < 1e-9
     x = ball_points(300, 8, 2.0)
-    torch.testing.assert_close(forward(block, merge.rows, merge.out, x),
-                               forward(block, w, out, x))
+    torch.testing.assert_close(forward(block, merge.rows, merge.out, x), forward(block, w, out, x))
 
 
 def test_neuron_merging_scales_by_norm_ratio():
@@ -129,17 +154,26 @@ def test_neuron_merging_threshold_drops_dissimilar():
 
 def test_bn_merge_terms_match_explicit_batchnorm():
     g = gen(3)
-    bn_n = {"weight": torch.tensor(1.7), "bias": torch.tensor(-0.3),
-            "running_mean": torch.tensor(0.4), "running_var": torch.tensor(2.5),
-            "eps": torch.tensor(1e-5)}
-    bn_m = {"weight": torch.tensor(-0.6), "bias": torch.tensor(0.9),
-            "running_mean": torch.tensor(-1.2), "running_var": torch.tensor(0.7),
-            "eps": torch.tensor(1e-5)}
+    bn_n = {
+        "weight": torch.tensor(1.7),
+        "bias": torch.tensor(-0.3),
+        "running_mean": torch.tensor(0.4),
+        "running_var": torch.tensor(2.5),
+        "eps": torch.tensor(1e-5),
+    }
+    bn_m = {
+        "weight": torch.tensor(-0.6),
+        "bias": torch.tensor(0.9),
+        "running_mean": torch.tensor(-1.2),
+        "running_var": torch.tensor(0.7),
+        "eps": torch.tensor(1e-5),
+    }
     s = torch.tensor(1.3)
 
     def bn(p, z):
-        return p["weight"] * (z - p["running_mean"]) / (p["running_var"] + p["eps"]).sqrt() \
-            + p["bias"]
+        return (
+            p["weight"] * (z - p["running_mean"]) / (p["running_var"] + p["eps"]).sqrt() + p["bias"]
+        )
 
     z = torch.randn(100, generator=g, dtype=torch.float64).float()
     scale, shift = bn_merge_terms(bn_n, bn_m, s)
@@ -149,14 +183,16 @@ def test_bn_merge_terms_match_explicit_batchnorm():
 def test_cup_keeps_largest_norm_member_per_cluster():
     g = gen(1)
     centers = torch.randn(3, 6, generator=g, dtype=torch.float64) * 20
-    w = centers.repeat_interleave(4, 0) + torch.randn(12, 6, generator=g,
-                                                     dtype=torch.float64) * 0.01
+    w = (
+        centers.repeat_interleave(4, 0)
+        + torch.randn(12, 6, generator=g, dtype=torch.float64) * 0.01
+    )
     w = torch.cat([w, torch.zeros(12, 1, dtype=torch.float64)], 1)
     out = torch.ones(12, 1, 1, dtype=torch.float64)
     block = Block("fc", w, out, None, 1.0)
     merge = get_method("cup").merge(block, 3, gen())
     feats = torch.cat([w[:, :-1], out[:, :, 0]], 1).norm(dim=1)
-    expected = [int(4 * c + feats[4 * c:4 * c + 4].argmax()) for c in range(3)]
+    expected = [int(4 * c + feats[4 * c : 4 * c + 4].argmax()) for c in range(3)]
     assert merge.kept.tolist() == expected
 
 
@@ -188,8 +224,11 @@ def test_tropnnc_options():
         assert merge.k == 12
     x = ball_points(1000, 10, 1.0)
     for merge in (refined, stepped):
-        err = (forward(block, block.weight, block.out, x)
-               - forward(block, merge.rows, merge.out, x)).abs().amax(0)
+        err = (
+            (forward(block, block.weight, block.out, x) - forward(block, merge.rows, merge.out, x))
+            .abs()
+            .amax(0)
+        )
         assert torch.all(err <= certificate(block, merge) + 1e-12)
     for norm in ("l2", "max"):
         assert compress_block(get_method("tropnnc", norm=norm), block, 12, gen()).k == 12
@@ -215,8 +254,7 @@ def test_zonotope_kmeans_rejects_multi_output():
 
 
 def test_unknown_method_and_option():
-    with pytest.raises(ValueError,
-                       match="unknown method 'foo'; valid methods: adaptive, cup, l1"):
+    with pytest.raises(ValueError, match="unknown method 'foo'; valid methods: adaptive, cup, l1"):
         get_method("foo")
     with pytest.raises(TypeError, match="unknown option"):
         get_method("tropnnc", colour="red")

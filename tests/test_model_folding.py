@@ -19,16 +19,18 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def duplicate_block(k: int = 4, per: int = 3, d: int = 6, m: int = 5,
-                    same_out: bool = True) -> Block:
+def duplicate_block(
+    k: int = 4, per: int = 3, d: int = 6, m: int = 5, same_out: bool = True
+) -> Block:
     g = gen(3)
     rows = torch.randn(k, d + 1, generator=g, dtype=torch.float64).repeat_interleave(per, 0)
     out = torch.randn(k if same_out else k * per, m, 1, generator=g, dtype=torch.float64)
     if same_out:
         out = out.repeat_interleave(per, 0)
     perm = torch.randperm(k * per, generator=g)
-    return Block("fc", rows[perm], out[perm], torch.zeros(m, dtype=torch.float64), 2.0,
-                 "linear", (d,))
+    return Block(
+        "fc", rows[perm], out[perm], torch.zeros(m, dtype=torch.float64), 2.0, "linear", (d,)
+    )
 
 
 @pytest.mark.parametrize("features,same_out", [("both", True), ("producer", False)])
@@ -38,8 +40,11 @@ def test_exact_on_duplicate_channels(features, same_out):
     merge = get_method("model-folding", features=features).merge(block, 4, gen())
     assert merge.k == 4 and merge.rows.shape == (4, 7) and merge.out.shape == (4, 5, 1)
     x = ball_points(300, 6, 2.0)
-    assert torch.allclose(forward(block, merge.rows, merge.out, x),
-                          forward(block, block.weight, block.out, x), atol=1e-10)
+    assert torch.allclose(
+        forward(block, merge.rows, merge.out, x),
+        forward(block, block.weight, block.out, x),
+        atol=1e-10,
+    )
     assert float(certificate(block, merge).max()) < 1e-9
     assert torch.all(merge.shares == 1)
 
@@ -48,11 +53,13 @@ def test_exact_on_duplicate_channels(features, same_out):
 def test_measured_error_never_exceeds_certificate(approx_repair):
     for seed in range(3):
         block = random_block(20, 5, 4, seed=seed, radius=1.5)
-        merge = get_method("model-folding", approx_repair=approx_repair).merge(block, 7,
-                                                                              gen(seed))
+        merge = get_method("model-folding", approx_repair=approx_repair).merge(block, 7, gen(seed))
         x = ball_points(2000, 5, 1.5, seed=seed + 7)
-        err = (forward(block, merge.rows, merge.out, x)
-               - forward(block, block.weight, block.out, x)).abs().amax(0)
+        err = (
+            (forward(block, merge.rows, merge.out, x) - forward(block, block.weight, block.out, x))
+            .abs()
+            .amax(0)
+        )
         assert torch.all(err <= certificate(block, merge) + 1e-9)
 
 
@@ -69,38 +76,50 @@ def test_rows_are_cluster_means_and_slices_sums_without_repair():
 def test_fold_repair_restores_member_std():
     """Two orthogonal members of equal std: the mean row has std s / sqrt(2); repaired: s."""
     w = torch.tensor([[2.0, 0.0, 0.3], [0.0, 2.0, -0.1]], dtype=torch.float64)
-    bn = {"weight": torch.tensor([1.5, -1.5], dtype=torch.float64),
-          "bias": torch.tensor([0.3, -0.1], dtype=torch.float64),
-          "running_mean": torch.zeros(2, dtype=torch.float64),
-          "running_var": torch.ones(2, dtype=torch.float64),
-          "eps": torch.zeros(2, dtype=torch.float64)}
-    block = Block("fc", w, torch.ones(2, 1, 1, dtype=torch.float64), None, 1.0, "linear",
-                  (2,), bn=bn)
+    bn = {
+        "weight": torch.tensor([1.5, -1.5], dtype=torch.float64),
+        "bias": torch.tensor([0.3, -0.1], dtype=torch.float64),
+        "running_mean": torch.zeros(2, dtype=torch.float64),
+        "running_var": torch.ones(2, dtype=torch.float64),
+        "eps": torch.zeros(2, dtype=torch.float64),
+    }
+    block = Block(
+        "fc", w, torch.ones(2, 1, 1, dtype=torch.float64), None, 1.0, "linear", (2,), bn=bn
+    )
     mean_row = w.mean(0, keepdim=True)
     fixed = fold_repair(block, torch.tensor([0, 0]), mean_row)
     assert torch.allclose(fixed[0, :2], mean_row[0, :2] * math.sqrt(2))
     # the mean is kept: the predicted mean of the repaired row is mean(beta) = 0.1
     assert float(fixed[0, 2]) == pytest.approx(math.sqrt(2) * 0.1 + (1 - math.sqrt(2)) * 0.1)
     # no BN: the whole row is scaled (members' norms 2 and 2, mean row norm sqrt(2))
-    plain = fold_repair(Block("fc", w, block.out, None, 1.0, "linear", (2,)),
-                        torch.tensor([0, 0]), mean_row)
+    plain = fold_repair(
+        Block("fc", w, block.out, None, 1.0, "linear", (2,)), torch.tensor([0, 0]), mean_row
+    )
     assert torch.allclose(plain, mean_row * math.sqrt(2))
 
 
 def test_robust_scale():
-    x = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [5.0, 5.0]],
-                     dtype=torch.float64)
+    x = torch.tensor(
+        [[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [5.0, 5.0]], dtype=torch.float64
+    )
     y = robust_scale(x)
-    assert torch.allclose(y[:, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0],
-                                                dtype=torch.float64))
+    assert torch.allclose(y[:, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64))
     assert torch.all(y[:, 1] == 0)
 
 
 def test_conv_widths_and_same_seed_same_result():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(12 * 16, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12 * 16, 10),
+    ).eval()
     shape = {"example_inputs": torch.zeros(1, 1, 8, 8)}  # for the input domain
     a = tropnnc.compress(model, 0.5, "model-folding", seed=3, **shape)
     b = tropnnc.compress(model, 0.5, "model-folding", seed=3, **shape)

@@ -27,8 +27,25 @@ def _t(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=F64)
 
 
-@pytest.mark.parametrize("r", [-1.0, -0.999999, -0.95, -0.925, -0.924, -0.6, 0.0, 0.3, 0.74,
-                               0.76, 0.925, 0.99, 0.9999999, 1.0])
+@pytest.mark.parametrize(
+    "r",
+    [
+        -1.0,
+        -0.999999,
+        -0.95,
+        -0.925,
+        -0.924,
+        -0.6,
+        0.0,
+        0.3,
+        0.74,
+        0.76,
+        0.925,
+        0.99,
+        0.9999999,
+        1.0,
+    ],
+)
 def test_bivariate_normal_upper_orthant_matches_scipy(r):
     rng = np.random.default_rng(7)
     for h, k in rng.normal(0.0, 1.5, size=(12, 2)):
@@ -40,9 +57,16 @@ def test_bivariate_normal_upper_orthant_matches_scipy(r):
         assert ours == pytest.approx(ref, abs=2e-7)
 
 
-CASES = [(0.0, 1.0, 0.0, 1.0, 0.3), (0.5, 2.0, -1.0, 0.7, -0.6), (1.0, 1.0, 1.0, 1.0, 0.999),
-         (-1.0, 1.0, 2.0, 3.0, -0.999), (0.3, 1.0, 0.2, 2.0, 1.0), (0.3, 1.0, 0.2, 2.0, -1.0),
-         (2.0, 0.5, -3.0, 1.0, 0.95), (-0.4, 1.3, 0.1, 0.2, 0.0)]
+CASES = [
+    (0.0, 1.0, 0.0, 1.0, 0.3),
+    (0.5, 2.0, -1.0, 0.7, -0.6),
+    (1.0, 1.0, 1.0, 1.0, 0.999),
+    (-1.0, 1.0, 2.0, 3.0, -0.999),
+    (0.3, 1.0, 0.2, 2.0, 1.0),
+    (0.3, 1.0, 0.2, 2.0, -1.0),
+    (2.0, 0.5, -3.0, 1.0, 0.95),
+    (-0.4, 1.3, 0.1, 0.2, 0.0),
+]
 
 
 @pytest.mark.parametrize("m1,s1,m2,s2,rho", CASES)
@@ -56,13 +80,16 @@ def test_relu_moments_match_monte_carlo(m1, s1, m2, s2, rho):
     a1, a2 = z1.relu(), z2.relu()
     prod = a1 * a2
     tol = 5 * float(prod.std()) / math.sqrt(count) + 1e-12
-    assert float(relu_cross(_t(m1), _t(s1), _t(m2), _t(s2), _t(rho))) == \
-        pytest.approx(float(prod.mean()), abs=tol)
-    assert float(relu_mean(_t(m1), _t(s1))) == \
-        pytest.approx(float(a1.mean()), abs=5 * float(a1.std()) / math.sqrt(count))
+    assert float(relu_cross(_t(m1), _t(s1), _t(m2), _t(s2), _t(rho))) == pytest.approx(
+        float(prod.mean()), abs=tol
+    )
+    assert float(relu_mean(_t(m1), _t(s1))) == pytest.approx(
+        float(a1.mean()), abs=5 * float(a1.std()) / math.sqrt(count)
+    )
     sq = a1 * a1
-    assert float(relu_second(_t(m1), _t(s1))) == \
-        pytest.approx(float(sq.mean()), abs=5 * float(sq.std()) / math.sqrt(count))
+    assert float(relu_second(_t(m1), _t(s1))) == pytest.approx(
+        float(sq.mean()), abs=5 * float(sq.std()) / math.sqrt(count)
+    )
 
 
 def test_relu_cross_at_zero_mean_is_the_arc_cosine_kernel():
@@ -81,8 +108,9 @@ def test_relu_cross_with_a_constant_unit_factorises():
 
 def test_relu_cross_of_a_unit_with_itself_is_its_second_moment():
     m, s = _t(-0.3), _t(1.7)
-    assert float(relu_cross(m, s, m, s, _t(1.0))) == \
-        pytest.approx(float(relu_second(m, s)), rel=1e-12)
+    assert float(relu_cross(m, s, m, s, _t(1.0))) == pytest.approx(
+        float(relu_second(m, s)), rel=1e-12
+    )
 
 
 def test_block_statistics_from_batchnorm_and_isotropic():
@@ -90,10 +118,12 @@ def test_block_statistics_from_batchnorm_and_isotropic():
     mean, cov = block_statistics(w, None, sigma=2.0)
     torch.testing.assert_close(mean, w[:, -1])
     torch.testing.assert_close(cov, 4.0 * w[:, :-1] @ w[:, :-1].T)
-    bn = {"weight": torch.tensor([2.0, -1.0, 0.5], dtype=F64),
-          "bias": torch.tensor([0.1, 0.2, 0.3], dtype=F64),
-          "running_var": torch.tensor([1.0, 4.0, 0.25], dtype=F64),
-          "eps": torch.zeros(3, dtype=F64)}
+    bn = {
+        "weight": torch.tensor([2.0, -1.0, 0.5], dtype=F64),
+        "bias": torch.tensor([0.1, 0.2, 0.3], dtype=F64),
+        "running_var": torch.tensor([1.0, 4.0, 0.25], dtype=F64),
+        "eps": torch.zeros(3, dtype=F64),
+    }
     mean, cov = block_statistics(w, bn)
     torch.testing.assert_close(mean, bn["bias"])
     torch.testing.assert_close(cov.diagonal().sqrt(), bn["weight"].abs())  # stds |gamma|
@@ -133,23 +163,30 @@ def test_relu_moments_closed_form_match_the_sampled_path(bn):
     w = torch.randn(n, d + 1, generator=g, dtype=F64)
     stats = None
     if bn:
-        stats = {"weight": torch.rand(n, generator=g, dtype=F64) + 0.5,
-                 "bias": torch.randn(n, generator=g, dtype=F64),
-                 "running_var": torch.rand(n, generator=g, dtype=F64) + 0.5,
-                 "eps": torch.full((n,), 1e-5, dtype=F64)}
+        stats = {
+            "weight": torch.rand(n, generator=g, dtype=F64) + 0.5,
+            "bias": torch.randn(n, generator=g, dtype=F64),
+            "running_var": torch.rand(n, generator=g, dtype=F64) + 0.5,
+            "eps": torch.full((n,), 1e-5, dtype=F64),
+        }
     assignment = torch.tensor([0, 0, 1, 1, 1, 2, -1])
     rows = torch.stack([w[0] + w[1], 0.5 * w[2] - w[3] + w[4], w[5]])
     model = unit_model(w, stats, rows, assignment)
     exact = activation_moments(model)
     sampled = activation_moments(model, samples=400_000, generator=torch.Generator().manual_seed(0))
     scale = float(exact.new_cov.diagonal().max())
-    for a, b in [(exact.mean, sampled.mean), (exact.new_mean, sampled.new_mean),
-                 (exact.cross, sampled.cross), (exact.new_cov, sampled.new_cov)]:
+    for a, b in [
+        (exact.mean, sampled.mean),
+        (exact.new_mean, sampled.new_mean),
+        (exact.cross, sampled.cross),
+        (exact.new_cov, sampled.new_cov),
+    ]:
         torch.testing.assert_close(a, b, atol=0.02 * scale, rtol=0.02)
 
 
 def test_activation_moments_reject_unknown_activations():
-    model = unit_model(torch.ones(2, 3, dtype=F64), None, torch.ones(1, 3, dtype=F64),
-                       torch.tensor([0, 0]))
+    model = unit_model(
+        torch.ones(2, 3, dtype=F64), None, torch.ones(1, 3, dtype=F64), torch.tensor([0, 0])
+    )
     with pytest.raises(ValueError, match="activation must be one of"):
         activation_moments(model, "tanh")

@@ -55,15 +55,31 @@ def _dry_run(tmp_path: Path, torch_version: str) -> subprocess.CompletedProcess:
     site = tmp_path / f"site-{torch_version}"
     info = site / f"torch-{torch_version}.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: "
-                                   f"{torch_version}\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n"
+    )
     (info / "RECORD").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=os.devnull, PYTHONPATH=str(site))
     return subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--quiet",
-         "--disable-pip-version-check", "--report", str(tmp_path / "report.json"),
-         *_dependencies()], capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            str(tmp_path / "report.json"),
+            *_dependencies(),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_installing_beside_torch_2_14_1_leaves_torch_alone(tmp_path):

@@ -14,8 +14,11 @@ from tropnnc.graph import discover
 from tropnnc.surgery import get_module
 
 METHODS = ["tropnnc", "l1", "neural-path-kmeans", "neuron-merging"]
-SETTINGS = settings(max_examples=20, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _randomize_batchnorm(model: nn.Module, g: torch.Generator) -> None:

@@ -15,8 +15,9 @@ from tropnnc.reconstruct import Reconstruction, least_squares_projection, recons
 F64 = torch.float64
 
 
-def _outputs(block: Block, rows: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
-             x: torch.Tensor) -> torch.Tensor:
+def _outputs(
+    block: Block, rows: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
     """y (q, m) when every read t sees its own input x[:, t] (q, r, d)."""
     xb = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=F64)], dim=2)
     act = torch.relu(torch.einsum("qtd,kd->qkt", xb, rows))
@@ -35,24 +36,36 @@ def test_identity_merge_is_reconstructed_as_the_identity():
     assert note is None
     torch.testing.assert_close(new.projection, torch.eye(6, dtype=F64), atol=1e-10, rtol=0)
     x = ball_points(50, 4, 3.0)[:, None, :]
-    torch.testing.assert_close(_outputs(block, new.rows, new.out, new.consumer_bias, x),
-                               _outputs(block, block.weight, block.out, block.consumer_bias, x))
+    torch.testing.assert_close(
+        _outputs(block, new.rows, new.out, new.consumer_bias, x),
+        _outputs(block, block.weight, block.out, block.consumer_bias, x),
+    )
 
 
 def test_duplicate_units_collapse_exactly():
     base = random_block(4, 5, 3, seed=4)
     weight = torch.cat([base.weight, base.weight[[1, 3]]])  # units 4, 5 duplicate 1, 3
     g = torch.Generator().manual_seed(9)
-    block = Block("fc", weight, torch.randn(6, 3, 1, generator=g, dtype=F64),
-                  base.consumer_bias, 1.0, "linear", (5,))
+    block = Block(
+        "fc",
+        weight,
+        torch.randn(6, 3, 1, generator=g, dtype=F64),
+        base.consumer_bias,
+        1.0,
+        "linear",
+        (5,),
+    )
     assignment = torch.tensor([0, 1, 2, 3, 1, 3])
     merge = merge_by_shares(block, assignment, torch.ones(6, dtype=F64), base.weight.clone())
     new, note = reconstruct_merge(block, merge)  # default ridge: pulled toward the exact merge
     assert note is None
     x = ball_points(80, 5, 2.0)[:, None, :]
-    torch.testing.assert_close(_outputs(block, new.rows, new.out, new.consumer_bias, x),
-                               _outputs(block, block.weight, block.out, block.consumer_bias, x),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        _outputs(block, new.rows, new.out, new.consumer_bias, x),
+        _outputs(block, block.weight, block.out, block.consumer_bias, x),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 def test_projection_is_the_least_squares_refit_under_the_model():
@@ -95,8 +108,10 @@ def test_certificate_of_a_reconstructed_merge_is_never_exceeded(reads, method):
     assert torch.isfinite(bound).all()
     q = 4000
     x = ball_points(q * reads, 5, 2.5, seed=5)[torch.randperm(q * reads)].view(q, reads, 5)
-    err = (_outputs(block, new.rows, new.out, new.consumer_bias, x)
-           - _outputs(block, block.weight, block.out, block.consumer_bias, x)).abs()
+    err = (
+        _outputs(block, new.rows, new.out, new.consumer_bias, x)
+        - _outputs(block, block.weight, block.out, block.consumer_bias, x)
+    ).abs()
     assert (err <= bound + 1e-9).all()
     assert float(err.max()) > 0.05 * float(bound.max())  # the bound is not vacuous
 
@@ -121,8 +136,9 @@ def test_degenerate_model_falls_back_with_a_reason():
     weight = block.weight.clone()
     weight[:, :-1] = 0.0  # constant units: no variance anywhere
     block = Block("fc", weight, block.out, block.consumer_bias, 1.0, "linear", (3,))
-    merge = merge_by_shares(block, torch.tensor([0, 0, 1, 1, 1]), torch.ones(5, dtype=F64),
-                            weight[[0, 2]].clone())
+    merge = merge_by_shares(
+        block, torch.tensor([0, 0, 1, 1, 1]), torch.ones(5, dtype=F64), weight[[0, 2]].clone()
+    )
     new, note = reconstruct_merge(block, merge)
     assert new is merge and "no variance" in note
 
@@ -131,10 +147,15 @@ def test_bn_shrink_applies_to_blocks_with_batchnorm_statistics_only():
     block = random_block(8, 4, 3, seed=11)
     merge = _merged(block, 3)
     plain = least_squares_projection(block, merge, Reconstruction(bn_shrink=1.0))[0]
-    assert not torch.allclose(plain, least_squares_projection(
-        block, merge, Reconstruction(shrink=1.0))[0])  # no BN: bn_shrink is not used
-    bn = {"weight": torch.ones(8, dtype=F64), "bias": torch.zeros(8, dtype=F64),
-          "running_var": torch.ones(8, dtype=F64), "eps": torch.zeros(8, dtype=F64)}
+    assert not torch.allclose(
+        plain, least_squares_projection(block, merge, Reconstruction(shrink=1.0))[0]
+    )  # no BN: bn_shrink is not used
+    bn = {
+        "weight": torch.ones(8, dtype=F64),
+        "bias": torch.zeros(8, dtype=F64),
+        "running_var": torch.ones(8, dtype=F64),
+        "eps": torch.zeros(8, dtype=F64),
+    }
     with_bn = Block("fc", block.weight, block.out, block.consumer_bias, 1.0, "linear", (4,), bn)
     p = least_squares_projection(with_bn, merge, Reconstruction(bn_shrink=1.0))[0]
     share = torch.zeros_like(p)
@@ -142,10 +163,16 @@ def test_bn_shrink_applies_to_blocks_with_batchnorm_statistics_only():
     torch.testing.assert_close(p, share)  # full shrink: the method's own projection
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"ridge": -1.0}, "ridge must be"), ({"shrink": 1.5}, "shrink must be in"),
-    ({"bn_shrink": -0.1}, "bn_shrink must be in"),
-    ({"samples": -3}, "samples must be"), ({"sigma": float("inf")}, "sigma must be")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ridge": -1.0}, "ridge must be"),
+        ({"shrink": 1.5}, "shrink must be in"),
+        ({"bn_shrink": -0.1}, "bn_shrink must be in"),
+        ({"samples": -3}, "samples must be"),
+        ({"sigma": float("inf")}, "sigma must be"),
+    ],
+)
 def test_bad_reconstruction_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Reconstruction(**kwargs)
@@ -153,8 +180,14 @@ def test_bad_reconstruction_options(kwargs, match):
 
 def _bn_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 8),
-                          nn.ReLU(), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Linear(6, 12),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        nn.Linear(12, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
     with torch.no_grad():
         bn = model[1]
         bn.running_mean.uniform_(-0.5, 0.5)
@@ -170,8 +203,13 @@ def test_compress_with_reconstruction_reports_and_certifies():
     result = tropnnc.compress(model, 0.5, "model-folding", reconstruct="ls")
     assert all(b.reconstructed and b.reconstruct_note is None for b in result.blocks)
     assert all(b.certificate > 0 and b.certificate == b.certificate for b in result.blocks)
-    assert result.to_dict()["reconstruction"] == {"ridge": 1e-6, "shrink": 0.0, "sigma": 1.0,
-                                                  "samples": 0, "bn_shrink": None}
+    assert result.to_dict()["reconstruction"] == {
+        "ridge": 1e-6,
+        "shrink": 0.0,
+        "sigma": 1.0,
+        "samples": 0,
+        "bn_shrink": None,
+    }
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     x = torch.randn(5, 6)
     assert result.model(x).shape == (5, 3)

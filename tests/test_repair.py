@@ -29,13 +29,18 @@ def test_gaussian_relu_moments_match_monte_carlo():
     for m, s in [(0.0, 1.0), (1.5, 0.7), (-0.8, 2.0), (-2.0, 0.8), (2.0, 3.0)]:
         r = torch.relu(m + s * z)
         se = r.std() / len(z) ** 0.5
-        assert abs(float(gaussian_relu_mean(torch.tensor(m), torch.tensor(s))) - float(r.mean())) \
+        assert (
+            abs(float(gaussian_relu_mean(torch.tensor(m), torch.tensor(s))) - float(r.mean()))
             < 5 * se + 1e-9
-        assert float(gaussian_relu_var(torch.tensor(m), torch.tensor(s))) == \
-            pytest.approx(float(r.var()), rel=0.02, abs=1e-6)
+        )
+        assert float(gaussian_relu_var(torch.tensor(m), torch.tensor(s))) == pytest.approx(
+            float(r.var()), rel=0.02, abs=1e-6
+        )
     # s = 0: a constant
-    assert torch.allclose(gaussian_relu_mean(torch.tensor([-1.0, 0.0, 2.0]), torch.zeros(3)),
-                          torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64))
+    assert torch.allclose(
+        gaussian_relu_mean(torch.tensor([-1.0, 0.0, 2.0]), torch.zeros(3)),
+        torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64),
+    )
     assert torch.all(gaussian_relu_var(torch.tensor([-1.0, 2.0]), torch.zeros(2)) == 0)
 
 
@@ -104,8 +109,7 @@ def test_bias_correction_improves_mean_output_of_merged_block(method):
     model = bn_mlp(clustered=True, seed=1)
     x = torch.randn(50_000, 10, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     err0, _ = paired_mean_error(model, tropnnc.compress(model, 0.25, method).model, x)
-    err1, se = paired_mean_error(model, tropnnc.compress(model, 0.25, method,
-                                                         repair="bn").model, x)
+    err1, se = paired_mean_error(model, tropnnc.compress(model, 0.25, method, repair="bn").model, x)
     assert err1.abs().sum() < 0.5 * err0.abs().sum()
     assert torch.all(err1.abs() < 0.1 * err0.abs().max() + 5 * se)
 
@@ -142,12 +146,24 @@ def test_certificate_includes_bias_shift_and_holds():
 
 
 def test_bn_repair_no_op_for_merges_without_shares():
-    block = Block("fc", torch.randn(4, 3, dtype=torch.float64),
-                  torch.randn(4, 2, 1, dtype=torch.float64), None, 1.0, "linear", (2,),
-                  bn={"weight": torch.ones(4), "bias": torch.zeros(4),
-                      "running_mean": torch.zeros(4), "running_var": torch.ones(4),
-                      "eps": torch.full((4,), 1e-5)})
+    block = Block(
+        "fc",
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(4, 2, 1, dtype=torch.float64),
+        None,
+        1.0,
+        "linear",
+        (2,),
+        bn={
+            "weight": torch.ones(4),
+            "bias": torch.zeros(4),
+            "running_mean": torch.zeros(4),
+            "running_var": torch.ones(4),
+            "eps": torch.full((4,), 1e-5),
+        },
+    )
     from tropnnc.block import Merge
+
     merge = Merge(block.weight[:2], block.out[:2], torch.tensor([0, 1, -1, -1]), None)
     same, note = bn_repair(block, merge)
     assert same is merge and "share" in note
@@ -178,7 +194,8 @@ def test_variance_repair_keeps_share_form_and_certificate():
     assert note is None and fixed.shares is not None
     # out stays the share-weighted sum of the original slices
     rebuilt = torch.zeros_like(fixed.out).index_add_(
-        0, fixed.assignment, fixed.shares[:, None, None] * block.out)
+        0, fixed.assignment, fixed.shares[:, None, None] * block.out
+    )
     assert torch.allclose(rebuilt, fixed.out)
     x = ball_points(2000, 6, 2.0)
     xe = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
@@ -192,6 +209,7 @@ def test_variance_repair_keeps_share_form_and_certificate():
 def test_span_stats_mean_exact_for_any_input_mean():
     """Merged rows in the members' span: the merged mean follows from the BN means exactly."""
     from tropnnc.repair import span_stats
+
     g = torch.Generator().manual_seed(2)
     d, n = 7, 9
     a = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -202,8 +220,9 @@ def test_span_stats_mean_exact_for_any_input_mean():
     sigma = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
     assignment = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     coef = torch.rand(n, generator=g, dtype=torch.float64)
-    rows = torch.zeros(3, d + 1, dtype=torch.float64).index_add_(0, assignment,
-                                                                  coef[:, None] * weight)
+    rows = torch.zeros(3, d + 1, dtype=torch.float64).index_add_(
+        0, assignment, coef[:, None] * weight
+    )
     rows[:, -1] += torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     m, s = span_stats(mu, sigma, weight, assignment, rows)
     assert torch.allclose(m, rows[:, :-1] @ ex + rows[:, -1])

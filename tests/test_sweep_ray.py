@@ -35,10 +35,20 @@ def _rows(path) -> list[dict[str, str]]:
 
 
 def _sweep(out, **kw):
-    return sweep.run_sweep("mlp", ["l1", "tropnnc", "tropnnc+refit", "srinivas-babu"],
-                           [0.5, 0.25], [0, 1], "ray-tiny", out, calibration_size=40,
-                           progress=False, cache_dir=out.parent / "models",
-                           configs={"mlp": TINY_MLP}, train_kw={"epochs": 2}, **kw)
+    return sweep.run_sweep(
+        "mlp",
+        ["l1", "tropnnc", "tropnnc+refit", "srinivas-babu"],
+        [0.5, 0.25],
+        [0, 1],
+        "ray-tiny",
+        out,
+        calibration_size=40,
+        progress=False,
+        cache_dir=out.parent / "models",
+        configs={"mlp": TINY_MLP},
+        train_kw={"epochs": 2},
+        **kw,
+    )
 
 
 def test_ray_sweep_equals_local_row_for_row(tmp_path):
@@ -49,17 +59,20 @@ def test_ray_sweep_equals_local_row_for_row(tmp_path):
     rows = _rows(distributed)
     assert [r["label"] for r in rows] == [r["label"] for r in local]  # same order
     for a, b in zip(rows, local, strict=True):
-        assert {k: v for k, v in a.items() if k != "seconds"} == \
-            {k: v for k, v in b.items() if k != "seconds"}
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
     # resumable like the local CSV: lost rows are redone, the others are not
     lines = distributed.read_text().splitlines(keepends=True)
     distributed.write_text("".join(lines[:6]))
     _sweep(tmp_path / "ray", executor="ray")
     again = _rows(distributed)
-    assert [(r["label"], r["keep"], r["seed"], r["accuracy"]) for r in again] == \
-        [(r["label"], r["keep"], r["seed"], r["accuracy"]) for r in rows]
-    assert (tmp_path / "ray" / "table.md").read_text() == \
-        (tmp_path / "local" / "table.md").read_text()
+    assert [(r["label"], r["keep"], r["seed"], r["accuracy"]) for r in again] == [
+        (r["label"], r["keep"], r["seed"], r["accuracy"]) for r in rows
+    ]
+    assert (tmp_path / "ray" / "table.md").read_text() == (
+        tmp_path / "local" / "table.md"
+    ).read_text()
 
 
 def test_executor_errors(tmp_path, monkeypatch):
@@ -68,6 +81,9 @@ def test_executor_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="address applies to executor='ray' only"):
         _sweep(tmp_path / "b", address="auto")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
-    with pytest.raises(ValueError, match=r"needs the optional package ray: pip install "
-                                         r"'tropnnc\[ray\]'"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs the optional package ray: pip install "
+        r"'tropnnc\[ray\]'",
+    ):
         _sweep(tmp_path / "c", executor="ray")

@@ -17,8 +17,9 @@ def _block(n: int, m: int, r: int, s: int, *, seed: int = 0) -> Block:
     weight = torch.randn(n, 5, generator=g, dtype=torch.float64)
     out = torch.randn(n, m, r, generator=g, dtype=torch.float64)
     reads = torch.rand(s, n, r, generator=g, dtype=torch.float64)  # generic, non-negative
-    return Block("fc", weight, out, torch.zeros(m, dtype=torch.float64), 1.0, "linear", (4,),
-                 reads=reads)
+    return Block(
+        "fc", weight, out, torch.zeros(m, dtype=torch.float64), 1.0, "linear", (4,), reads=reads
+    )
 
 
 def _outputs(reads: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -31,14 +32,16 @@ def test_exact_recovery_when_consumer_ignores_units(r):
     ignored = torch.tensor([1, 4, 6, 10])
     out = block.out.clone()
     out[ignored] = 0.0
-    block = Block(block.name, block.weight, out, block.consumer_bias, 1.0, "linear", (4,),
-                  reads=block.reads)
+    block = Block(
+        block.name, block.weight, out, block.consumer_bias, 1.0, "linear", (4,), reads=block.reads
+    )
     merge = get_method("thinet").merge(block, 8, torch.Generator().manual_seed(0))
     kept = sorted(merge.kept.tolist())
     assert kept == sorted(set(range(12)) - set(ignored.tolist()))
     torch.testing.assert_close(merge.shares[merge.kept], torch.ones(8, dtype=torch.float64))
-    torch.testing.assert_close(_outputs(block.reads[:, merge.kept], merge.out),
-                               _outputs(block.reads, block.out))
+    torch.testing.assert_close(
+        _outputs(block.reads[:, merge.kept], merge.out), _outputs(block.reads, block.out)
+    )
 
 
 def test_scales_recover_planted_scaling():
@@ -61,8 +64,16 @@ def test_negative_scales_drop_the_certificate():
     r0, r1 = torch.rand(2, 100, 1, 1, generator=g, dtype=torch.float64)
     reads = torch.cat([r0, r1, r0 + r1], 1)  # (S, 3, 1): unit 2 reads the sum of the others
     out = torch.tensor([[[1.0]], [[1.0]], [[-0.9]]], dtype=torch.float64)
-    block = Block("fc", torch.randn(3, 5, generator=g, dtype=torch.float64), out, None, 1.0,
-                  "linear", (4,), reads=reads)
+    block = Block(
+        "fc",
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+        out,
+        None,
+        1.0,
+        "linear",
+        (4,),
+        reads=reads,
+    )
     merge = get_method("thinet").merge(block, 2, torch.Generator().manual_seed(0))
     assert 2 in merge.kept.tolist()
     assert merge.shares is None  # unit 2 needs a negative scale: no certificate
@@ -88,8 +99,7 @@ def test_errors():
     with pytest.raises(TypeError, match="unknown option"):
         get_method("thinet", nope=1)
     with pytest.raises(ValueError, match="data-driven"):
-        tropnnc.compress(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.5,
-                         "thinet")
+        tropnnc.compress(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.5, "thinet")
 
 
 class ConvNet(nn.Module):

@@ -20,8 +20,9 @@ def blobs(n_per_class: int = 100, n_classes: int = 3, dim: int = 2, seed: int = 
     g = torch.Generator().manual_seed(seed)
     centers = torch.tensor([[4.0 * c, 4.0 * ((c * 7) % 3)] for c in range(n_classes)])
     centers = torch.cat([centers, torch.zeros(n_classes, dim - 2)], 1) if dim > 2 else centers
-    x = torch.cat([centers[c] + 0.5 * torch.randn(n_per_class, dim, generator=g)
-                   for c in range(n_classes)])
+    x = torch.cat(
+        [centers[c] + 0.5 * torch.randn(n_per_class, dim, generator=g) for c in range(n_classes)]
+    )
     y = torch.arange(n_classes).repeat_interleave(n_per_class)
     return TensorDataset(x, y)
 
@@ -42,8 +43,14 @@ def test_multiclass_reaches_high_accuracy():
     assert report.epochs_run == len(report.history) >= 1
     assert report.seconds > 0
     assert not model.training
-    assert set(report.history[0]) == {"epoch", "train_loss", "train_accuracy", "val_loss",
-                                      "val_accuracy", "seconds"}
+    assert set(report.history[0]) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "seconds",
+    }
 
 
 @pytest.mark.parametrize("float_labels", [True, False])
@@ -52,8 +59,16 @@ def test_single_output_binary(float_labels):
     x, y = ds.tensors
     target = y.float().unsqueeze(1) if float_labels else y
     model = mlp(d_out=1)
-    report = train(model, TensorDataset(x, target), seed=1, epochs=30, batch_size=32, lr=1e-2,
-                   patience=5, **FAST)
+    report = train(
+        model,
+        TensorDataset(x, target),
+        seed=1,
+        epochs=30,
+        batch_size=32,
+        lr=1e-2,
+        patience=5,
+        **FAST,
+    )
     assert report.best_val_accuracy >= 0.95
     assert evaluate(model, TensorDataset(x, target)) >= 0.95
 
@@ -92,7 +107,7 @@ def test_early_stopping_restores_best_weights():
     best = hist[report.best_epoch - 1]
     assert best["val_accuracy"] == report.best_val_accuracy
     assert report.best_val_accuracy == max(h["val_accuracy"] for h in hist)
-    assert all(h["val_accuracy"] <= best["val_accuracy"] for h in hist[report.best_epoch:])
+    assert all(h["val_accuracy"] <= best["val_accuracy"] for h in hist[report.best_epoch :])
     assert report.epochs_run - report.best_epoch == 2  # patience epochs without improvement
     # the model holds the best epoch's weights: its validation loss/accuracy are the best's
     _, val = split_train_val(ds, 0.1, seed=0)
@@ -127,8 +142,9 @@ def test_evaluate_hand_computed():
         one.weight.fill_(1.0)
         one.bias.fill_(0.0)
     x1 = torch.tensor([[-1.0], [2.0], [3.0], [-0.5], [0.5]])  # predictions 0, 1, 1, 0, 1
-    assert evaluate(one, TensorDataset(x1, torch.tensor([[0.0], [1.0], [0.0], [0.0], [1.0]]))
-                    ) == 0.8
+    assert (
+        evaluate(one, TensorDataset(x1, torch.tensor([[0.0], [1.0], [0.0], [0.0], [1.0]]))) == 0.8
+    )
     assert evaluate(one, TensorDataset(x1, torch.tensor([1, 1, 1, 0, 1]))) == 0.8
     one.train()
     evaluate(one, TensorDataset(x1, torch.tensor([1, 1, 1, 0, 1])))

@@ -103,11 +103,13 @@ def test_zonotope_generators_split_by_sign() -> None:
     torch.testing.assert_close(pos[out.T > 0], (out.T[:, :, None] * weight)[out.T > 0])
 
 
-@pytest.mark.parametrize(("n", "d", "m", "q"), [(1, 1, 1, 3), (7, 3, 1, 20), (12, 5, 4, 30),
-                                                (40, 10, 9, 50)])
+@pytest.mark.parametrize(
+    ("n", "d", "m", "q"), [(1, 1, 1, 3), (7, 3, 1, 20), (12, 5, 4, 30), (40, 10, 9, 50)]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_tropical_forward_equals_block_forward(n: int, d: int, m: int, q: int,
-                                               with_bias: bool) -> None:
+def test_tropical_forward_equals_block_forward(
+    n: int, d: int, m: int, q: int, with_bias: bool
+) -> None:
     g = gen(n + d + m)
     weight, out, x = randn(g, n, d + 1), randn(g, n, m), 3 * randn(g, q, d)
     out[0, 0] = 0.0  # a unit that an output does not read
@@ -133,8 +135,9 @@ def assert_vertices_exact(gens: torch.Tensor, verts: torch.Tensor) -> None:
     gap = (verts[:, None, :] - sums[None, :, :]).norm(dim=2)  # (V, 2^n)
     assert gap.min(dim=1).values.max() < 1e-9
     u = randn(gen(99), 300, gens.shape[1])
-    torch.testing.assert_close((u @ verts.T).max(dim=1).values, zonotope_support(gens, u),
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        (u @ verts.T).max(dim=1).values, zonotope_support(gens, u), rtol=0, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -157,8 +160,9 @@ def degenerate_cases() -> dict[str, torch.Tensor]:
     return {
         "1d": randn(g, 5, 1),
         "2d collinear": randn(g, 4, 1) @ randn(g, 1, 2),
-        "2d parallel and zero": torch.cat([base3[:, :2], -2 * base3[:1, :2],
-                                           torch.zeros(1, 2, dtype=F64)]),
+        "2d parallel and zero": torch.cat(
+            [base3[:, :2], -2 * base3[:1, :2], torch.zeros(1, 2, dtype=F64)]
+        ),
         "3d collinear": randn(g, 4, 1) @ randn(g, 1, 3),
         "3d coplanar": randn(g, 5, 2) @ randn(g, 2, 3),
         "3d parallel": torch.cat([base3, 0.5 * base3[:2], -base3[2:]]),
@@ -232,7 +236,8 @@ def test_known_values() -> None:
     e = torch.eye(3, dtype=F64)
     # unit square vs its diagonal segment: the corners (1, 0) and (0, 1) are 1/sqrt(2) away
     assert hausdorff_exact(e[:2, :2], (e[0, :2] + e[1, :2])[None]) == pytest.approx(
-        1 / math.sqrt(2), abs=1e-12)
+        1 / math.sqrt(2), abs=1e-12
+    )
     # unit cube vs the point 0, vs the unit square, vs the square lifted to height 1/2
     assert hausdorff_exact(e, torch.zeros(0, 3, dtype=F64)) == pytest.approx(math.sqrt(3))
     assert hausdorff_exact(e, e[:2]) == pytest.approx(1.0, abs=1e-12)
@@ -259,7 +264,7 @@ def test_segment_lemma_l4() -> None:
         for _ in range(10):
             a, b = randn(g, 5, dim), randn(g, 5, dim)
             for i in range(5):
-                seg = hausdorff_exact(a[i:i + 1], b[i:i + 1])
+                seg = hausdorff_exact(a[i : i + 1], b[i : i + 1])
                 assert seg <= float((a[i] - b[i]).norm()) + 1e-12
             assert hausdorff_exact(a, b) <= float((a - b).norm(dim=1).sum()) + 1e-12
 
@@ -317,7 +322,8 @@ def test_share_bound_zero_for_positive_multiples() -> None:
     none = torch.full((12,), -1)
     torch.testing.assert_close(
         share_bound(weight, out_abs, none, shares, rows[:0]),
-        (out_abs * weight.norm(dim=1)[:, None]).sum(dim=0))
+        (out_abs * weight.norm(dim=1)[:, None]).sum(dim=0),
+    )
 
 
 def reference_p5a(gens: torch.Tensor, assignment: torch.Tensor) -> float:
@@ -333,8 +339,9 @@ def reference_p5b(weight: torch.Tensor, out: torch.Tensor, assignment: torch.Ten
     for i in range(weight.shape[0]):
         members = assignment == assignment[i]
         w_mean, c_mean = weight[members].mean(dim=0), out[members].mean(dim=0)
-        total += (out[i].abs() * (weight[i] - w_mean).norm()
-                  + w_mean.norm() * (out[i] - c_mean).abs())
+        total += (
+            out[i].abs() * (weight[i] - w_mean).norm() + w_mean.norm() * (out[i] - c_mean).abs()
+        )
     return total
 
 
@@ -343,11 +350,13 @@ def test_p5a_p5b_match_loop_references() -> None:
     gens = randn(g, 11, 3)
     assignment = balanced_assignment(g, 11, 4)
     assert p5a_bound(gens, assignment) == pytest.approx(reference_p5a(gens, assignment))
-    assert p5a_bound(torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]], dtype=F64),
-                     torch.tensor([0, 0, 1])) == pytest.approx(2.0)
+    assert p5a_bound(
+        torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]], dtype=F64), torch.tensor([0, 0, 1])
+    ) == pytest.approx(2.0)
     weight, out = randn(g, 11, 4), randn(g, 11, 3)
-    torch.testing.assert_close(p5b_bound(weight, out, assignment),
-                               reference_p5b(weight, out, assignment))
+    torch.testing.assert_close(
+        p5b_bound(weight, out, assignment), reference_p5b(weight, out, assignment)
+    )
 
 
 @pytest.mark.parametrize("dim", [2, 3])

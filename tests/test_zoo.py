@@ -68,8 +68,13 @@ def test_reference_layouts_match_torchvision_sizes():
     cifar = zoo.build("vgg16-cifar")
     assert [m.out_features for m in cifar.classifier if isinstance(m, nn.Linear)] == [512, 512, 10]
     alex = zoo.build("alexnet-cifar")
-    assert [m.out_channels for m in alex.features if isinstance(m, nn.Conv2d)] == \
-        [64, 192, 384, 256, 256]
+    assert [m.out_channels for m in alex.features if isinstance(m, nn.Conv2d)] == [
+        64,
+        192,
+        384,
+        256,
+        256,
+    ]
     assert alex.classifier[1].in_features == 4096
 
 
@@ -78,8 +83,11 @@ def test_vgg16_imagenet_layout():
     model = zoo.build("vgg16").eval()
     assert sum(p.numel() for p in model.parameters()) == 138_357_544
     fc = [m for m in model.classifier if isinstance(m, nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in fc] == [(25088, 4096), (4096, 4096),
-                                                             (4096, 1000)]
+    assert [(m.in_features, m.out_features) for m in fc] == [
+        (25088, 4096),
+        (4096, 4096),
+        (4096, 1000),
+    ]
     blocks, skips = discover(model)
     assert len(blocks) == 15 and [s.layer for s in skips] == ["classifier.6"]
     assert blocks[12].producer == "features.28" and blocks[12].consumer == "classifier.0"
@@ -120,11 +128,11 @@ def test_resnet20_fashion_mnist_input_and_pad_shortcut():
     model = zoo.build("resnet20", in_channels=1, input_size=28, width=4).eval()
     x = torch.rand(2, 1, 28, 28)
     result = tropnnc.compress(model, 0.5)
-    assert [b.layer for b in result.blocks] == [f"layer{i}.{j}.conv1" for i in (1, 2, 3)
-                                                for j in range(3)]
+    assert [b.layer for b in result.blocks] == [
+        f"layer{i}.{j}.conv1" for i in (1, 2, 3) for j in range(3)
+    ]
     assert result.model(x).shape == (2, 10)
-    assert all(s.layer.endswith(("conv2", "fc")) or s.layer == "conv1"
-               for s in result.skipped)
+    assert all(s.layer.endswith(("conv2", "fc")) or s.layer == "conv1" for s in result.skipped)
 
 
 def test_torchvision_models_compress():

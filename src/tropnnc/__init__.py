@@ -6,5 +6,4 @@ from .methods import methods
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockReport", "CompressionResult", "__version__", "compress", "load", "methods",
-           "save"]
+__all__ = ["BlockReport", "CompressionResult", "__version__", "compress", "load", "methods", "save"]

@@ -83,8 +83,10 @@ class CompressionResult:
         """A plain-text table of the per-block report."""
         lines = [f"{'layer':<24}{'units':>14}{'radius':>10}{'certificate':>14}{'seconds':>9}"]
         for b in self.blocks:
-            lines.append(f"{b.layer:<24}{f'{b.units_before} -> {b.units_after}':>14}"
-                         f"{b.radius:>10.4g}{b.certificate:>14.4g}{b.seconds:>9.3f}")
+            lines.append(
+                f"{b.layer:<24}{f'{b.units_before} -> {b.units_after}':>14}"
+                f"{b.radius:>10.4g}{b.certificate:>14.4g}{b.seconds:>9.3f}"
+            )
         for s in self.skipped:
             lines.append(f"{s.layer:<24}  skipped: {s.reason}")
         lines.append(f"parameters {self.params_before} -> {self.params_after}")
@@ -92,21 +94,28 @@ class CompressionResult:
             lines.append(f"MACs {self.macs_before} -> {self.macs_after}")
         if self.allocation is not None:
             a = self.allocation
-            lines.append(f"budget {a.budget:g} of {a.unit} ({a.allocator}): "
-                         f"{a.achieved} of {a.total} (target {a.target:.0f})")
+            lines.append(
+                f"budget {a.budget:g} of {a.unit} ({a.allocator}): "
+                f"{a.achieved} of {a.total} (target {a.target:.0f})"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dictionary of the report (without the model)."""
         return {
-            "method": self.method, "options": self.options, "seed": self.seed,
+            "method": self.method,
+            "options": self.options,
+            "seed": self.seed,
             "blocks": [asdict(b) for b in self.blocks],
             "skipped": [asdict(s) for s in self.skipped],
-            "params_before": self.params_before, "params_after": self.params_after,
-            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
             "allocation": None if self.allocation is None else asdict(self.allocation),
-            "reconstruction": (None if self.reconstruction is None
-                               else asdict(self.reconstruction)),
+            "reconstruction": (
+                None if self.reconstruction is None else asdict(self.reconstruction)
+            ),
             "input_domain": self.input_domain,
         }
 
@@ -114,19 +123,33 @@ class CompressionResult:
 #: what ``compress(model, keep)`` runs when no method is named: the best data-free pipeline
 #: we measured (README "Results"): a method with options, and a reconstruction
 DEFAULT_PIPELINE: tuple[str, dict[str, object], Reconstruction] = (
-    "adaptive", {}, Reconstruction(bn_shrink=0.8))
+    "adaptive",
+    {},
+    Reconstruction(bn_shrink=0.8),
+)
 
 
-def compress(model: nn.Module, keep: KeepSpec | None = None, method: str | None = None, *,
-             seed: int = 0, example_inputs: torch.Tensor | None = None, strict: bool = False,
-             radius: float | None = None, input_range: tuple[object, object] | None = None,
-             input_stats: tuple[object, object] | None = None,
-             calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
-             budget: float | None = None, budget_unit: str = "params",
-             allocator: str | None = None, min_width: int = 1, round_to: int = 1,
-             repair: str | None = None,
-             reconstruct: str | Reconstruction | None = "auto",
-             **options: object) -> CompressionResult:
+def compress(
+    model: nn.Module,
+    keep: KeepSpec | None = None,
+    method: str | None = None,
+    *,
+    seed: int = 0,
+    example_inputs: torch.Tensor | None = None,
+    strict: bool = False,
+    radius: float | None = None,
+    input_range: tuple[object, object] | None = None,
+    input_stats: tuple[object, object] | None = None,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    budget: float | None = None,
+    budget_unit: str = "params",
+    allocator: str | None = None,
+    min_width: int = 1,
+    round_to: int = 1,
+    repair: str | None = None,
+    reconstruct: str | Reconstruction | None = "auto",
+    **options: object,
+) -> CompressionResult:
     """Compress every compressible hidden layer of ``model`` without data.
 
     ``keep``: a float in (0, 1] is the fraction of units kept per block
@@ -183,12 +206,16 @@ def compress(model: nn.Module, keep: KeepSpec | None = None, method: str | None 
     algo = get_method(method, **options)
     recon = _reconstruction(reconstruct)
     if recon is not None and repair is not None:
-        raise ValueError("compress: pass either repair or reconstruct, not both "
-                         "(reconstruct='ls' supersedes the BatchNorm repair)")
+        raise ValueError(
+            "compress: pass either repair or reconstruct, not both "
+            "(reconstruct='ls' supersedes the BatchNorm repair)"
+        )
     batches = None if calibration is None else as_batches(calibration)
     if algo.data_driven and batches is None:
-        raise ValueError(f"method {method!r} is data-driven: pass calibration=<unlabeled "
-                         "inputs> (a tensor or an iterable of batches)")
+        raise ValueError(
+            f"method {method!r} is data-driven: pass calibration=<unlabeled "
+            "inputs> (a tensor or an iterable of batches)"
+        )
     _check_finite(model)
     _check_dtypes(model)
     if not 0 <= int(seed) < 1 << 32:
@@ -196,67 +223,112 @@ def compress(model: nn.Module, keep: KeepSpec | None = None, method: str | None 
     specs, skipped = discover(model)
     if budget is not None or batches is not None:  # (groups: data-free, keep only for now)
         why = "a budget" if budget is not None else "calibration data"
-        skipped += [Skip(s.producer, f"channel group {', '.join(s.layers)} is not compressed "
-                                     f"with {why} (groups take keep only)")
-                    for s in specs if isinstance(s, GroupSpec)]
+        skipped += [
+            Skip(
+                s.producer,
+                f"channel group {', '.join(s.layers)} is not compressed "
+                f"with {why} (groups take keep only)",
+            )
+            for s in specs
+            if isinstance(s, GroupSpec)
+        ]
         specs = [s for s in specs if not isinstance(s, GroupSpec)]
     if strict and any(s.refused for s in skipped):
         bad = next(s for s in skipped if s.refused)
         raise ValueError(f"compress(strict=True): cannot compress {bad.layer}: {bad.reason}")
     if model.training and any(s.bn for s in specs):
-        log.warning("compress: %s is in train mode, but its BatchNorms are folded with their "
-                    "running statistics (eval-mode behaviour); call model.eval() first to "
-                    "compare like with like", type(model).__name__)
+        log.warning(
+            "compress: %s is in train mode, but its BatchNorms are folded with their "
+            "running statistics (eval-mode behaviour); call model.eval() first to "
+            "compare like with like",
+            type(model).__name__,
+        )
     for s in skipped:  # an output layer or a residual branch is normal; a refusal is not
-        log.log(logging.WARNING if s.refused else logging.INFO, "skipping %s: %s",
-                s.layer, s.reason)
+        log.log(
+            logging.WARNING if s.refused else logging.INFO, "skipping %s: %s", s.layer, s.reason
+        )
     if not specs:
-        raise ValueError(f"compress: {type(model).__name__} has no compressible block "
-                         f"(producer -> ReLU -> consumer); {_skip_summary(skipped)}")
+        raise ValueError(
+            f"compress: {type(model).__name__} has no compressible block "
+            f"(producer -> ReLU -> consumer); {_skip_summary(skipped)}"
+        )
     allocation = None
     if budget is not None:
         if keep is not None:
-            raise ValueError("compress: pass either keep or budget, not both (with a budget "
-                             "the per-layer widths are chosen by the allocator)")
-        allocation = allocate(model, specs, budget, unit=budget_unit, method=method,
-                              options=algo.options(), allocator=allocator,
-                              min_width=min_width, round_to=round_to,
-                              example_inputs=example_inputs)
+            raise ValueError(
+                "compress: pass either keep or budget, not both (with a budget "
+                "the per-layer widths are chosen by the allocator)"
+            )
+        allocation = allocate(
+            model,
+            specs,
+            budget,
+            unit=budget_unit,
+            method=method,
+            options=algo.options(),
+            allocator=allocator,
+            min_width=min_width,
+            round_to=round_to,
+            example_inputs=example_inputs,
+        )
         widths = allocation.widths
     else:
         if (min_width, round_to, allocator, budget_unit) != (1, 1, None, "params"):
-            raise ValueError("compress: budget_unit, allocator, min_width and round_to apply "
-                             "to a budget only; pass budget=...")
+            raise ValueError(
+                "compress: budget_unit, allocator, min_width and round_to apply "
+                "to a budget only; pass budget=..."
+            )
         widths = _widths(model, specs, 0.5 if keep is None else keep)
     if not algo.multi_output:
         _check_single_output(model, specs, widths, method)
     if radius is not None and (input_range is not None or input_stats is not None):
-        raise ValueError("compress: pass either radius (one norm bound for every block's "
-                         "input) or input_range/input_stats (derive each block's), not both")
-    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))
-                               or radius <= 0 or not math.isfinite(radius)):
+        raise ValueError(
+            "compress: pass either radius (one norm bound for every block's "
+            "input) or input_range/input_stats (derive each block's), not both"
+        )
+    if radius is not None and (
+        isinstance(radius, bool)
+        or not isinstance(radius, (int, float))
+        or radius <= 0
+        or not math.isfinite(radius)
+    ):
         raise ValueError(f"compress: radius must be a positive number, got {radius!r}")
     if radius is not None and not math.isfinite(radius * radius):  # sqrt(radius^2 + 1)
-        raise ValueError(f"compress: radius {radius:g} is too large (its square overflows "
-                         "float64): use a radius below 1e150")
+        raise ValueError(
+            f"compress: radius {radius:g} is too large (its square overflows "
+            "float64): use a radius below 1e150"
+        )
 
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     # a block kept at full width without BatchNorm to fold, calibration or repair is left as
     # it is (the merge would be the identity): no copy of its layers, no consumer rewrite
     sizes = {s.producer: _units(get_module(model, s.producer)) for s in specs}
-    whole = ({s.producer for s in specs if widths.get(s.producer) == sizes[s.producer]
-              and s.bn is None} if batches is None and repair is None else set())
+    whole = (
+        {s.producer for s in specs if widths.get(s.producer) == sizes[s.producer] and s.bn is None}
+        if batches is None and repair is None
+        else set()
+    )
     work = _working_copy(model, specs, {n: k for n, k in widths.items() if n not in whole})
-    radius_of = (None if radius is not None
-                 else block_radii(work, inputs, input_range, input_stats))
+    radius_of = None if radius is not None else block_radii(work, inputs, input_range, input_stats)
     domain = None if radius is not None else _domain_record(input_range, input_stats)
     # blocks stay on the weights' device (and GPU) for methods that merge there, unless a
     # calibration refit or a BN repair (CPU float64 code) runs
-    on_device = (None if getattr(algo, "device_aware", False) and batches is None
-                 and repair is None and recon is None else "cpu")
+    on_device = (
+        None
+        if getattr(algo, "device_aware", False)
+        and batches is None
+        and repair is None
+        and recon is None
+        else "cpu"
+    )
     reports = []
-    bar = tqdm(total=sum(s.producer in widths for s in specs), desc="compress", unit="block",
-               leave=False, disable=not sys.stderr.isatty())  # on a terminal only
+    bar = tqdm(
+        total=sum(s.producer in widths for s in specs),
+        desc="compress",
+        unit="block",
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )  # on a terminal only
     for spec in specs:
         if spec.producer not in widths:
             continue
@@ -264,9 +336,22 @@ def compress(model: nn.Module, keep: KeepSpec | None = None, method: str | None 
         if spec.producer in whole:
             n = sizes[spec.producer]
             kept_radius = radius if radius_of is None else radius_of(spec.producer)
-            reports.append(BlockReport(spec.producer, spec.consumer, n, n, 0.0, 0.0,
-                                       kept_radius, method, 0.0, False, list(range(n)),
-                                       [1.0] * n))
+            reports.append(
+                BlockReport(
+                    spec.producer,
+                    spec.consumer,
+                    n,
+                    n,
+                    0.0,
+                    0.0,
+                    kept_radius,
+                    method,
+                    0.0,
+                    False,
+                    list(range(n)),
+                    [1.0] * n,
+                )
+            )
             bar.update(1)
             continue
         start = time.perf_counter()
@@ -302,21 +387,50 @@ def compress(model: nn.Module, keep: KeepSpec | None = None, method: str | None 
             merge = refit(merge, new_reads, consumer_targets(block, block.reads))
             apply(work, spec, merge)
         bound = certificate(block, merge)
-        reports.append(BlockReport(
-            spec.producer, spec.consumer, block.n, merge.k, float(bound.max()),
-            float(bound.sum()), block_radius, method, time.perf_counter() - start,
-            batches is not None, merge.assignment.tolist(),
-            None if merge.shares is None else merge.shares.tolist(),
-            repair is not None and repair_note is None, repair_note,
-            recon is not None and recon_note is None, recon_note))
-        log.info("%s: %d -> %d units, certificate %.4g", spec.producer, block.n, merge.k,
-                 reports[-1].certificate)
+        reports.append(
+            BlockReport(
+                spec.producer,
+                spec.consumer,
+                block.n,
+                merge.k,
+                float(bound.max()),
+                float(bound.sum()),
+                block_radius,
+                method,
+                time.perf_counter() - start,
+                batches is not None,
+                merge.assignment.tolist(),
+                None if merge.shares is None else merge.shares.tolist(),
+                repair is not None and repair_note is None,
+                repair_note,
+                recon is not None and recon_note is None,
+                recon_note,
+            )
+        )
+        log.info(
+            "%s: %d -> %d units, certificate %.4g",
+            spec.producer,
+            block.n,
+            merge.k,
+            reports[-1].certificate,
+        )
         bar.update(1)
     bar.close()
     return CompressionResult(
-        work, method, algo.options(), seed, reports, skipped, count_params(model),
-        count_params(work), None if inputs is None else count_macs(model, inputs),
-        None if inputs is None else count_macs(work, inputs), allocation, recon, domain)
+        work,
+        method,
+        algo.options(),
+        seed,
+        reports,
+        skipped,
+        count_params(model),
+        count_params(work),
+        None if inputs is None else count_macs(model, inputs),
+        None if inputs is None else count_macs(work, inputs),
+        allocation,
+        recon,
+        domain,
+    )
 
 
 def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None:
@@ -325,20 +439,27 @@ def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None
         return value
     if value == "ls":
         return Reconstruction()
-    raise ValueError(f"reconstruct must be None, 'auto', 'ls' or a "
-                     f"tropnnc.reconstruct.Reconstruction, got {value!r}")
+    raise ValueError(
+        f"reconstruct must be None, 'auto', 'ls' or a "
+        f"tropnnc.reconstruct.Reconstruction, got {value!r}"
+    )
 
 
-def _domain_record(input_range: tuple[object, object] | None,
-                   input_stats: tuple[object, object] | None) -> dict[str, object]:
+def _domain_record(
+    input_range: tuple[object, object] | None, input_stats: tuple[object, object] | None
+) -> dict[str, object]:
     """The input domain as plain numbers and lists, for reports and manifests."""
+
     def plain(value: object) -> object:
         return torch.as_tensor(value, dtype=torch.float64).tolist()
 
     ends = (0.0, 1.0) if input_range is None else input_range
-    return {"range": [plain(v) for v in ends],
-            "stats": None if input_stats is None else {"mean": plain(input_stats[0]),
-                                                        "std": plain(input_stats[1])}}
+    return {
+        "range": [plain(v) for v in ends],
+        "stats": None
+        if input_stats is None
+        else {"mean": plain(input_stats[0]), "std": plain(input_stats[1])},
+    }
 
 
 def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Merge:
@@ -348,7 +469,7 @@ def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Me
     live = block.live()
     n_live = int(live.sum())
     if n_live <= k:
-        kept = torch.cat([live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)[:k - n_live]])
+        kept = torch.cat([live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)[: k - n_live]])
         return select(block, kept.sort().values)
     if n_live == block.n:  # nothing to drop: no subset copy of the block
         inner = algo.merge(block, k, generator)
@@ -365,8 +486,7 @@ def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Me
     return Merge(inner.rows, inner.out, assignment, shares, kept)
 
 
-def _working_copy(model: nn.Module, specs: list[BlockSpec], widths: dict[str, int]
-                  ) -> nn.Module:
+def _working_copy(model: nn.Module, specs: list[BlockSpec], widths: dict[str, int]) -> nn.Module:
     """A deep copy of ``model`` that shares, instead of copying, the parameters and buffers
     of the modules compression replaces (producer, consumer and folded BatchNorm of every
     block in ``widths``): they are only read, then swapped for new modules by
@@ -400,31 +520,41 @@ def _widths(model: nn.Module, specs: list[BlockSpec], keep: KeepSpec) -> dict[st
     if isinstance(keep, Mapping):
         unknown = sorted(set(keep) - set(sizes))
         if unknown:
-            raise ValueError(f"keep names layers that are not compressible blocks: "
-                             f"{', '.join(unknown)}; compressible: {', '.join(sizes)}")
+            raise ValueError(
+                f"keep names layers that are not compressible blocks: "
+                f"{', '.join(unknown)}; compressible: {', '.join(sizes)}"
+            )
         return {name: _width(name, sizes[name], k) for name, k in keep.items()}
     if keep == 1 and isinstance(keep, int) and not isinstance(keep, bool):
-        raise ValueError("keep=1 (an int) would shrink every layer to ONE unit: pass keep=1.0 "
-                         "to keep every unit, or a mapping {layer: 1} for chosen layers")
+        raise ValueError(
+            "keep=1 (an int) would shrink every layer to ONE unit: pass keep=1.0 "
+            "to keep every unit, or a mapping {layer: 1} for chosen layers"
+        )
     widths = {name: _width(name, n, keep) for name, n in sizes.items()}
     if isinstance(keep, int):
-        log.info("keep=%d is a width: %s", keep,
-                 ", ".join(f"{name} {sizes[name]} -> {k}" for name, k in widths.items()))
+        log.info(
+            "keep=%d is a width: %s",
+            keep,
+            ", ".join(f"{name} {sizes[name]} -> {k}" for name, k in widths.items()),
+        )
     return widths
 
 
 def _width(layer: str, n: int, keep: Keep) -> int:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep for {layer} must be a float fraction in (0, 1] or an int width, "
-                        f"got {keep!r}")
+        raise TypeError(
+            f"keep for {layer} must be a float fraction in (0, 1] or an int width, got {keep!r}"
+        )
     if isinstance(keep, int):
         if not 1 <= keep <= n:
-            raise ValueError(f"keep width {keep} for {layer} must be between 1 and the "
-                             f"layer's {n} units")
+            raise ValueError(
+                f"keep width {keep} for {layer} must be between 1 and the layer's {n} units"
+            )
         return keep
     if not (0.0 < keep <= 1.0):
-        raise ValueError(f"keep fraction {keep} for {layer} must be in (0, 1] "
-                         "(use an int for an absolute width)")
+        raise ValueError(
+            f"keep fraction {keep} for {layer} must be in (0, 1] (use an int for an absolute width)"
+        )
     return max(1, round(keep * n))
 
 
@@ -432,27 +562,40 @@ def _units(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _check_single_output(model: nn.Module, specs: list[BlockSpec], widths: dict[str, int],
-                         method: str) -> None:
+def _check_single_output(
+    model: nn.Module, specs: list[BlockSpec], widths: dict[str, int], method: str
+) -> None:
     """Fail before any work when a single-output method meets a multi-output block."""
     for spec in specs:
         consumer = get_module(model, spec.consumer)
         n = _units(get_module(model, spec.producer))
-        reads = (consumer.in_features // n if isinstance(consumer, nn.Linear)
-                 else consumer.weight[0, 0].numel())
+        reads = (
+            consumer.in_features // n
+            if isinstance(consumer, nn.Linear)
+            else consumer.weight[0, 0].numel()
+        )
         if spec.producer in widths and consumer.weight.shape[0] * reads != 1:
-            raise ValueError(f"{method} handles single-output blocks only; block "
-                             f"{spec.producer} -> {spec.consumer} has "
-                             f"{consumer.weight.shape[0]} outputs: use 'tropnnc' or "
-                             "'neural-path-kmeans'")
+            raise ValueError(
+                f"{method} handles single-output blocks only; block "
+                f"{spec.producer} -> {spec.consumer} has "
+                f"{consumer.weight.shape[0]} outputs: use 'tropnnc' or "
+                "'neural-path-kmeans'"
+            )
 
 
 #: short names for the reasons a layer is not compressed (first match in the reason text)
-SKIP_KINDS = (("output", "output layer"), ("residual", "residual connection"),
-              ("concatenation", "concatenation"), ("grouped or depthwise", "grouped conv"),
-              ("not a supported activation", "unsupported activation"), ("times", "shared module"),
-              ("multiplies", "attention/gating"), ("reshape", "reshape"),
-              ("linear bottleneck", "no activation"), ("before the ReLU", "op before the ReLU"))
+SKIP_KINDS = (
+    ("output", "output layer"),
+    ("residual", "residual connection"),
+    ("concatenation", "concatenation"),
+    ("grouped or depthwise", "grouped conv"),
+    ("not a supported activation", "unsupported activation"),
+    ("times", "shared module"),
+    ("multiplies", "attention/gating"),
+    ("reshape", "reshape"),
+    ("linear bottleneck", "no activation"),
+    ("before the ReLU", "op before the ReLU"),
+)
 
 
 def _skip_summary(skipped: list[Skip], first: int = 3) -> str:
@@ -467,8 +610,7 @@ def _skip_summary(skipped: list[Skip], first: int = 3) -> str:
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda c: -c[1]))
     shown = "; ".join(f"{s.layer}: {s.reason}" for s in skipped[:first])
     more = f" (and {len(skipped) - first} more)" if len(skipped) > first else ""
-    return (f"skipped: {kinds}; first: {shown}{more}; verbose logging (-v) lists every "
-            "layer")
+    return f"skipped: {kinds}; first: {shown}{more}; verbose logging (-v) lists every layer"
 
 
 def _check_dtypes(model: nn.Module) -> None:
@@ -476,20 +618,29 @@ def _check_dtypes(model: nn.Module) -> None:
     found: dict[torch.dtype, str] = {}
     for name, p in model.named_parameters():
         if not p.is_floating_point():
-            raise ValueError(f"compress: {name} of {type(model).__name__} is {p.dtype}; "
-                             "parameters must be floating point: convert the model or its "
-                             "weights file (e.g. to float32)")
+            raise ValueError(
+                f"compress: {name} of {type(model).__name__} is {p.dtype}; "
+                "parameters must be floating point: convert the model or its "
+                "weights file (e.g. to float32)"
+            )
         found.setdefault(p.dtype, name)
     if len(found) > 1:
         kinds = ", ".join(f"{dtype} (e.g. {name})" for dtype, name in found.items())
-        raise ValueError(f"compress: the parameters of {type(model).__name__} have several "
-                         f"dtypes: {kinds}; convert the model or its weights file to one "
-                         "dtype first (e.g. model.float())")
+        raise ValueError(
+            f"compress: the parameters of {type(model).__name__} have several "
+            f"dtypes: {kinds}; convert the model or its weights file to one "
+            "dtype first (e.g. model.float())"
+        )
 
 
 def _check_finite(model: nn.Module) -> None:
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if (p.is_floating_point() and p.numel()  # min and max: NaN/inf show up there
-                and not bool(torch.isfinite(torch.stack(torch.aminmax(p))).all())):
-            raise ValueError(f"compress: {name} of {type(model).__name__} contains NaN or inf "
-                             "values; fix or retrain the model first")
+        if (
+            p.is_floating_point()
+            and p.numel()  # min and max: NaN/inf show up there
+            and not bool(torch.isfinite(torch.stack(torch.aminmax(p))).all())
+        ):
+            raise ValueError(
+                f"compress: {name} of {type(model).__name__} contains NaN or inf "
+                "values; fix or retrain the model first"
+            )

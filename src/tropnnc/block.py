@@ -100,14 +100,14 @@ class Block:
             total = torch.empty(m, **f64)
             step = max(1, _CHUNK_BYTES // max(1, n * r * 8))
             for s in range(0, m, step):
-                total[s:s + step] = cols[s:s + step].to(**f64, copy=True).abs_() @ e
+                total[s : s + step] = cols[s : s + step].to(**f64, copy=True).abs_() @ e
             return total
         total = torch.zeros(m, **f64)
         step = max(1, _CHUNK_BYTES // max(1, m * r * 8))
         for s in range(0, n, step):
-            c = self.out[s:s + step].permute(1, 0, 2).reshape(m, -1)  # (m, units * r)
+            c = self.out[s : s + step].permute(1, 0, 2).reshape(m, -1)  # (m, units * r)
             c = c.to(**f64, copy=True).abs_()  # a private float64 copy
-            total += c @ weights[s:s + step].to(**f64).repeat_interleave(r)
+            total += c @ weights[s : s + step].to(**f64).repeat_interleave(r)
         return total
 
     @cached_property
@@ -120,8 +120,11 @@ class Block:
         :data:`MASS_NORMS`); the weight of each generator in TropNNC's clustering."""
         if norm not in MASS_NORMS:
             raise ValueError(f"norm must be one of {MASS_NORMS}, got {norm!r}")
-        c = (self.out_norms if norm == "l2"
-             else torch.linalg.vector_norm(self.out, ord=_MASS_ORDS[norm], dim=(1, 2)))
+        c = (
+            self.out_norms
+            if norm == "l2"
+            else torch.linalg.vector_norm(self.out, ord=_MASS_ORDS[norm], dim=(1, 2))
+        )
         return self.row_norms * c
 
     @property
@@ -141,14 +144,17 @@ class Block:
         if cols is None or n == 0:
             return torch.linalg.vector_norm(self.out.reshape(n, -1), dim=1), None
         acc = torch.zeros(n * r, dtype=self.out.dtype, device=self.out.device)
-        abs_sums = (torch.empty(m, n, dtype=torch.float64, device=self.out.device)
-                    if r >= _ABS_SUM_MIN_READS else None)
+        abs_sums = (
+            torch.empty(m, n, dtype=torch.float64, device=self.out.device)
+            if r >= _ABS_SUM_MIN_READS
+            else None
+        )
         step = max(1, _CHUNK_BYTES // max(1, n * r * self.out.element_size()))
         for s in range(0, m, step):  # column sums of squares over consumer-row chunks
-            c = cols[s:s + step]
+            c = cols[s : s + step]
             acc += (c * c).sum(dim=0)
             if abs_sums is not None:
-                abs_sums[s:s + step] = c.abs().view(-1, n, r).sum(dim=2, dtype=torch.float64)
+                abs_sums[s : s + step] = c.abs().view(-1, n, r).sum(dim=2, dtype=torch.float64)
         return acc.view(n, r).sum(dim=1).sqrt(), abs_sums
 
     def live(self) -> Tensor:
@@ -160,8 +166,9 @@ class Block:
         live = (self.row_norms > 0) & (self.out_norms > 0)
         zero = (~live).nonzero().squeeze(1)
         if zero.numel():
-            live[zero] = ((self.weight[zero] != 0).any(dim=1)
-                          & (self.out[zero] != 0).flatten(1).any(dim=1))
+            live[zero] = (self.weight[zero] != 0).any(dim=1) & (self.out[zero] != 0).flatten(1).any(
+                dim=1
+            )
         return live
 
     def subset(self, index: Tensor) -> Block:
@@ -224,7 +231,7 @@ def merge_by_shares(block: Block, assignment: Tensor, shares: Tensor, rows: Tens
         lam3 = lam[:, None, None]
         for s in range(0, m, step):  # consumer-row chunks: (n, rows, r) -> (K, rows, r)
             e = min(m, s + step)
-            tc, ac = t[:, :e - s], acc[:, :e - s]
+            tc, ac = t[:, : e - s], acc[:, : e - s]
             torch.mul(cols[s:e].view(e - s, n, r).permute(1, 0, 2), lam3, out=tc)
             ac.zero_().index_add_(0, a, tc)
             new[s:e].copy_(ac.permute(1, 0, 2))
@@ -232,10 +239,10 @@ def merge_by_shares(block: Block, assignment: Tensor, shares: Tensor, rows: Tens
     out = torch.zeros(k, m, r, **like)
     step = max(1, _CHUNK_BYTES // max(1, m * r * src.element_size()))
     for s in range(0, n, step):  # unit chunks: temporaries stay small
-        c = src[s:s + step]
+        c = src[s : s + step]
         t = torch.empty(c.shape, **like)  # contiguous, whatever the layout of ``out``
-        torch.mul(c, lam[s:s + step, None, None], out=t)
-        out.index_add_(0, a[s:s + step], t)
+        torch.mul(c, lam[s : s + step, None, None], out=t)
+        out.index_add_(0, a[s : s + step], t)
     return Merge(rows, out, assignment, shares)
 
 
@@ -294,13 +301,19 @@ def rescale_units(merge: Merge) -> Merge:
     live = a >= 0
     lam = merge.shares.to(merge.rows.dtype)
     total = torch.zeros(merge.k, dtype=lam.dtype, device=lam.device).index_add_(
-        0, a[live], lam[live])
+        0, a[live], lam[live]
+    )
     count = torch.zeros_like(total).index_add_(0, a[live], torch.ones_like(lam[live]))
     scale = torch.where(total > 0, total / count.clamp(min=1), 1.0)
-    shares = torch.where(live, merge.shares / scale[a.clamp(min=0)].to(merge.shares.dtype),
-                         merge.shares)
-    return replace(merge, rows=merge.rows * scale[:, None],
-                   out=merge.out / scale.to(merge.out.dtype)[:, None, None], shares=shares)
+    shares = torch.where(
+        live, merge.shares / scale[a.clamp(min=0)].to(merge.shares.dtype), merge.shares
+    )
+    return replace(
+        merge,
+        rows=merge.rows * scale[:, None],
+        out=merge.out / scale.to(merge.out.dtype)[:, None, None],
+        shares=shares,
+    )
 
 
 def lipschitz(activation: str) -> float | None:
@@ -337,18 +350,21 @@ def certificate(block: Block, merge: Merge) -> Tensor:
     err = err * (block.rho * factor)
     if block.activation == "relu6":
         lam = merge.shares.to(err.dtype)
-        err = torch.where(merge.assignment >= 0, err + 6.0 * (1.0 - lam).abs(),
-                          err.clamp(max=6.0))
+        err = torch.where(merge.assignment >= 0, err + 6.0 * (1.0 - lam).abs(), err.clamp(max=6.0))
     bound = block.weighted_out_abs(err)
     if merge.consumer_bias is not None:  # C3's |beta_j - beta~_j| (no consumer bias: 0)
-        base = (block.consumer_bias if block.consumer_bias is not None
-                else torch.zeros(block.m, dtype=torch.float64, device=bound.device))
+        base = (
+            block.consumer_bias
+            if block.consumer_bias is not None
+            else torch.zeros(block.m, dtype=torch.float64, device=bound.device)
+        )
         bound = bound + (merge.consumer_bias.to(bound.dtype) - base.to(bound.dtype)).abs()
     return bound
 
 
-def projection_errors(weight: Tensor, assignment: Tensor, projection: Tensor, rows: Tensor
-                      ) -> Tensor:
+def projection_errors(
+    weight: Tensor, assignment: Tensor, projection: Tensor, rows: Tensor
+) -> Tensor:
     """Per unit (n,), float64: how far unit i's output can move when its consumer slices are
     spread over the new units as out~[k] = sum_i P_ki c_i (see docs/expected-error.md).
 

@@ -50,35 +50,137 @@ _CHUNK_BYTES = 1 << 24  # float64 weight chunks of large Linear layers (16 MB)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: modules that are identities in eval mode, and modules that only rearrange elements
-IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                    nn.AlphaDropout)
+IDENTITY_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
 STRUCTURAL_MODULES = (nn.Flatten, nn.Unflatten)
 #: elementwise non-decreasing activations and pools (applied to the lower and upper ends)
-MONOTONE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.ELU, nn.CELU, nn.SELU,
-                    nn.Softplus, nn.Hardtanh, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign,
-                    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                    nn.AdaptiveMaxPool3d)
-MONOTONE_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu6, torch.sigmoid, F.sigmoid,
-                      torch.tanh, F.tanh, F.elu, F.celu, F.selu, F.softplus, F.hardtanh,
-                      F.hardsigmoid, F.logsigmoid, F.softsign, F.max_pool1d, F.max_pool2d,
-                      F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-                      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-                      torch.mean, torch.sum, torch.cat, torch.concat, torch.stack,
-                      torch.clamp, torch.clip, torch.maximum, torch.minimum, torch.amax,
-                      torch.amin, operator.add, operator.iadd, torch.add}
-MONOTONE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "mean", "sum",
-                    "clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "amax", "amin",
-                    "add", "add_"}
-STRUCTURAL_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose,
-                        torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
-                        operator.getitem, torch.movedim, torch.swapaxes}
+MONOTONE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+MONOTONE_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.elu,
+    F.celu,
+    F.selu,
+    F.softplus,
+    F.hardtanh,
+    F.hardsigmoid,
+    F.logsigmoid,
+    F.softsign,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    torch.mean,
+    torch.sum,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    torch.clamp,
+    torch.clip,
+    torch.maximum,
+    torch.minimum,
+    torch.amax,
+    torch.amin,
+    operator.add,
+    operator.iadd,
+    torch.add,
+}
+MONOTONE_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "mean",
+    "sum",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_min_",
+    "clip",
+    "amax",
+    "amin",
+    "add",
+    "add_",
+}
+STRUCTURAL_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    operator.getitem,
+    torch.movedim,
+    torch.swapaxes,
+}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
-STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose",
-                      "squeeze", "unsqueeze", "contiguous", "chunk", "split", "movedim",
-                      "swapaxes", "expand", "repeat", "t"}
+STRUCTURAL_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "chunk",
+    "split",
+    "movedim",
+    "swapaxes",
+    "expand",
+    "repeat",
+    "t",
+}
 #: conversions whose effect on the float64 bounds is none (the bounds keep their dtype)
 KEEP_METHODS = {"float", "double", "to", "type_as", "clone", "detach", "cpu", "cuda"}
 METADATA_METHODS = {"size", "dim", "numel", "get_device", "is_contiguous"}
@@ -112,8 +214,11 @@ class Interval:
         return self.centre.abs() + self.radius
 
 
-def input_domain(shape: Sequence[int], input_range: tuple[Any, Any] | None = None,
-                 input_stats: tuple[Any, Any] | None = None) -> Interval:
+def input_domain(
+    shape: Sequence[int],
+    input_range: tuple[Any, Any] | None = None,
+    input_stats: tuple[Any, Any] | None = None,
+) -> Interval:
     """The box of network inputs of one sample of ``shape``, batch dimension included.
 
     ``input_range=(lo, hi)``: the range of every raw input element (default [0, 1]);
@@ -123,11 +228,14 @@ def input_domain(shape: Sequence[int], input_range: tuple[Any, Any] | None = Non
     """
     shape = tuple(int(s) for s in shape)
     lo, hi = UNIT_RANGE if input_range is None else input_range
-    lo, hi = _per_channel(lo, shape, "input_range low end"), _per_channel(
-        hi, shape, "input_range high end")
+    lo, hi = (
+        _per_channel(lo, shape, "input_range low end"),
+        _per_channel(hi, shape, "input_range high end"),
+    )
     if bool((lo > hi).any()):
-        raise ValueError(f"input_range: the low end must not exceed the high end, got "
-                         f"{input_range!r}")
+        raise ValueError(
+            f"input_range: the low end must not exceed the high end, got {input_range!r}"
+        )
     if input_stats is not None:
         mean = _per_channel(input_stats[0], shape, "input_stats mean")
         std = _per_channel(input_stats[1], shape, "input_stats std")
@@ -145,16 +253,19 @@ def _per_channel(value: Any, shape: tuple[int, ...], what: str) -> Tensor:
     try:
         t = torch.as_tensor(value, dtype=F64).detach().cpu()
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{what} must be a number, a sequence of numbers or a tensor, got "
-                        f"{value!r}") from None
+        raise TypeError(
+            f"{what} must be a number, a sequence of numbers or a tensor, got {value!r}"
+        ) from None
     if t.dim() == 1 and len(shape) > 1 and t.numel() == shape[0]:
         t = t.view(-1, *([1] * (len(shape) - 1)))
     try:
         torch.broadcast_shapes(t.shape, shape)
     except RuntimeError:
-        raise ValueError(f"{what} of shape {tuple(t.shape)} does not fit inputs of shape "
-                         f"{shape} (give a number, one value per channel, or a tensor that "
-                         "broadcasts to the input shape)") from None
+        raise ValueError(
+            f"{what} of shape {tuple(t.shape)} does not fit inputs of shape "
+            f"{shape} (give a number, one value per channel, or a tensor that "
+            "broadcasts to the input shape)"
+        ) from None
     return t
 
 
@@ -167,8 +278,9 @@ def norm_bound(module: nn.Module, box: Interval) -> float:
         return float(torch.linalg.vector_norm(a, dim=-1).max())
     if isinstance(module, CONVS):
         g = module.groups
-        ones = torch.ones(g, module.in_channels // g, *module.kernel_size, dtype=a.dtype,
-                          device=a.device)
+        ones = torch.ones(
+            g, module.in_channels // g, *module.kernel_size, dtype=a.dtype, device=a.device
+        )
         sq = a * a
         if module.padding_mode != "zeros":
             sq = F.pad(sq, module._reversed_padding_repeated_twice, mode=module.padding_mode)
@@ -194,11 +306,11 @@ class IntervalBounds:
         self.graph = trace(model).graph
         self.nodes = list(self.graph.nodes)
         self.order = {node: i for i, node in enumerate(self.nodes)}
-        self.by_target = {node.target: node for node in self.nodes
-                          if node.op == "call_module"}
+        self.by_target = {node.target: node for node in self.nodes if node.op == "call_module"}
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.domain = Interval(domain.centre.to(device=device, dtype=F64),
-                               domain.radius.to(device=device, dtype=F64))
+        self.domain = Interval(
+            domain.centre.to(device=device, dtype=F64), domain.radius.to(device=device, dtype=F64)
+        )
         self.env: dict[fx.Node, Any] = {}
         self.used: dict[fx.Node, nn.Module] = {}  # the module each cached call_module read
 
@@ -206,8 +318,9 @@ class IntervalBounds:
         """The box holding the input of module ``layer`` (its first argument)."""
         node = self.by_target.get(layer)
         if node is None:
-            raise BoundsError(f"{layer} is not a module called in {type(self.model).__name__}"
-                              "'s forward")
+            raise BoundsError(
+                f"{layer} is not a module called in {type(self.model).__name__}'s forward"
+            )
         self._refresh()
         with torch.no_grad():
             value = self._evaluate(node.args[0])
@@ -221,8 +334,11 @@ class IntervalBounds:
 
     def _refresh(self) -> None:
         """Forget cached values from the first module that was replaced since."""
-        changed = [self.order[node] for node, mod in self.used.items()
-                   if self._module(node.target) is not mod]
+        changed = [
+            self.order[node]
+            for node, mod in self.used.items()
+            if self._module(node.target) is not mod
+        ]
         if changed:
             first = min(changed)
             for node in [n for n in self.env if self.order[n] >= first]:
@@ -258,8 +374,10 @@ class IntervalBounds:
             if node is not self.nodes[0]:
                 if node.args:  # a defaulted argument
                     return node.args[0]
-                raise BoundsError(f"input {node.target!r} of {type(self.model).__name__}: "
-                                  "only the first input gets a domain")
+                raise BoundsError(
+                    f"input {node.target!r} of {type(self.model).__name__}: "
+                    "only the first input gets a domain"
+                )
             return self.domain
         if node.op == "get_attr":
             return _attr(self.model, node.target)
@@ -332,8 +450,12 @@ def _monotone(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     return _zip(lo, hi, Interval.from_ends)
 
 
-def _affine(x: Interval, linear: Callable[[Tensor, Tensor | None], Tensor],
-            weight: Tensor, bias: Tensor | None) -> Interval:
+def _affine(
+    x: Interval,
+    linear: Callable[[Tensor, Tensor | None], Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+) -> Interval:
     w = weight.detach().to(F64)
     b = None if bias is None else bias.detach().to(F64)
     return Interval(linear(x.centre, w, b), linear(x.radius, w.abs(), None))
@@ -345,17 +467,22 @@ def _linear(x: Interval, mod: nn.Linear) -> Interval:
     step = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * 8))
     if weight.shape[0] <= step:
         return _affine(x, F.linear, weight, bias)
-    parts = [_affine(x, F.linear, weight[s:s + step], None if bias is None else bias[s:s + step])
-             for s in range(0, weight.shape[0], step)]
-    return Interval(torch.cat([p.centre for p in parts], -1),
-                    torch.cat([p.radius for p in parts], -1))
+    parts = [
+        _affine(x, F.linear, weight[s : s + step], None if bias is None else bias[s : s + step])
+        for s in range(0, weight.shape[0], step)
+    ]
+    return Interval(
+        torch.cat([p.centre for p in parts], -1), torch.cat([p.radius for p in parts], -1)
+    )
 
 
 def _batchnorm(x: Interval, mod: nn.Module) -> Interval:
     """Eval-mode BatchNorm: a per-channel affine map."""
     if mod.running_mean is None:
-        raise BoundsError(f"{type(mod).__name__} without running statistics normalises by "
-                          "batch statistics: no interval rule")
+        raise BoundsError(
+            f"{type(mod).__name__} without running statistics normalises by "
+            "batch statistics: no interval rule"
+        )
     scale = (mod.running_var.to(F64) + mod.eps).rsqrt()
     if mod.weight is not None:
         scale = scale * mod.weight.detach().to(F64)
@@ -363,8 +490,9 @@ def _batchnorm(x: Interval, mod: nn.Module) -> Interval:
     if mod.bias is not None:
         shift = shift + mod.bias.detach().to(F64)
     shape = (1, -1) + (1,) * (x.centre.dim() - 2)
-    return Interval(x.centre * scale.view(shape) + shift.view(shape),
-                    x.radius * scale.abs().view(shape))
+    return Interval(
+        x.centre * scale.view(shape) + shift.view(shape), x.radius * scale.abs().view(shape)
+    )
 
 
 def _module_rule(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -382,9 +510,11 @@ def _module_rule(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> An
         return args[0]  # identities in eval mode
     if isinstance(mod, STRUCTURAL_MODULES):
         return _structural(mod, args, kwargs)
-    raise BoundsError(f"no interval rule for {node.target} ({type(mod).__name__}) on the "
-                      "path from the input; pass radius= to certify with a norm bound you "
-                      "know")
+    raise BoundsError(
+        f"no interval rule for {node.target} ({type(mod).__name__}) on the "
+        "path from the input; pass radius= to certify with a norm bound you "
+        "know"
+    )
 
 
 def _method_rule(node: fx.Node, args: tuple, kwargs: dict) -> Any:
@@ -425,8 +555,14 @@ def _function_rule(node: fx.Node, args: tuple, kwargs: dict) -> Any:
         slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
         if slope >= 0:
             return _monotone(fn, args, kwargs)
-    if fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
-              F.adaptive_max_pool2d, F.adaptive_max_pool3d) and kwargs.get("return_indices"):
+    if fn in (
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d,
+    ) and kwargs.get("return_indices"):
         return _unsupported(node)
     if fn in MONOTONE_FUNCTIONS:
         return _monotone(fn, args, kwargs)
@@ -471,15 +607,23 @@ def _scaled(value: Any, k: Any) -> Any:
 
 
 def _unsupported(node: fx.Node) -> Any:
-    label = node.target if isinstance(node.target, str) else getattr(
-        node.target, "__name__", str(node.target))
-    raise BoundsError(f"no interval rule for {label} (node {node.name}) on the path from the "
-                      "input; pass radius= to certify with a norm bound you know")
+    label = (
+        node.target
+        if isinstance(node.target, str)
+        else getattr(node.target, "__name__", str(node.target))
+    )
+    raise BoundsError(
+        f"no interval rule for {label} (node {node.name}) on the path from the "
+        "input; pass radius= to certify with a norm bound you know"
+    )
 
 
-def block_radii(model: nn.Module, example_inputs: Tensor | None,
-                input_range: tuple[Any, Any] | None = None,
-                input_stats: tuple[Any, Any] | None = None) -> Callable[[str], float]:
+def block_radii(
+    model: nn.Module,
+    example_inputs: Tensor | None,
+    input_range: tuple[Any, Any] | None = None,
+    input_stats: tuple[Any, Any] | None = None,
+) -> Callable[[str], float]:
     """``radius(layer)``: the norm bound of ``layer``'s inputs over the input domain, read
     on ``model`` as it is at each call (so on a network being compressed block by block).
 
@@ -488,8 +632,10 @@ def block_radii(model: nn.Module, example_inputs: Tensor | None,
     rule in front of the layer. The domain's own errors (bad ranges) raise.
     """
     bounds: IntervalBounds | None = None
-    why = ("the input shape is unknown (pass example_inputs=, or radius= to certify with a "
-           "norm bound you know)")
+    why = (
+        "the input shape is unknown (pass example_inputs=, or radius= to certify with a "
+        "norm bound you know)"
+    )
     if example_inputs is not None:
         domain = input_domain(tuple(example_inputs.shape[1:]), input_range, input_stats)
         try:

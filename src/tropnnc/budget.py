@@ -134,8 +134,9 @@ class Allocation:
 # --------------------------------------------------------------------------------------------
 
 
-def agglomerate(directions: Tensor | np.ndarray,
-                mass: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def agglomerate(
+    directions: Tensor | np.ndarray, mass: Tensor | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted Ward agglomeration on the sphere, with the exact objective along the way.
 
     ``directions`` (n, D) unit rows d_i, ``mass`` (n,) weights m_i > 0. Clusters are merged
@@ -179,8 +180,11 @@ def _ward_merges(g: np.ndarray, m: np.ndarray) -> np.ndarray:
     for s in range(0, n, _WARD_ROWS):
         e = min(n, s + _WARD_ROWS)
         ms = m[s:e, None]
-        np.multiply(ms * m[None, :] / np.maximum(ms + m[None, :], _TINY),
-                    np.maximum(2.0 - 2.0 * g[s:e].astype(np.float64), 0.0), out=dist[s:e])
+        np.multiply(
+            ms * m[None, :] / np.maximum(ms + m[None, :], _TINY),
+            np.maximum(2.0 - 2.0 * g[s:e].astype(np.float64), 0.0),
+            out=dist[s:e],
+        )
     np.fill_diagonal(dist, np.inf)
     weight = m.copy()  # cluster masses M_c
     merges = np.zeros((n - 1, 2), dtype=np.int64)
@@ -269,7 +273,7 @@ def certificate_curve(block: Block, norm: str = "l2") -> Tensor:
         del g
         total = float(mass.sum())
         if total > 0:
-            curve[:cost.size] = cost / total
+            curve[: cost.size] = cost / total
     curve = np.maximum.accumulate(curve[::-1])[::-1]  # e(K-1) >= e(K)
     return torch.from_numpy(np.clip(curve, 0.0, 1.0))
 
@@ -318,8 +322,7 @@ class _Layout:
         return int(self.counts(widths).sum())
 
 
-def _layout(model: nn.Module, specs: list[BlockSpec], unit: str,
-            inputs: Tensor | None) -> _Layout:
+def _layout(model: nn.Module, specs: list[BlockSpec], unit: str, inputs: Tensor | None) -> _Layout:
     names: list[str] = []
     for s in specs:
         for name in (s.producer, s.consumer):
@@ -341,13 +344,18 @@ def _layout(model: nn.Module, specs: list[BlockSpec], unit: str,
             reads[index[s.consumer]] = consumer.in_features // units
     mods = [get_module(model, name) for name in names]
     out_dim = np.array([_units(mod) for mod in mods], dtype=np.int64)
-    in_dim = np.array([mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
-                       for mod in mods], dtype=np.int64)
-    kernel = np.array([1 if isinstance(mod, nn.Linear) else math.prod(mod.kernel_size)
-                       for mod in mods], dtype=np.int64)
+    in_dim = np.array(
+        [mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels for mod in mods],
+        dtype=np.int64,
+    )
+    kernel = np.array(
+        [1 if isinstance(mod, nn.Linear) else math.prod(mod.kernel_size) for mod in mods],
+        dtype=np.int64,
+    )
     if unit == "params":
-        bias = np.array([mod.bias is not None or f for mod, f in zip(mods, folded, strict=True)],
-                        dtype=np.int64)
+        bias = np.array(
+            [mod.bias is not None or f for mod, f in zip(mods, folded, strict=True)], dtype=np.int64
+        )
         coef = kernel
     else:
         positions = output_positions(model, inputs)
@@ -365,14 +373,20 @@ def _inputs_for(model: nn.Module, unit: str, example_inputs: Tensor | None) -> T
         return None
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     if inputs is None:
-        raise ValueError(f"budget_unit='macs' needs the input shape of {type(model).__name__}: "
-                         "set model.input_shape (one sample, e.g. (3, 32, 32)) or pass "
-                         "example_inputs=<a batch of inputs>")
+        raise ValueError(
+            f"budget_unit='macs' needs the input shape of {type(model).__name__}: "
+            "set model.input_shape (one sample, e.g. (3, 32, 32)) or pass "
+            "example_inputs=<a batch of inputs>"
+        )
     return inputs
 
 
-def compressible_count(model: nn.Module, specs: list[BlockSpec], unit: str = "params",
-                       example_inputs: Tensor | None = None) -> int:
+def compressible_count(
+    model: nn.Module,
+    specs: list[BlockSpec],
+    unit: str = "params",
+    example_inputs: Tensor | None = None,
+) -> int:
     """Params or MACs of the compressible layers of ``model`` (the producers and consumers
     of ``specs``), at the widths the model has now (works on a compressed copy too: module
     paths are unchanged). A producer followed by a BatchNorm counts its folded bias."""
@@ -389,8 +403,7 @@ def compressible_count(model: nn.Module, specs: list[BlockSpec], unit: str = "pa
 
 def _check_unit(unit: str) -> None:
     if unit not in UNITS:
-        raise ValueError(f"budget_unit must be one of {', '.join(map(repr, UNITS))}, "
-                         f"got {unit!r}")
+        raise ValueError(f"budget_unit must be one of {', '.join(map(repr, UNITS))}, got {unit!r}")
 
 
 def _check_budget(budget: object) -> float:
@@ -398,8 +411,10 @@ def _check_budget(budget: object) -> float:
         raise TypeError(f"budget must be a number in (0, 1], got {budget!r}")
     value = float(budget)
     if not (0.0 < value <= 1.0):
-        raise ValueError(f"budget {budget} must be in (0, 1]: the fraction of the compressible "
-                         "layers' parameters (or MACs) to keep")
+        raise ValueError(
+            f"budget {budget} must be in (0, 1]: the fraction of the compressible "
+            "layers' parameters (or MACs) to keep"
+        )
     return value
 
 
@@ -418,11 +433,19 @@ def _allowed(n: int, min_width: int, round_to: int) -> np.ndarray:
     return np.concatenate([[n], steps[::-1]]).astype(np.int64)
 
 
-def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
-             unit: str = "params", method: str = "tropnnc",
-             options: Mapping[str, object] | None = None, allocator: str | None = None,
-             min_width: int = 1, round_to: int = 1,
-             example_inputs: Tensor | None = None) -> Allocation:
+def allocate(
+    model: nn.Module,
+    specs: list[BlockSpec],
+    budget: float,
+    *,
+    unit: str = "params",
+    method: str = "tropnnc",
+    options: Mapping[str, object] | None = None,
+    allocator: str | None = None,
+    min_width: int = 1,
+    round_to: int = 1,
+    example_inputs: Tensor | None = None,
+) -> Allocation:
     """Choose the width of every block in ``specs`` so the compressible layers of ``model``
     keep at most ``budget`` of their params (``unit='params'``) or MACs (``'macs'``).
 
@@ -440,13 +463,17 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
     min_width = _check_int("min_width", min_width)
     round_to = _check_int("round_to", round_to)
     if allocator is not None and allocator not in ALLOCATORS:
-        raise ValueError(f"allocator must be one of {', '.join(map(repr, ALLOCATORS))} or None, "
-                         f"got {allocator!r}")
+        raise ValueError(
+            f"allocator must be one of {', '.join(map(repr, ALLOCATORS))} or None, "
+            f"got {allocator!r}"
+        )
     options = dict(options or {})
     mode = allocator or ("method" if method in ("cup", "tropnnc") else "tropnnc")
     if mode == "method" and method not in ("cup", "tropnnc"):
-        raise ValueError(f"allocator='method': {method!r} has no allocator of its own "
-                         "(only cup and tropnnc do); use allocator='tropnnc'")
+        raise ValueError(
+            f"allocator='method': {method!r} has no allocator of its own "
+            "(only cup and tropnnc do); use allocator='tropnnc'"
+        )
     threshold_mode = mode == "method" and method == "cup"
     norm = str(options.get("norm", "l2")) if method == "tropnnc" else "l2"
 
@@ -458,17 +485,18 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
     floor = layout.count(np.array([a[-1] for a in allowed], dtype=np.int64))
     if floor > target:
         extra = f", round_to={round_to}" if round_to > 1 else ""
-        raise ValueError(f"budget {budget} is below {floor / total:.6g}, the smallest fraction "
-                         f"of the compressible layers' {unit} that the minimum widths allow "
-                         f"(min_width={min_width}{extra}: {floor} of {total})")
+        raise ValueError(
+            f"budget {budget} is below {floor / total:.6g}, the smallest fraction "
+            f"of the compressible layers' {unit} that the minimum widths allow "
+            f"(min_width={min_width}{extra}: {floor} of {total})"
+        )
     # one block at a time: only one block's float copies are alive while its curve is made
     curves = [certificate_curve(extract(model, s), norm).numpy() for s in specs]
     threshold = uniform = None
     floors = np.array([a[-1] for a in allowed], dtype=np.int64)
     if threshold_mode:
         include_bias = bool(options.get("include_bias", False))
-        widths, threshold = _threshold_widths(model, specs, allowed, layout, target,
-                                              include_bias)
+        widths, threshold = _threshold_widths(model, specs, allowed, layout, target, include_bias)
         name = "cup-threshold"
     else:
         log = mode == "tropnnc-log"
@@ -477,29 +505,47 @@ def allocate(model: nn.Module, specs: list[BlockSpec], budget: float, *,
             floors = _uniform_widths(allowed, FLOOR_FRACTION * uniform)
         costs = [-np.log(np.maximum(1.0 - c, 1e-12)) if log else c for c in curves]
         widths = _greedy(costs, allowed, layout, target, floors)
-        name = {"tropnnc-log": "tropnnc-log-curves",
-                "tropnnc-sum": "tropnnc-sum-curves"}.get(mode, "tropnnc-curves")
+        name = {"tropnnc-log": "tropnnc-log-curves", "tropnnc-sum": "tropnnc-sum-curves"}.get(
+            mode, "tropnnc-curves"
+        )
     counts = layout.counts(widths)
     achieved = int(counts.sum())
     step = _max_step_saving(allowed, layout, full)
     index = {n: i for i, n in enumerate(layout.names)}
-    layers = [LayerAllocation(s.producer, int(full[b]), int(widths[b]),
-                              float(curves[b][widths[b] - 1]),
-                              int(counts[index[s.producer]]),
-                              float(counts[index[s.producer]]) / max(achieved, 1),
-                              int(floors[b]))
-              for b, s in enumerate(specs)]
-    return Allocation(unit, value, name, total, target, achieved, step, min_width, round_to,
-                      threshold, uniform, layers,
-                      {s.producer: c.tolist() for s, c in zip(specs, curves, strict=True)})
+    layers = [
+        LayerAllocation(
+            s.producer,
+            int(full[b]),
+            int(widths[b]),
+            float(curves[b][widths[b] - 1]),
+            int(counts[index[s.producer]]),
+            float(counts[index[s.producer]]) / max(achieved, 1),
+            int(floors[b]),
+        )
+        for b, s in enumerate(specs)
+    ]
+    return Allocation(
+        unit,
+        value,
+        name,
+        total,
+        target,
+        achieved,
+        step,
+        min_width,
+        round_to,
+        threshold,
+        uniform,
+        layers,
+        {s.producer: c.tolist() for s, c in zip(specs, curves, strict=True)},
+    )
 
 
 def _uniform_widths(allowed: list[np.ndarray], keep: float) -> np.ndarray:
     """Per block, the smallest allowed width >= keep * n (the full width n always is); the
     ratios a / n are compared with a relative tolerance, so keep = a / n gives exactly a."""
     bound = keep * (1.0 - 1e-12)
-    return np.array([a[np.nonzero(a / a[0] >= bound)[0][-1]] for a in allowed],
-                    dtype=np.int64)
+    return np.array([a[np.nonzero(a / a[0] >= bound)[0][-1]] for a in allowed], dtype=np.int64)
 
 
 def _uniform_keep(allowed: list[np.ndarray], layout: _Layout, target: float) -> float:
@@ -534,8 +580,13 @@ def _max_step_saving(allowed: list[np.ndarray], layout: _Layout, full: np.ndarra
     return int(best)
 
 
-def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout,
-            target: float, floors: np.ndarray) -> np.ndarray:
+def _greedy(
+    curves: list[np.ndarray],
+    allowed: list[np.ndarray],
+    layout: _Layout,
+    target: float,
+    floors: np.ndarray,
+) -> np.ndarray:
     """Shrink blocks one allowed step at a time, cheapest certificate increase per unit of
     count saved first, none below its width in ``floors``, until the count is at most
     ``target`` (the floors meet it). Lazy heap over blocks."""
@@ -555,10 +606,14 @@ def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout
     k_ext = np.append(widths, 0)
 
     def layer_count(lay: np.ndarray) -> int:
-        out = np.where(layout.out_block[lay] >= 0, k_ext[layout.out_block[lay]],
-                       layout.out_dim[lay])
-        inn = np.where(layout.in_block[lay] >= 0, k_ext[layout.in_block[lay]] * layout.reads[lay],
-                       layout.in_dim[lay])
+        out = np.where(
+            layout.out_block[lay] >= 0, k_ext[layout.out_block[lay]], layout.out_dim[lay]
+        )
+        inn = np.where(
+            layout.in_block[lay] >= 0,
+            k_ext[layout.in_block[lay]] * layout.reads[lay],
+            layout.in_dim[lay],
+        )
         return int((layout.coef[lay] * out * inn + layout.bias[lay] * out).sum())
 
     def delta(b: int, width: int) -> int:
@@ -616,9 +671,14 @@ def _greedy(curves: list[np.ndarray], allowed: list[np.ndarray], layout: _Layout
         count += best_grow
 
 
-def _threshold_widths(model: nn.Module, specs: list[BlockSpec], allowed: list[np.ndarray],
-                      layout: _Layout, target: float,
-                      include_bias: bool) -> tuple[np.ndarray, float]:
+def _threshold_widths(
+    model: nn.Module,
+    specs: list[BlockSpec],
+    allowed: list[np.ndarray],
+    layout: _Layout,
+    target: float,
+    include_bias: bool,
+) -> tuple[np.ndarray, float]:
     """CUP's global threshold: bisection over the sorted Ward merge heights of all blocks for
     the smallest t whose widths K_l(t) (clamped to the allowed widths) meet the target."""
     from scipy.cluster.hierarchy import linkage
@@ -640,11 +700,15 @@ def _threshold_widths(model: nn.Module, specs: list[BlockSpec], allowed: list[np
     ascending = [a[::-1] for a in allowed]
 
     def widths_at(t: float) -> np.ndarray:
-        k = np.array([n - np.searchsorted(e, t, side="right")
-                      for n, e in zip(sizes, events, strict=True)], dtype=np.int64)
+        k = np.array(
+            [n - np.searchsorted(e, t, side="right") for n, e in zip(sizes, events, strict=True)],
+            dtype=np.int64,
+        )
         k = np.maximum(k, [a[0] for a in ascending])
-        return np.array([a[min(np.searchsorted(a, w), a.size - 1)]
-                         for a, w in zip(ascending, k, strict=True)], dtype=np.int64)
+        return np.array(
+            [a[min(np.searchsorted(a, w), a.size - 1)] for a, w in zip(ascending, k, strict=True)],
+            dtype=np.int64,
+        )
 
     candidates = np.concatenate([[-np.inf], np.unique(np.concatenate(events))])
     lo, hi = 0, candidates.size - 1  # count(candidates[hi]) <= target is checked by caller

@@ -27,21 +27,30 @@ def as_batches(calibration: Tensor | Iterable[Tensor]) -> list[Tensor]:
     else:
         batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
     if not batches or not all(isinstance(b, Tensor) for b in batches):
-        raise TypeError("calibration must be a tensor or an iterable of tensors "
-                        "(or of (input, label) pairs)")
+        raise TypeError(
+            "calibration must be a tensor or an iterable of tensors (or of (input, label) pairs)"
+        )
     if sum(b.shape[0] if b.dim() else 0 for b in batches) == 0:
-        raise ValueError("calibration holds no inputs (0 samples): pass at least one input, "
-                         "batched along the first dimension")
+        raise ValueError(
+            "calibration holds no inputs (0 samples): pass at least one input, "
+            "batched along the first dimension"
+        )
     for i, b in enumerate(batches):
         if b.is_floating_point() and not bool(torch.isfinite(b).all()):
-            raise ValueError(f"calibration batch {i} contains NaN or inf values: remove or "
-                             "replace them first")
+            raise ValueError(
+                f"calibration batch {i} contains NaN or inf values: remove or replace them first"
+            )
     return batches
 
 
-def capture_reads(model: nn.Module, spec: BlockSpec, batches: list[Tensor],
-                  positions: Tensor | None, generator: torch.Generator,
-                  per_input: int = 10) -> tuple[Tensor, Tensor | None]:
+def capture_reads(
+    model: nn.Module,
+    spec: BlockSpec,
+    batches: list[Tensor],
+    positions: Tensor | None,
+    generator: torch.Generator,
+    per_input: int = 10,
+) -> tuple[Tensor, Tensor | None]:
     """Reads (S, n, r) of ``spec``'s consumer over ``batches``, in float64.
 
     For a Conv2d consumer, ``per_input`` output positions are drawn per input (or the given
@@ -65,8 +74,9 @@ def capture_reads(model: nn.Module, spec: BlockSpec, batches: list[Tensor],
     if isinstance(consumer, nn.Linear):
         n = get_module(model, spec.producer).weight.shape[0]
         return x.reshape(x.shape[0], n, -1), None  # (N, n, H*W or 1)
-    patches = F.unfold(x, consumer.kernel_size, consumer.dilation, consumer.padding,
-                       consumer.stride)  # (N, n*kh*kw, L)
+    patches = F.unfold(
+        x, consumer.kernel_size, consumer.dilation, consumer.padding, consumer.stride
+    )  # (N, n*kh*kw, L)
     count, _, places = patches.shape
     if positions is None:
         p = min(per_input, places)

@@ -207,8 +207,13 @@ def gram_dtype(x: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
-                center: Tensor | None = None, *, scale: Tensor | None = None) -> Tensor:
+def gram_matrix(
+    x: Tensor,
+    dtype: torch.dtype | None = None,
+    center: Tensor | None = None,
+    *,
+    scale: Tensor | None = None,
+) -> Tensor:
     """G = (x - center)(x - center)^T, (n, n), on ``x``'s device; with ``scale`` (n,),
     G_ij * scale_i * scale_j (on the strip path, strip by strip: no extra pass over G).
 
@@ -225,9 +230,9 @@ def gram_matrix(x: Tensor, dtype: torch.dtype | None = None,
         g = torch.zeros(n, n, dtype=dtype, device=x.device)
         step = _row_step(n, max(x.element_size(), torch.finfo(dtype).bits // 8))
         for s in range(0, d, step):
-            xc = x[:, s:s + step]
+            xc = x[:, s : s + step]
             if center is not None:
-                xc = xc - center[s:s + step].to(xc.dtype)
+                xc = xc - center[s : s + step].to(xc.dtype)
             xc = xc.to(dtype)
             g.addmm_(xc, xc.T)
     elif n <= 2 * _GRAM_BLOCK:
@@ -250,12 +255,13 @@ def _gram_strips(x: Tensor, sc: Tensor | None) -> Tensor:
         if sc is not None:
             strip.mul_(sc[i:j, None]).mul_(sc[None, i:])
         g[i:j, i:] = strip
-        g[j:, i:j] = strip[:, j - i:].T
+        g[j:, i:j] = strip[:, j - i :].T
     return g
 
 
-def gram_of_chunks(chunks: Iterable[Tensor], n: int, dtype: torch.dtype,
-                   device: torch.device | str | None = None) -> Tensor:
+def gram_of_chunks(
+    chunks: Iterable[Tensor], n: int, dtype: torch.dtype, device: torch.device | str | None = None
+) -> Tensor:
     """G = sum_c X_c X_c^T (n, n) over column chunks X_c (n, f_c) of a matrix that is never
     formed (features made on the fly, e.g. scaled or centred slices of several tensors).
 
@@ -278,8 +284,7 @@ def gram_of_chunks(chunks: Iterable[Tensor], n: int, dtype: torch.dtype,
     return g
 
 
-def cosine_gram(x: Tensor, norms: Tensor | None = None, dtype: torch.dtype | None = None
-                ) -> Tensor:
+def cosine_gram(x: Tensor, norms: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Gram matrix of the directions x_i / ||x_i||, from one product of the raw rows.
 
     No normalised copy of ``x`` is made: G_ij = <x_i, x_j> / (||x_i|| ||x_j||), with the
@@ -295,8 +300,9 @@ def cosine_gram(x: Tensor, norms: Tensor | None = None, dtype: torch.dtype | Non
     return g
 
 
-def merged_gram(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, *,
-                product: Tensor | None = None) -> Tensor:
+def merged_gram(
+    gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, *, product: Tensor | None = None
+) -> Tensor:
     """Cosine Gram (k, k) of the merged directions u_c ~ sum_{a(i)=c} coefficients_i d_i.
 
     ``gram`` is the cosine Gram of the d_i. A G A^T with A the (k, n) coefficient matrix, in
@@ -314,8 +320,9 @@ def merged_gram(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, 
     return g2
 
 
-def member_cosines(gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, *,
-                   product: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def member_cosines(
+    gram: Tensor, assignment: Tensor, coefficients: Tensor, k: int, *, product: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Each unit's cosine to its own merged direction, and the merged vectors' norms.
 
     With r_c = sum_{a(i)=c} coefficients_i d_i and ``gram`` the cosine Gram of the d_i:
@@ -340,7 +347,7 @@ def combine_rows(mat: Tensor, a: Tensor, alpha: Tensor, k: int) -> Tensor:
     out = mat.new_zeros(k, width)
     step = _row_step(width, mat.element_size())
     for s in range(0, n, step):
-        out.index_add_(0, a[s:s + step], mat[s:s + step] * alpha[s:s + step, None])
+        out.index_add_(0, a[s : s + step], mat[s : s + step] * alpha[s : s + step, None])
     return out
 
 
@@ -519,7 +526,7 @@ def _kpp_seeds(
         mind: Tensor | None = None
         for t in range(k):  # the ops of _sample_rows inlined: this loop runs k times
             cdf = p.cumsum(dim=1)  # (R, n)
-            idx = torch.searchsorted(cdf, below[:, t:t + 1] * cdf[:, -1:], right=True)  # (R, 1)
+            idx = torch.searchsorted(cdf, below[:, t : t + 1] * cdf[:, -1:], right=True)  # (R, 1)
             if int(idx.max()) >= n:  # nothing left with positive weight * dissimilarity
                 chosen = torch.zeros(r, n, dtype=torch.bool, device=dev)  # (R, n)
                 if picked:
@@ -556,8 +563,9 @@ def _greedy_per_step(k: int) -> int:
     return min(_GREEDY_MAX_PER_STEP, k // _GREEDY_SEEDS_PER_EXTRA)
 
 
-def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor,
-                         zero_tol: float, per_step: int = 1) -> tuple[Tensor, Tensor]:
+def _greedy_cosine_seeds(
+    gram: Tensor, weights: Tensor, k: int, uniforms: Tensor, zero_tol: float, per_step: int = 1
+) -> tuple[Tensor, Tensor]:
     """Greedy k-means++ seeding on the dissimilarity 1 - cos, batched over restarts.
 
     Each seed gets L = ``uniforms.shape[2]`` candidates ~ weights * min dissimilarity to the
@@ -593,8 +601,12 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
     group = torch.arange(b, device=dev)  # (B,)
     # (R, k B, L) sampling fractions: the uniforms of seed position s, in slice j of B, at
     # s B + j; two ulps below one in the Gram's dtype, so (fraction * total) < total
-    frac_all = ((uniforms[:, :, None, :] + group[:, None]) / b).clamp_(
-        max=1.0 - 2.0 * torch.finfo(gram.dtype).eps).to(gram.dtype).view(r, k * b, trials)
+    frac_all = (
+        ((uniforms[:, :, None, :] + group[:, None]) / b)
+        .clamp_(max=1.0 - 2.0 * torch.finfo(gram.dtype).eps)
+        .to(gram.dtype)
+        .view(r, k * b, trials)
+    )
     # slot count + j of slice j sits at (count + j) B + j; slots past k are never kept
     at_offset = (group * (b + 1))[None, :, None]  # (1, B, 1)
     flat_gram = gram.reshape(-1)  # (n^2,) cosines between a step's winners
@@ -628,12 +640,16 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
                 s_nb = best_cos.gather(1, nb_idx.index_select(0, c).view(r, -1))  # (R, B L M)
                 cw = nb_cw.index_select(0, c).view(r, b * trials, 2, -1)  # (R, B L, 2, M)
                 gain = torch.linalg.vecdot(
-                    cw[:, :, 0].sub(s_nb.view(r, b * trials, -1)).relu_(), cw[:, :, 1])
+                    cw[:, :, 0].sub(s_nb.view(r, b * trials, -1)).relu_(), cw[:, :, 1]
+                )
             else:  # (R, B L): sum_j w_j relu(cos(c, j) - s_j)
                 rows = gram.index_select(0, c).view(r, b * trials, n)
                 gain = rows.sub_(best_cos[:, None, :]).relu_() @ wg
-            idx = cand.view(r, b, trials).gather(
-                2, gain.view(r, b, trials).argmax(dim=2, keepdim=True)).squeeze(2)  # (R, B)
+            idx = (
+                cand.view(r, b, trials)
+                .gather(2, gain.view(r, b, trials).argmax(dim=2, keepdim=True))
+                .squeeze(2)
+            )  # (R, B)
             if b == 1:
                 seeds[:, least] = idx[:, 0]
                 cos = gram.index_select(0, idx[:, 0])  # (R, n)
@@ -648,7 +664,8 @@ def _greedy_cosine_seeds(gram: Tensor, weights: Tensor, k: int, uniforms: Tensor
                 # seed at a time, j's gain would mostly be gone)
                 pair = flat_gram.index_select(0, (idx[:, :, None] * n + idx[:, None, :]).view(-1))
                 clash = (idx[:, :, None] == idx[:, None, :]) | (
-                    pair.view(r, b, b) > best_cos.gather(1, idx)[:, :, None])  # (R, B, B) [j, i]
+                    pair.view(r, b, b) > best_cos.gather(1, idx)[:, :, None]
+                )  # (R, B, B) [j, i]
                 keep = valid & ~clash.tril(-1).any(dim=2)
                 pos = torch.where(keep, count[:, None] + keep.cumsum(dim=1) - 1, k)  # (R, B)
                 seeds.scatter_(1, pos, idx)
@@ -692,8 +709,9 @@ class _Lloyd:
     current cluster) and work proportional to what moved.
     """
 
-    def __init__(self, gram: Tensor, weights: Tensor, k: int, spherical: bool,
-                 scores: Tensor) -> None:
+    def __init__(
+        self, gram: Tensor, weights: Tensor, k: int, spherical: bool, scores: Tensor
+    ) -> None:
         self.gram = gram
         self.w = weights.to(gram.dtype)
         self.k = k
@@ -744,14 +762,14 @@ class _Lloyd:
             step = max(1, _CACHE_BYTES // (c * n * self.gram.element_size()))
             dst, coef = cid.view(c, n), am.view(c, n)
             for s in range(0, n, step):
-                t = self.gram[None, s:s + step] * coef[:, s:s + step, None]  # (c, rows, n)
-                self.flat.index_add_(0, dst[:, s:s + step].reshape(-1), t.view(-1, n))
+                t = self.gram[None, s : s + step] * coef[:, s : s + step, None]  # (c, rows, n)
+                self.flat.index_add_(0, dst[:, s : s + step].reshape(-1), t.view(-1, n))
         else:
             self.flat.index_fill_(0, rows, 0.0)
             for s in range(0, ji.numel(), self.step):
-                t = self.gram.index_select(0, ji[s:s + self.step])
-                t.mul_(am[s:s + self.step, None])
-                self.flat.index_add_(0, cid[s:s + self.step], t)
+                t = self.gram.index_select(0, ji[s : s + self.step])
+                t.mul_(am[s : s + self.step, None])
+                self.flat.index_add_(0, cid[s : s + self.step], t)
         q = self.w.new_zeros(ck).index_add_(0, cid, am * self.flat[cid, ji])  # ||u||^2 / Q
         if self.spherical:
             scale = self.w.new_zeros(ck).index_add_(0, cid, am.abs())
@@ -775,7 +793,7 @@ class _Lloyd:
                 self.flat.add_(add[:, None])
         else:
             for s in range(0, rows.numel(), self.step):
-                rr = rows[s:s + self.step]
+                rr = rows[s : s + self.step]
                 t = self.flat.index_select(0, rr)
                 t.mul_(mul[rr, None])
                 if add is not None:
@@ -804,7 +822,7 @@ class _Lloyd:
         for r in range(a.shape[0]):
             cols = move[r].nonzero().squeeze(1)
             for s in range(0, cols.numel(), step):
-                jj = cols[s:s + step]
+                jj = cols[s : s + step]
                 val, arg = self.scores[r].index_select(1, jj).max(dim=0)
                 new_a[r, jj], new_own[r, jj] = arg, val
         return new_a, new_own
@@ -837,8 +855,9 @@ class _Lloyd:
         return a, alpha, self.full_score(own)
 
 
-def _lloyd(gram: Tensor, weights: Tensor, k: int, a: Tensor, iters: int,
-           spherical: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _lloyd(
+    gram: Tensor, weights: Tensor, k: int, a: Tensor, iters: int, spherical: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Lloyd iterations of every restart (rows of ``a``), in chunks sharing one score buffer.
 
     Returns (a, alpha, own), each (R, n): see :meth:`_Lloyd.run`.
@@ -926,14 +945,10 @@ def _block_operator(gram: Tensor, a: Tensor, k: int, include: Tensor) -> Tensor:
     vals = gram[local, cols % n]  # (P,)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            crow, cols, vals, (r * n, r * n), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, cols, vals, (r * n, r * n), check_invariants=False)
 
 
-def _eigh_blocks(
-    gram: Tensor, m: Tensor, members: Tensor, valid: Tensor
-) -> tuple[Tensor, Tensor]:
+def _eigh_blocks(gram: Tensor, m: Tensor, members: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Top eigenvectors of padded clusters with torch.linalg.eigh, in Gram coefficients.
 
     ``members`` (B, S) local unit indices of B clusters padded to S (``valid`` marks real
@@ -1128,11 +1143,16 @@ def spherical_kmeans_gram(
         return GramClustering(torch.arange(n, device=g.device), torch.ones_like(w), 0.0)
 
     uniforms = torch.rand(
-        restarts, k, _local_trials(k), generator=generator, dtype=torch.float64,
+        restarts,
+        k,
+        _local_trials(k),
+        generator=generator,
+        dtype=torch.float64,
         device=generator.device,
     ).to(g.device)  # (R, k, L)
-    seeds, near = _greedy_cosine_seeds(g, w, k, uniforms, 16 * _eps(g.dtype),
-                                       per_step=_greedy_per_step(k))
+    seeds, near = _greedy_cosine_seeds(
+        g, w, k, uniforms, 16 * _eps(g.dtype), per_step=_greedy_per_step(k)
+    )
     own = g[seeds.gather(1, near), torch.arange(n, device=g.device)]  # (R, n) seed cosines
     a = _repair_empty(near, own, _spherical_residual(own, w), k)
     a, alpha, own = _lloyd(g, w, k, a, iters, spherical=True)
@@ -1179,8 +1199,9 @@ def spherical_kmeans(
     if k >= n:
         return Clustering(torch.arange(n, device=d.device), d.clone(), 0.0)
     g = gram_matrix(d) if gram is None else gram  # (n, n)
-    res = spherical_kmeans_gram(g, w, k, generator=generator, restarts=restarts, iters=iters,
-                                refine=refine)
+    res = spherical_kmeans_gram(
+        g, w, k, generator=generator, restarts=restarts, iters=iters, refine=refine
+    )
     u = _combine(d, res.assignment, res.coefficients, k)  # (K, d)
     u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
     return Clustering(res.assignment, u, res.objective)
@@ -1295,8 +1316,10 @@ def _ward_linkage(points: Tensor):
     n = x.shape[0]
     center = x.mean(dim=0)
     step = _row_step(n, 8)
-    chunks = (x[:, s:s + step].double() - center[s:s + step].double()
-              for s in range(0, x.shape[1], step))
+    chunks = (
+        x[:, s : s + step].double() - center[s : s + step].double()
+        for s in range(0, x.shape[1], step)
+    )
     g = gram_of_chunks(chunks, n, torch.float64, x.device)
     sq = g.diagonal().clone()
     dist = g.mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0.0).sqrt_()

@@ -22,14 +22,19 @@ def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
     found: dict[str, int] = {}
 
     def hook(name: str):
-        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...],
-                   output: torch.Tensor) -> None:
+        def record(
+            module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> None:
             units = module.out_features if isinstance(module, nn.Linear) else module.out_channels
             found[name] = found.get(name, 0) + output[0].numel() // units
+
         return record
 
-    handles = [mod.register_forward_hook(hook(name)) for name, mod in model.named_modules()
-               if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    handles = [
+        mod.register_forward_hook(hook(name))
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, nn.Conv2d))
+    ]
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
     sample = torch.zeros((2,) + tuple(example_inputs.shape[1:]), **like)
@@ -63,8 +68,7 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]
             macs[name] = positions * mod.out_features * mod.in_features
         else:
             kh, kw = mod.kernel_size
-            macs[name] = (positions * mod.out_channels * (mod.in_channels // mod.groups)
-                          * kh * kw)
+            macs[name] = positions * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
     return macs
 
 

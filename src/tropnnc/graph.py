@@ -29,26 +29,74 @@ PRE_RELU_MODULES = DROPOUTS + (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Identity)
 PRE_RELU_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.max_pool2d, F.adaptive_max_pool2d}
 #: channel-wise, positively homogeneous modules allowed between ReLU and the consumer
 PASS_MODULES = PRE_RELU_MODULES + (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.ReLU)
-PASS_FUNCTIONS = PRE_RELU_FUNCTIONS | {F.avg_pool2d, F.adaptive_avg_pool2d, F.relu, torch.relu,
-                                       torch.relu_, torch.flatten}
+PASS_FUNCTIONS = PRE_RELU_FUNCTIONS | {
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.relu,
+    torch.relu,
+    torch.relu_,
+    torch.flatten,
+}
 PASS_METHODS = {"relu", "relu_", "flatten", "contiguous"}
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
-ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.PReLU, nn.SELU,
-               nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Mish, nn.ReLU6, nn.CELU, nn.GLU,
-               nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Threshold,
-               nn.RReLU, nn.Softmax, nn.LogSoftmax)
-ACTIVATION_FUNCTIONS = {F.gelu, F.silu, torch.tanh, torch.sigmoid, F.elu, F.leaky_relu,
-                        F.softplus, F.hardswish, F.mish, F.relu6, F.selu, F.glu, F.tanh,
-                        F.sigmoid, F.hardtanh, F.hardsigmoid, F.celu, F.prelu, F.rrelu,
-                        F.logsigmoid, F.softsign, F.softmax, F.log_softmax, torch.softmax,
-                        torch.exp, torch.abs}
+ACTIVATIONS = (
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.SELU,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Mish,
+    nn.ReLU6,
+    nn.CELU,
+    nn.GLU,
+    nn.Hardsigmoid,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.RReLU,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
+ACTIVATION_FUNCTIONS = {
+    F.gelu,
+    F.silu,
+    torch.tanh,
+    torch.sigmoid,
+    F.elu,
+    F.leaky_relu,
+    F.softplus,
+    F.hardswish,
+    F.mish,
+    F.relu6,
+    F.selu,
+    F.glu,
+    F.tanh,
+    F.sigmoid,
+    F.hardtanh,
+    F.hardsigmoid,
+    F.celu,
+    F.prelu,
+    F.rrelu,
+    F.logsigmoid,
+    F.softsign,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.exp,
+    torch.abs,
+}
 ACTIVATION_METHODS = {"sigmoid", "tanh", "exp", "abs", "softmax", "sigmoid_", "tanh_", "abs_"}
 #: activations accepted besides ReLU: blocks with them are compressed by the same methods;
 #: only ReLU, LeakyReLU and ReLU6 (piecewise linear) have a certificate
-ACCEPTED_MODULES = {nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu",
-                    nn.Hardswish: "hardswish"}
-ACCEPTED_FUNCTIONS = {F.relu6: "relu6", F.gelu: "gelu", F.silu: "silu",
-                      F.hardswish: "hardswish"}
+ACCEPTED_MODULES = {nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+ACCEPTED_FUNCTIONS = {F.relu6: "relu6", F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish"}
 #: element-wise gates a channel group may pass (squeeze-and-excitation scales): never a
 #: block's activation, no certificate
 GATE_MODULES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
@@ -56,22 +104,67 @@ GATE_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid:
 RESIDUAL_OPS = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 CONCAT_OPS = {torch.cat, torch.concat, torch.stack}
 #: products of two activations or attention: not a fixed linear read of the units
-ATTENTION_OPS = {operator.mul, operator.imul, torch.mul, operator.matmul, torch.matmul,
-                 torch.bmm, torch.einsum, F.scaled_dot_product_attention,
-                 F.multi_head_attention_forward, torch.baddbmm}
+ATTENTION_OPS = {
+    operator.mul,
+    operator.imul,
+    torch.mul,
+    operator.matmul,
+    torch.matmul,
+    torch.bmm,
+    torch.einsum,
+    F.scaled_dot_product_attention,
+    F.multi_head_attention_forward,
+    torch.baddbmm,
+}
 ATTENTION_METHODS = {"mul", "mul_", "matmul", "bmm"}
-ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
-                     nn.TransformerDecoderLayer, nn.Transformer)
+ATTENTION_MODULES = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.Transformer,
+)
 #: ops that move values between channels (or between samples and channels)
-RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.permute, torch.transpose,
-                     torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze,
-                     torch.chunk, torch.split, F.pixel_shuffle, F.pixel_unshuffle,
-                     F.channel_shuffle, torch.roll, torch.flip, torch.t}
-RESHAPE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten",
-                   "squeeze", "unsqueeze", "t", "chunk", "split", "swapaxes", "movedim",
-                   "roll", "flip", "view_as", "reshape_as", "expand", "repeat", "unfold"}
-RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle,
-                   nn.ChannelShuffle)
+RESHAPE_FUNCTIONS = {
+    torch.reshape,
+    torch.flatten,
+    torch.permute,
+    torch.transpose,
+    torch.swapaxes,
+    torch.movedim,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    F.channel_shuffle,
+    torch.roll,
+    torch.flip,
+    torch.t,
+}
+RESHAPE_METHODS = {
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "t",
+    "chunk",
+    "split",
+    "swapaxes",
+    "movedim",
+    "roll",
+    "flip",
+    "view_as",
+    "reshape_as",
+    "expand",
+    "repeat",
+    "unfold",
+}
+RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 #: tensor methods and attributes that read shape or type only (not a use of the values)
 METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "is_contiguous"}
 METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
@@ -178,7 +271,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); blocks are discovered from "
             "the traced graph, so forward() must be traceable (no data-dependent control "
-            "flow, modules registered as submodules)") from exc
+            "flow, modules registered as submodules)"
+        ) from exc
 
 
 def discover(model: nn.Module) -> tuple[list[BlockSpec | GroupSpec], list[Skip]]:
@@ -195,8 +289,11 @@ def discover(model: nn.Module) -> tuple[list[BlockSpec | GroupSpec], list[Skip]]
     found: list[tuple[int, BlockSpec | GroupSpec]] = list(groups)
     skips: list[Skip] = []
     for order, node in enumerate(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], PRODUCERS) \
-                or node.target in grouped:
+        if (
+            node.op != "call_module"
+            or not isinstance(modules[node.target], PRODUCERS)
+            or node.target in grouped
+        ):
             continue
         spec = _follow(node, modules, calls)
         if isinstance(spec, BlockSpec):
@@ -209,8 +306,9 @@ def discover(model: nn.Module) -> tuple[list[BlockSpec | GroupSpec], list[Skip]]
     return [spec for _, spec in sorted(found, key=lambda e: e[0])], skips
 
 
-def _follow(node: fx.Node, modules: dict[str, nn.Module],
-            calls: dict[str, int]) -> BlockSpec | Skip:
+def _follow(
+    node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]
+) -> BlockSpec | Skip:
     """Walk from a producer node to its consumer, or say why the walk stops."""
     name = node.target
     producer = modules[name]
@@ -218,9 +316,13 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
     if calls[name] > 1:
         return Skip(name, f"{name} is called {calls[name]} times (shared weights)")
     if getattr(producer, "groups", 1) != 1:
-        return Skip(name, f"{name} ({type(producer).__name__}) is a grouped or depthwise "
-                          f"convolution (groups={producer.groups}): its units do not all "
-                          "read the same inputs", refused=True)
+        return Skip(
+            name,
+            f"{name} ({type(producer).__name__}) is a grouped or depthwise "
+            f"convolution (groups={producer.groups}): its units do not all "
+            "read the same inputs",
+            refused=True,
+        )
     bn = None
     cur = node
     users = _single_user(cur, name, modules)
@@ -229,16 +331,27 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
     if users.op == "call_module" and isinstance(modules[users.target], BATCHNORMS):
         bn_mod = modules[users.target]
         if not bn_mod.track_running_stats or bn_mod.running_mean is None:
-            return Skip(name, f"{users.target} ({type(bn_mod).__name__}) after {name} has no "
-                              "running statistics to fold", refused=True)
+            return Skip(
+                name,
+                f"{users.target} ({type(bn_mod).__name__}) after {name} has no "
+                "running statistics to fold",
+                refused=True,
+            )
         if calls[users.target] > 1:
-            return Skip(name, f"{users.target} ({type(bn_mod).__name__}) after {name} is "
-                              f"called {calls[users.target]} times: it cannot be folded",
-                        refused=True)
+            return Skip(
+                name,
+                f"{users.target} ({type(bn_mod).__name__}) after {name} is "
+                f"called {calls[users.target]} times: it cannot be folded",
+                refused=True,
+            )
         if bn_mod.num_features != units:
-            return Skip(name, f"{users.target} ({type(bn_mod).__name__}) normalises "
-                              f"{bn_mod.num_features} features, not the {units} units of "
-                              f"{name}", refused=True)
+            return Skip(
+                name,
+                f"{users.target} ({type(bn_mod).__name__}) normalises "
+                f"{bn_mod.num_features} features, not the {units} units of "
+                f"{name}",
+                refused=True,
+            )
         bn = users.target
         cur = users
         users = _single_user(cur, name, modules)
@@ -248,8 +361,9 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
     while (activation := _activation(users, modules)) is None:  # max pools, dropout commute
         if not _is_pre_relu(users, modules):
             first = cur is node or (bn is not None and cur.target == bn)
-            return _stop(name, users, modules, "activation" if first else "op", via=bn,
-                         origin=(node, cur))
+            return _stop(
+                name, users, modules, "activation" if first else "op", via=bn, origin=(node, cur)
+            )
         between.append(_label(users))
         cur = users
         users = _single_user(cur, name, modules)
@@ -262,8 +376,17 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
         if isinstance(nxt, Skip):
             return nxt
         if nxt.op == "call_module" and isinstance(modules[nxt.target], PRODUCERS):
-            return _consumer(name, producer, nxt.target, modules[nxt.target], calls, bn,
-                             tuple(between), flatten, activation)
+            return _consumer(
+                name,
+                producer,
+                nxt.target,
+                modules[nxt.target],
+                calls,
+                bn,
+                tuple(between),
+                flatten,
+                activation,
+            )
         if not _is_pass(nxt, modules):
             return _stop(name, nxt, modules, "op", origin=(node, cur))
         if _is_flatten(nxt, modules):
@@ -272,34 +395,63 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module],
         cur = nxt
 
 
-def _consumer(name: str, producer: nn.Module, target: str, consumer: nn.Module,
-              calls: dict[str, int], bn: str | None, between: tuple[str, ...],
-              flatten: bool, activation: str = "relu") -> BlockSpec | Skip:
+def _consumer(
+    name: str,
+    producer: nn.Module,
+    target: str,
+    consumer: nn.Module,
+    calls: dict[str, int],
+    bn: str | None,
+    between: tuple[str, ...],
+    flatten: bool,
+    activation: str = "relu",
+) -> BlockSpec | Skip:
     """The block ending at consumer ``target``, or why that consumer cannot read the units."""
     units = _units(producer)
     kind = type(consumer).__name__
     if calls[target] > 1:
-        return Skip(name, f"consumer {target} ({kind}) is called {calls[target]} times "
-                          "(shared weights)")
+        return Skip(
+            name, f"consumer {target} ({kind}) is called {calls[target]} times (shared weights)"
+        )
     if getattr(consumer, "groups", 1) != 1:
-        return Skip(name, f"consumer {target} ({kind}) of {name} is a grouped or depthwise "
-                          f"convolution (groups={consumer.groups})", refused=True)
+        return Skip(
+            name,
+            f"consumer {target} ({kind}) of {name} is a grouped or depthwise "
+            f"convolution (groups={consumer.groups})",
+            refused=True,
+        )
     if isinstance(producer, nn.Linear) and isinstance(consumer, nn.Conv2d):
         return Skip(name, f"{name} (Linear) is reshaped into {target} (Conv2d)", refused=True)
     if isinstance(consumer, nn.Conv2d) and consumer.in_channels != units:
-        return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_channels} channels, "
-                          f"not the {units} channels of {name}", refused=True)
+        return Skip(
+            name,
+            f"consumer {target} ({kind}) reads {consumer.in_channels} channels, "
+            f"not the {units} channels of {name}",
+            refused=True,
+        )
     if isinstance(producer, nn.Linear) and consumer.in_features != units:
-        return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_features} features, "
-                          f"not the {units} units of {name}: a reshape on the path mixes "
-                          "units with other dimensions", refused=True)
+        return Skip(
+            name,
+            f"consumer {target} ({kind}) reads {consumer.in_features} features, "
+            f"not the {units} units of {name}: a reshape on the path mixes "
+            "units with other dimensions",
+            refused=True,
+        )
     is_flat = isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear)
     if is_flat and not flatten:
-        return Skip(name, f"no flatten between {name} (Conv2d) and {target} (Linear): the "
-                          "Linear would read the width dimension", refused=True)
+        return Skip(
+            name,
+            f"no flatten between {name} (Conv2d) and {target} (Linear): the "
+            "Linear would read the width dimension",
+            refused=True,
+        )
     if is_flat and consumer.in_features % units:
-        return Skip(name, f"consumer {target} ({kind}) reads {consumer.in_features} features, "
-                          f"not a multiple of the {units} channels of {name}", refused=True)
+        return Skip(
+            name,
+            f"consumer {target} ({kind}) reads {consumer.in_features} features, "
+            f"not a multiple of the {units} channels of {name}",
+            refused=True,
+        )
     return BlockSpec(name, target, bn, between, is_flat, activation)
 
 
@@ -311,12 +463,15 @@ def _is_metadata(node: fx.Node) -> bool:
     """A use that reads only the shape, dtype or device of its input."""
     if node.op == "call_method":
         return node.target in METADATA_METHODS
-    return (node.op == "call_function" and node.target is getattr
-            and len(node.args) > 1 and node.args[1] in METADATA_ATTRS)
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) > 1
+        and node.args[1] in METADATA_ATTRS
+    )
 
 
-def _single_user(node: fx.Node, producer: str,
-                 modules: dict[str, nn.Module]) -> fx.Node | Skip:
+def _single_user(node: fx.Node, producer: str, modules: dict[str, nn.Module]) -> fx.Node | Skip:
     """The one node that uses ``node``'s values, or the Skip of ``producer`` saying why not.
 
     Several users are a residual or branching connection (left alone), unless one of them
@@ -328,17 +483,25 @@ def _single_user(node: fx.Node, producer: str,
     where = producer if node.target == producer else f"{_label(node)} (after {producer})"
     if not users:
         return Skip(producer, f"the output of {where} is unused")
-    attention = [u for u in users if _category(u, modules.get(u.target)
-                                               if u.op == "call_module" else None)
-                 == "attention"]
+    attention = [
+        u
+        for u in users
+        if _category(u, modules.get(u.target) if u.op == "call_module" else None) == "attention"
+    ]
     if attention:
-        return Skip(producer, f"the output of {where} feeds {_kind(attention[0], modules)}, "
-                              "which multiplies activations (attention or gating): not a "
-                              "fixed linear read of the units; left alone")
+        return Skip(
+            producer,
+            f"the output of {where} feeds {_kind(attention[0], modules)}, "
+            "which multiplies activations (attention or gating): not a "
+            "fixed linear read of the units; left alone",
+        )
     kinds = ", ".join(sorted({_label(u) for u in users}))
-    return Skip(producer, f"the output of {where} has {len(users)} users ({kinds}): it "
-                          f"feeds a residual or branching connection, so {producer} keeps "
-                          "its width")
+    return Skip(
+        producer,
+        f"the output of {where} has {len(users)} users ({kinds}): it "
+        f"feeds a residual or branching connection, so {producer} keeps "
+        "its width",
+    )
 
 
 def _label(node: fx.Node) -> str:
@@ -364,8 +527,7 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return type(mod) is nn.ReLU or (type(mod) is nn.LeakyReLU and mod.negative_slope == 0)
     if node.op == "call_function":
         if node.target is F.leaky_relu:
-            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1
-                                    else 0.01)
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
             return slope == 0
         return node.target in RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -383,8 +545,7 @@ def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         return ACCEPTED_MODULES.get(type(mod))
     if node.op == "call_function":
         if node.target is F.leaky_relu:
-            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1
-                                    else 0.01)
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
             return f"leaky_relu:{slope:g}" if isinstance(slope, (int, float)) else None
         return ACCEPTED_FUNCTIONS.get(node.target)
     return None
@@ -418,8 +579,7 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
 
 
-def _attention_ahead(node: fx.Node, modules: dict[str, nn.Module],
-                     hops: int = 6) -> fx.Node | None:
+def _attention_ahead(node: fx.Node, modules: dict[str, nn.Module], hops: int = 6) -> fx.Node | None:
     """The attention op that ``node``'s values reach through at most ``hops`` reshapes,
     index or split ops (a qkv projection's heads), or None."""
     frontier = [node]
@@ -431,8 +591,12 @@ def _attention_ahead(node: fx.Node, modules: dict[str, nn.Module],
                 category = _category(user, mod)
                 if category == "attention":
                     return user
-                if category == "reshape" or user.target in (operator.getitem, torch.unbind,
-                                                            "unbind", "__getitem__"):
+                if category == "reshape" or user.target in (
+                    operator.getitem,
+                    torch.unbind,
+                    "unbind",
+                    "__getitem__",
+                ):
                     nxt.append(user)
         frontier = nxt
     return None
@@ -445,12 +609,17 @@ def _is_token_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         mod = modules[node.target]
         spatial = isinstance(mod, nn.Flatten) and mod.start_dim == 2 and mod.end_dim == -1
     else:
-        spatial = ((node.op == "call_method" and node.target == "flatten")
-                   or (node.op == "call_function" and node.target is torch.flatten)) \
-            and _flatten_args(node) == (2, -1)
+        spatial = (
+            (node.op == "call_method" and node.target == "flatten")
+            or (node.op == "call_function" and node.target is torch.flatten)
+        ) and _flatten_args(node) == (2, -1)
     users = list(node.users)
-    return spatial and len(users) == 1 and users[0].target in ("transpose", torch.transpose) \
+    return (
+        spatial
+        and len(users) == 1
+        and users[0].target in ("transpose", torch.transpose)
         and set(users[0].args[1:3]) in ({1, 2}, {-1, -2}, {1, -1})
+    )
 
 
 def _is_pass(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -510,10 +679,15 @@ def _is_batch_flatten_view(node: fx.Node) -> bool:
         return False
     batch, feat = shape
     if isinstance(batch, fx.Node):  # B rows: the features are necessarily C*H*W
-        return _is_batch_size(batch) and (isinstance(feat, fx.Node) or feat == -1
-                                          or (isinstance(feat, int) and feat > 0))
-    return (isinstance(batch, int) and (batch == -1 or batch > 0)
-            and isinstance(feat, int) and (feat == -1 or feat > 0))
+        return _is_batch_size(batch) and (
+            isinstance(feat, fx.Node) or feat == -1 or (isinstance(feat, int) and feat > 0)
+        )
+    return (
+        isinstance(batch, int)
+        and (batch == -1 or batch > 0)
+        and isinstance(feat, int)
+        and (feat == -1 or feat > 0)
+    )
 
 
 def _is_batch_size(node: fx.Node) -> bool:
@@ -525,13 +699,13 @@ def _is_batch_size(node: fx.Node) -> bool:
         src = node.args[0]
         return isinstance(src, fx.Node) and (
             (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
-            or (src.op == "call_function" and src.target is getattr
-                and src.args[1] == "shape"))
+            or (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+        )
     return False
 
 
 def _spatial_mean(node: fx.Node) -> str | None:
-    """"flatten" for a global average over H and W (``x.mean((2, 3))``), "pool" with
+    """ "flatten" for a global average over H and W (``x.mean((2, 3))``), "pool" with
     keepdim=True, None for any other mean."""
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
@@ -592,8 +766,14 @@ def _is_shortcut(origin: fx.Node, prev: fx.Node, merge: fx.Node) -> bool:
     return False
 
 
-def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
-          via: str | None = None, origin: tuple[fx.Node, fx.Node] | None = None) -> Skip:
+def _stop(
+    name: str,
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    what: str,
+    via: str | None = None,
+    origin: tuple[fx.Node, fx.Node] | None = None,
+) -> Skip:
     """The Skip for a walk from ``name`` that stops at ``node``.
 
     ``what`` is "activation" when ``node`` directly follows the producer (or its
@@ -609,46 +789,90 @@ def _stop(name: str, node: fx.Node, modules: dict[str, nn.Module], what: str,
     category = _category(node, mod)
     source = f"{name} (through {via})" if via else name
     if category == "residual":
-        role = ("is a shortcut (downsample) projection" if origin is not None
-                and _is_shortcut(*origin, node) else "is the last layer of a residual branch")
-        return Skip(name, f"{source} {role}: it feeds a residual addition ({label}), and the "
-                          "residual stream keeps its width")
+        role = (
+            "is a shortcut (downsample) projection"
+            if origin is not None and _is_shortcut(*origin, node)
+            else "is the last layer of a residual branch"
+        )
+        return Skip(
+            name,
+            f"{source} {role}: it feeds a residual addition ({label}), and the "
+            "residual stream keeps its width",
+        )
     if category == "concat":
-        return Skip(name, f"{source} feeds a concatenation ({label}): its units are read "
-                          "by other branches too, so it keeps its width")
+        return Skip(
+            name,
+            f"{source} feeds a concatenation ({label}): its units are read "
+            "by other branches too, so it keeps its width",
+        )
     described = _kind(node, modules)
     if category == "activation":
-        return Skip(name, f"{described} after {name} is not a supported activation (ReLU, "
-                          "LeakyReLU, ReLU6, GELU, SiLU, hard-swish)", refused=True)
+        return Skip(
+            name,
+            f"{described} after {name} is not a supported activation (ReLU, "
+            "LeakyReLU, ReLU6, GELU, SiLU, hard-swish)",
+            refused=True,
+        )
     if category == "attention":
-        return Skip(name, f"{described} after {name} multiplies activations (attention or "
-                          "gating): not a fixed linear read of the units; left alone")
+        return Skip(
+            name,
+            f"{described} after {name} multiplies activations (attention or "
+            "gating): not a fixed linear read of the units; left alone",
+        )
     if category == "reshape":
         attention = _attention_ahead(node, modules)
         if attention is not None:
-            return Skip(name, f"{name} feeds {_kind(attention, modules)} through {described}: "
-                              "attention (query, key, value) is left alone")
+            return Skip(
+                name,
+                f"{name} feeds {_kind(attention, modules)} through {described}: "
+                "attention (query, key, value) is left alone",
+            )
         if _is_token_flatten(node, modules):
-            return Skip(name, f"{described} after {name} turns its channels into the features "
-                              "of tokens (a flatten of H, W); left alone")
-        return Skip(name, f"{described} after {name} is a reshape that mixes channels (only "
-                          "a per-sample flatten of C, H, W is allowed)", refused=True)
+            return Skip(
+                name,
+                f"{described} after {name} turns its channels into the features "
+                "of tokens (a flatten of H, W); left alone",
+            )
+        return Skip(
+            name,
+            f"{described} after {name} is a reshape that mixes channels (only "
+            "a per-sample flatten of C, H, W is allowed)",
+            refused=True,
+        )
     if category == "batchnorm":
         if what == "activation":  # a second BatchNorm directly after the folded one
-            return Skip(name, f"{described} after {source} cannot be folded (only one "
-                              "BatchNorm directly after the producer)", refused=True)
-        return Skip(name, f"{described} after the activation of {name} is not positively "
-                          "homogeneous", refused=True)
+            return Skip(
+                name,
+                f"{described} after {source} cannot be folded (only one "
+                "BatchNorm directly after the producer)",
+                refused=True,
+            )
+        return Skip(
+            name,
+            f"{described} after the activation of {name} is not positively homogeneous",
+            refused=True,
+        )
     if what == "activation" and isinstance(mod, PRODUCERS):
-        return Skip(name, f"{source} feeds {described} with no activation in between (a "
-                          "linear bottleneck): there is no ReLU to compress across",
-                    refused=True)
+        return Skip(
+            name,
+            f"{source} feeds {described} with no activation in between (a "
+            "linear bottleneck): there is no ReLU to compress across",
+            refused=True,
+        )
     if what == "activation":  # before any ReLU only ops that commute with it may sit
-        return Skip(name, f"{described} directly after {source} comes before the ReLU, where "
-                          "only max pools and dropout are allowed (they commute with it; avg "
-                          "pools and flatten only after the ReLU)", refused=True)
-    return Skip(name, f"{described} after {name} is not supported on a block's path (allowed: "
-                      "ReLU, max/avg/adaptive pools, dropout, flatten)", refused=True)
+        return Skip(
+            name,
+            f"{described} directly after {source} comes before the ReLU, where "
+            "only max pools and dropout are allowed (they commute with it; avg "
+            "pools and flatten only after the ReLU)",
+            refused=True,
+        )
+    return Skip(
+        name,
+        f"{described} after {name} is not supported on a block's path (allowed: "
+        "ReLU, max/avg/adaptive pools, dropout, flatten)",
+        refused=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,8 +932,9 @@ def _union(a: _Space, b: _Space, label: str) -> _Space:
     return a
 
 
-def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]
-            ) -> tuple[list[tuple[int, GroupSpec | BlockSpec]], dict[str, Skip], set[str]]:
+def _groups(
+    graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]
+) -> tuple[list[tuple[int, GroupSpec | BlockSpec]], dict[str, Skip], set[str]]:
     """Channel groups of the traced graph: (forward position, spec) of every group that can
     be merged (and of linear bottlenecks, blocks without an activation), the Skip of every
     producer of a group that cannot, and the depthwise convolutions that are members of a
@@ -737,13 +962,16 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
             if has_input:
                 src = node.args[0]
                 if calls[node.target] > 1:
-                    block_inputs(node, f"is read by {node.target}, which is called "
-                                       f"{calls[node.target]} times")
+                    block_inputs(
+                        node,
+                        f"is read by {node.target}, which is called {calls[node.target]} times",
+                    )
                 else:
                     for i, (space, _) in enumerate(segs[src]):
                         if space is not None:
                             space.find().consumers.append(
-                                (order, node.target, segs[src], i, src in flat))
+                                (order, node.target, segs[src], i, src in flat)
+                            )
             if calls[node.target] == 1:
                 space = _Space(_units(mod), order)
                 space.producers.append((order, Producer(node.target, None)))
@@ -757,22 +985,35 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
         label = _kind(node, modules)
         if isinstance(mod, nn.Conv2d):  # grouped (a plain conv is a producer, above)
             depthwise = mod.groups == mod.in_channels == mod.out_channels
-            if depthwise and src in segs and len(segs[src]) == 1 \
-                    and segs[src][0][0] is not None and calls[node.target] == 1:
+            if (
+                depthwise
+                and src in segs
+                and len(segs[src]) == 1
+                and segs[src][0][0] is not None
+                and calls[node.target] == 1
+            ):
                 space = segs[src][0][0].find()
                 space.channelwise.append((order, Producer(node.target, None)))
                 layer_of[node] = space.channelwise[-1][1]
                 segs[node] = segs[src]
             else:
-                block_inputs(node, f"is read by {label}, a grouped convolution "
-                                   f"(groups={mod.groups})", refused=True)
+                block_inputs(
+                    node,
+                    f"is read by {label}, a grouped convolution (groups={mod.groups})",
+                    refused=True,
+                )
             continue
         if isinstance(mod, BATCHNORMS):
             users = [u for u in src.users if not _is_metadata(u)] if src is not None else []
             owner = layer_of.get(src)
-            if (owner is not None and users == [node] and calls[node.target] == 1
-                    and mod.track_running_stats and mod.running_mean is not None
-                    and mod.num_features == segs[src][0][1]):
+            if (
+                owner is not None
+                and users == [node]
+                and calls[node.target] == 1
+                and mod.track_running_stats
+                and mod.running_mean is not None
+                and mod.num_features == segs[src][0][1]
+            ):
                 space = segs[src][0][0].find()
                 for entries in (space.producers, space.channelwise):
                     for j, (pos, p) in enumerate(entries):
@@ -780,12 +1021,19 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
                             entries[j] = (pos, Producer(p.layer, node.target))
                 segs[node] = segs[src]
             else:
-                block_inputs(node, f"passes through {label} away from its producer (a "
-                                   "BatchNorm is folded only directly after the producer)")
+                block_inputs(
+                    node,
+                    f"passes through {label} away from its producer (a "
+                    "BatchNorm is folded only directly after the producer)",
+                )
             continue
         activation = _activation(node, modules) or _gate(node, modules)
-        if activation is not None or _is_pass(node, modules) or _is_pre_relu(node, modules) \
-                or _label(node) == "stochastic_depth":  # (torchvision: identity in eval)
+        if (
+            activation is not None
+            or _is_pass(node, modules)
+            or _is_pre_relu(node, modules)
+            or _label(node) == "stochastic_depth"
+        ):  # (torchvision: identity in eval)
             if src not in segs:
                 continue
             if activation is not None:
@@ -801,18 +1049,20 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
         category = _category(node, mod)
         is_add = category == "residual"
         is_mul = (node.op == "call_function" and node.target in MUL_OPS) or (
-            node.op == "call_method" and node.target in ("mul", "mul_"))
+            node.op == "call_method" and node.target in ("mul", "mul_")
+        )
         if is_add or is_mul:
             operands = list(node.args[:2])
-            if len(operands) == 2 and all(isinstance(a, fx.Node) and a in segs
-                                          for a in operands) \
-                    and [w for _, w in segs[operands[0]]] == [w for _, w in segs[operands[1]]]:
+            if (
+                len(operands) == 2
+                and all(isinstance(a, fx.Node) and a in segs for a in operands)
+                and [w for _, w in segs[operands[0]]] == [w for _, w in segs[operands[1]]]
+            ):
                 for (s1, _), (s2, _) in zip(segs[operands[0]], segs[operands[1]], strict=True):
                     if s1 is None or s2 is None:
                         for space in (s1, s2):
                             if space is not None:
-                                space.block(f"is combined by {label} with channels of no "
-                                            "layer")
+                                space.block(f"is combined by {label} with channels of no layer")
                         continue
                     root = _union(s1, s2, label)
                     root.ops.append(_label(node))
@@ -822,8 +1072,7 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
                     flat.add(node)
             else:
                 what = "added to" if is_add else "multiplied by"
-                block_inputs(node, f"is {what} a tensor that is not a layer's channels "
-                                   f"({label})")
+                block_inputs(node, f"is {what} a tensor that is not a layer's channels ({label})")
             continue
         if category == "concat" and node.target is not torch.stack:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
@@ -831,35 +1080,49 @@ def _groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int
             if dim in (1, -3) and isinstance(parts, (list, tuple)):
                 joined: list[tuple[_Space | None, int | None]] = []
                 for part in parts:
-                    joined += list(segs.get(part, ((None, None),))) \
-                        if isinstance(part, fx.Node) else [(None, None)]
+                    joined += (
+                        list(segs.get(part, ((None, None),)))
+                        if isinstance(part, fx.Node)
+                        else [(None, None)]
+                    )
                 for space, _ in joined:
                     if space is not None:
                         space.find().ops.append(_label(node))
                 segs[node] = tuple(joined)
                 continue
-            block_inputs(node, f"is concatenated by {label} along dimension {dim}, not the "
-                               "channels")
+            block_inputs(
+                node, f"is concatenated by {label} along dimension {dim}, not the channels"
+            )
             continue
         reasons = {
-            "attention": (f"is read by {label}, which multiplies activations (attention or "
-                          "gating); left alone", False),
+            "attention": (
+                f"is read by {label}, which multiplies activations (attention or "
+                "gating); left alone",
+                False,
+            ),
             "reshape": (f"is reshaped by {label}, which mixes channels", False),
             "activation": (f"passes through {label}, not a supported activation", True),
             "batchnorm": (f"passes through {label}", False),
         }
-        if isinstance(mod, nn.LayerNorm) or (node.op == "call_function"
-                                             and node.target is F.layer_norm):
+        if isinstance(mod, nn.LayerNorm) or (
+            node.op == "call_function" and node.target is F.layer_norm
+        ):
             reason = (f"is normalised by {label}, which mixes channels; left alone", False)
         else:
-            reason = reasons.get(category, (f"is read by {label}, which is not supported on a "
-                                            "channel group; left alone", False))
+            reason = reasons.get(
+                category,
+                (
+                    f"is read by {label}, which is not supported on a channel group; left alone",
+                    False,
+                ),
+            )
         block_inputs(node, *reason)
     return _finish(spaces, modules)
 
 
-def _finish(spaces: list[_Space], modules: dict[str, nn.Module]
-            ) -> tuple[list[tuple[int, GroupSpec | BlockSpec]], dict[str, Skip], set[str]]:
+def _finish(
+    spaces: list[_Space], modules: dict[str, nn.Module]
+) -> tuple[list[tuple[int, GroupSpec | BlockSpec]], dict[str, Skip], set[str]]:
     """Turn the analysed spaces into GroupSpecs (or Skips of their producers)."""
     roots = list(dict.fromkeys(s.find() for s in spaces))
     for root in roots:  # checks on the readers
@@ -882,8 +1145,9 @@ def _finish(spaces: list[_Space], modules: dict[str, nn.Module]
             else:
                 bad = nn.Conv2d in kinds or (total is not None and mod.in_features != total)
             if bad:
-                root.block(f"is read by {layer} ({type(mod).__name__}) in a layout other "
-                           "than its channels")
+                root.block(
+                    f"is read by {layer} ({type(mod).__name__}) in a layout other than its channels"
+                )
     names = {root: root.producers[0][1].layer for root in roots if root.blocked is None}
     groups: list[tuple[int, GroupSpec | BlockSpec]] = []
     skips: dict[str, Skip] = {}
@@ -895,24 +1159,43 @@ def _finish(spaces: list[_Space], modules: dict[str, nn.Module]
             reason, refused = root.blocked
             for p in producers:
                 rest = [o for o in others if o != p.layer]
-                head = (f"{p.layer} writes into a channel group with {', '.join(rest[:3])}"
-                        f"{', ...' if len(rest) > 3 else ''} that" if rest
-                        else f"the channel group of {p.layer}")
+                head = (
+                    f"{p.layer} writes into a channel group with {', '.join(rest[:3])}"
+                    f"{', ...' if len(rest) > 3 else ''} that"
+                    if rest
+                    else f"the channel group of {p.layer}"
+                )
                 skips[p.layer] = Skip(p.layer, f"{head} {reason}", refused)
             continue
         consumers = []
         for _, layer, seg, index, flatten in sorted(root.consumers, key=lambda e: e[0]):
-            resolved = tuple((names.get(s.find()) if s is not None else None,
-                              None if s is not None and s.find() in names else w)
-                             for s, w in seg)
+            resolved = tuple(
+                (
+                    names.get(s.find()) if s is not None else None,
+                    None if s is not None and s.find() in names else w,
+                )
+                for s, w in seg
+            )
             consumers.append(Consumer(layer, resolved, index, flatten))
         channelwise = tuple(p for _, p in sorted(root.channelwise, key=lambda e: e[0]))
-        simple = (len(producers) == 1 and len(consumers) == 1 and not channelwise
-                  and len(consumers[0].segments) == 1 and not root.gated and not root.ops)
+        simple = (
+            len(producers) == 1
+            and len(consumers) == 1
+            and not channelwise
+            and len(consumers[0].segments) == 1
+            and not root.gated
+            and not root.ops
+        )
         if simple and not root.acts:  # a linear bottleneck: producer [-> BN] -> consumer
             c = consumers[0]
-            groups.append((root.order, BlockSpec(producers[0].layer, c.layer, producers[0].bn,
-                                                 (), c.flatten, "identity")))
+            groups.append(
+                (
+                    root.order,
+                    BlockSpec(
+                        producers[0].layer, c.layer, producers[0].bn, (), c.flatten, "identity"
+                    ),
+                )
+            )
             continue
         if simple:
             continue  # a plain chain with an activation: the block walk decides
@@ -920,14 +1203,33 @@ def _finish(spaces: list[_Space], modules: dict[str, nn.Module]
         plain = not channelwise and not root.gated
         if plain and acts <= {"relu"}:  # positively homogeneous: sums keep the certificate
             activation = "relu" if acts else "identity"
-        elif plain and len(acts) == 1 and (len(producers) == 1
-                                           or next(iter(acts)).startswith("leaky_relu:")):
+        elif (
+            plain
+            and len(acts) == 1
+            and (len(producers) == 1 or next(iter(acts)).startswith("leaky_relu:"))
+        ):
             activation = next(iter(acts))  # (ReLU6's clipping term holds for one producer)
         else:  # named by its parts; "sum": a non-homogeneous activation in a sum
-            activation = "+".join(sorted(acts) + ["depthwise"] * bool(channelwise)
-                                  + ["gated"] * root.gated
-                                  + ["sum"] * (len(producers) > 1)) or "identity"
+            activation = (
+                "+".join(
+                    sorted(acts)
+                    + ["depthwise"] * bool(channelwise)
+                    + ["gated"] * root.gated
+                    + ["sum"] * (len(producers) > 1)
+                )
+                or "identity"
+            )
         members.update(p.layer for p in channelwise)
-        groups.append((root.order, GroupSpec(tuple(producers), tuple(consumers), channelwise,
-                                             activation, tuple(dict.fromkeys(root.ops)))))
+        groups.append(
+            (
+                root.order,
+                GroupSpec(
+                    tuple(producers),
+                    tuple(consumers),
+                    channelwise,
+                    activation,
+                    tuple(dict.fromkeys(root.ops)),
+                ),
+            )
+        )
     return groups, skips, members

@@ -71,9 +71,15 @@ class ModelFileError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None,
-               zoo_config: Mapping[str, Any] | None = None, trust_pickle: bool = False,
-               trust_code: bool = False, random_init: bool = False) -> nn.Module:
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    zoo_config: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    random_init: bool = False,
+) -> nn.Module:
     """Load a model from any supported form (see the module docstring).
 
     ``spec`` is a directory written by :func:`save`, a pickled-module file, a zoo network name
@@ -98,14 +104,18 @@ def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] 
     else:
         raise ModelFileError(
             f"model {text!r} not found: it is neither an existing file or directory, nor a zoo "
-            f"network ({', '.join(zoo.names())}), nor a package.module:factory path")
+            f"network ({', '.join(zoo.names())}), nor a package.module:factory path"
+        )
     if weights is None:
         if random_init:
             return model.eval()
-        raise ModelFileError(f"model {text!r} gives only the architecture: pass its weights "
-                             "(--weights FILE, a .safetensors or .pt state_dict)")
-    load_weights(model, read_state_dict(weights, trust_pickle=trust_pickle), source=weights,
-                 what=text)
+        raise ModelFileError(
+            f"model {text!r} gives only the architecture: pass its weights "
+            "(--weights FILE, a .safetensors or .pt state_dict)"
+        )
+    load_weights(
+        model, read_state_dict(weights, trust_pickle=trust_pickle), source=weights, what=text
+    )
     return model.eval()
 
 
@@ -113,12 +123,12 @@ def names_code(spec: str | os.PathLike[str]) -> bool:
     """True when loading ``spec`` imports and calls code: a ``package.module:factory`` path
     (not an existing file or a zoo name)."""
     text = os.fspath(spec)
-    return (text not in zoo.names() and _FACTORY.match(text) is not None
-            and not Path(text).exists())
+    return text not in zoo.names() and _FACTORY.match(text) is not None and not Path(text).exists()
 
 
-def read_state_dict(path: str | os.PathLike[str], *,
-                    trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file or a ``torch.save`` state_dict, on the CPU.
 
     Checkpoints that wrap the state_dict under ``state_dict``/``model_state_dict``/``model``
@@ -129,27 +139,36 @@ def read_state_dict(path: str | os.PathLike[str], *,
         try:
             return load_file(str(path), device="cpu")
         except SafetensorError as exc:
-            raise ModelFileError(f"{path}: corrupt or truncated safetensors file "
-                                 f"({exc})") from None
+            raise ModelFileError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     state = _as_state_dict(obj)
     if state is None:
-        raise ModelFileError(f"{path}: expected a state_dict (a mapping from parameter names to "
-                             f"tensors), found {_describe_object(obj)}")
+        raise ModelFileError(
+            f"{path}: expected a state_dict (a mapping from parameter names to "
+            f"tensors), found {_describe_object(obj)}"
+        )
     return state
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
-                 source: str | os.PathLike[str], what: str) -> None:
+def load_weights(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str | os.PathLike[str],
+    what: str,
+) -> None:
     """Load ``state`` into ``model`` after checking names and shapes; ModelFileError naming
     ``source`` and every mismatch otherwise. The model takes the file's floating dtype."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the "
-              "model" for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {_some(missing)}")
@@ -159,11 +178,16 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
         problems.append(f"shape mismatch: {_some(shapes)}")
     if problems:
         raise ModelFileError(f"{os.fspath(source)} does not match {what}: {'; '.join(problems)}")
-    not_float = [f"{k} is {state[k].dtype}" for k in expected
-                 if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    not_float = [
+        f"{k} is {state[k].dtype}"
+        for k in expected
+        if expected[k].is_floating_point() and not state[k].is_floating_point()
+    ]
     if not_float:
-        raise ModelFileError(f"{os.fspath(source)}: {_some(not_float)}; {what} needs "
-                             "floating-point weights: convert the file (e.g. to float32)")
+        raise ModelFileError(
+            f"{os.fspath(source)}: {_some(not_float)}; {what} needs "
+            "floating-point weights: convert the file (e.g. to float32)"
+        )
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())
@@ -190,22 +214,30 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFileError(f"{file}: not a tropnnc manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ModelFileError(f"{file}: unknown manifest format version {version!r} (this is "
-                             f"tropnnc {_version()}, which reads version {FORMAT_VERSION})")
+        raise ModelFileError(
+            f"{file}: unknown manifest format version {version!r} (this is "
+            f"tropnnc {_version()}, which reads version {FORMAT_VERSION})"
+        )
     for key in ("architecture", "layers", "weights"):
         if not isinstance(manifest.get(key), dict):
-            raise ModelFileError(f"{file}: corrupt manifest ({key!r} must be a JSON object, "
-                                 f"found {type(manifest.get(key)).__name__})")
+            raise ModelFileError(
+                f"{file}: corrupt manifest ({key!r} must be a JSON object, "
+                f"found {type(manifest.get(key)).__name__})"
+            )
     layers = manifest["layers"]
     bad = [name for name, rec in layers.items() if not isinstance(rec, dict)]
     if bad:
-        raise ModelFileError(f"{file}: corrupt manifest ('layers' entry {bad[0]!r} is not an "
-                             "object describing the layer)")
+        raise ModelFileError(
+            f"{file}: corrupt manifest ('layers' entry {bad[0]!r} is not an "
+            "object describing the layer)"
+        )
     weights = manifest["weights"]
     for key in ("file", "sha256"):
         if not isinstance(weights.get(key), str):
-            raise ModelFileError(f"{file}: corrupt manifest ('weights' has no {key!r} string; "
-                                 "the weights file and its sha256 must both be recorded)")
+            raise ModelFileError(
+                f"{file}: corrupt manifest ('weights' has no {key!r} string; "
+                "the weights file and its sha256 must both be recorded)"
+            )
     _inside(folder, weights["file"], file, "weights.file")
     arch = manifest["architecture"]
     if arch.get("kind") == "pickle":
@@ -218,15 +250,21 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _inside(folder: Path, name: str, manifest: Path, key: str) -> Path:
     """``folder / name``, refused unless it is a file name directly inside ``folder``."""
     path = folder / name
-    if Path(name).name != name or name in ("", ".", "..") or \
-            path.resolve().parent != folder.resolve():
-        raise ModelFileError(f"{manifest}: {key} {name!r} points outside the model directory; "
-                             "a manifest may only name files inside its own directory")
+    if (
+        Path(name).name != name
+        or name in ("", ".", "..")
+        or path.resolve().parent != folder.resolve()
+    ):
+        raise ModelFileError(
+            f"{manifest}: {key} {name!r} points outside the model directory; "
+            "a manifest may only name files inside its own directory"
+        )
     return path
 
 
-def load(path: str | os.PathLike[str], *, trust_pickle: bool = False,
-         trust_code: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False, trust_code: bool = False
+) -> nn.Module:
     """Rebuild a model saved by :func:`save` (in eval mode, on the CPU).
 
     Builds the original architecture from the manifest, replaces every layer whose recorded
@@ -239,8 +277,10 @@ def load(path: str | os.PathLike[str], *, trust_pickle: bool = False,
     weights = folder / manifest["weights"]["file"]
     _existing_file(weights, "weights file")
     if _sha256(weights) != manifest["weights"]["sha256"]:
-        raise ModelFileError(f"{weights} does not match {folder / MANIFEST} (sha256 differs): "
-                             "the file was modified, truncated or replaced")
+        raise ModelFileError(
+            f"{weights} does not match {folder / MANIFEST} (sha256 differs): "
+            "the file was modified, truncated or replaced"
+        )
     arch = manifest["architecture"]
     kind = arch.get("kind") if isinstance(arch, dict) else None
     if kind == "zoo":
@@ -250,7 +290,8 @@ def load(path: str | os.PathLike[str], *, trust_pickle: bool = False,
         if not trust_code:
             raise ModelFileError(
                 f"{folder / MANIFEST} names the factory {arch['factory']}: loading it imports "
-                "and runs that code; pass trust_code=True (--trust-code) if you trust it")
+                "and runs that code; pass trust_code=True (--trust-code) if you trust it"
+            )
         model = _call_factory(arch["factory"], arch.get("config"))
         what = f"factory {arch['factory']}"
     elif kind == "pickle":
@@ -260,8 +301,12 @@ def load(path: str | os.PathLike[str], *, trust_pickle: bool = False,
         raise ModelFileError(f"{folder / MANIFEST}: unknown architecture kind {kind!r}")
     if kind != "pickle":
         model = _reshape(model, manifest["layers"], folder / MANIFEST, what)
-    load_weights(model, read_state_dict(weights), source=weights,
-                 what=f"the layers recorded in {folder / MANIFEST}")
+    load_weights(
+        model,
+        read_state_dict(weights),
+        source=weights,
+        what=f"the layers recorded in {folder / MANIFEST}",
+    )
     if manifest.get("input_shape") and getattr(model, "input_shape", None) is None:
         model.input_shape = tuple(manifest["input_shape"])
     return model.eval()
@@ -294,8 +339,9 @@ def _call_factory(path: str, config: Mapping[str, Any] | None) -> nn.Module:
     except Exception as exc:
         raise ModelFileError(f"factory {path} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise ModelFileError(f"factory {path} returned {_describe_object(model)}, not a "
-                             "torch.nn.Module")
+        raise ModelFileError(
+            f"factory {path} returned {_describe_object(model)}, not a torch.nn.Module"
+        )
     model.tropnnc_factory = path
     model.tropnnc_factory_config = dict(config or {})
     return model
@@ -306,37 +352,45 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj
     if _as_state_dict(obj) is not None:
-        raise ModelFileError(f"{path} holds a state_dict (weights only): name the architecture "
-                             f"too, e.g. --model NETWORK --weights {path}")
+        raise ModelFileError(
+            f"{path} holds a state_dict (weights only): name the architecture "
+            f"too, e.g. --model NETWORK --weights {path}"
+        )
     raise ModelFileError(f"{path}: expected a torch.nn.Module, found {_describe_object(obj)}")
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """``torch.load`` with ``weights_only=True``; the full unpickler only with trust_pickle."""
     if _is_safetensors(path):
-        raise ModelFileError(f"{path} holds weights only (safetensors): name the architecture "
-                             f"too, e.g. --model NETWORK --weights {path}")
+        raise ModelFileError(
+            f"{path} holds weights only (safetensors): name the architecture "
+            f"too, e.g. --model NETWORK --weights {path}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found is None:
-            raise ModelFileError(f"{path}: corrupt or unreadable PyTorch file "
-                                 f"({_first_line(exc)})") from None
+            raise ModelFileError(
+                f"{path}: corrupt or unreadable PyTorch file ({_first_line(exc)})"
+            ) from None
         if not trust_pickle:
             raise ModelFileError(
                 f"{path} is a pickle of Python objects ({found.group(1)}), not just tensors; it "
                 "was not loaded because unpickling can run arbitrary code: pass --trust-pickle "
-                "(trust_pickle=True) only for files you trust") from None
+                "(trust_pickle=True) only for files you trust"
+            ) from None
     except Exception as exc:  # truncated zip archives, wrong magic numbers, ...
-        raise ModelFileError(f"{path}: corrupt or truncated PyTorch file "
-                             f"({_first_line(exc)})") from None
+        raise ModelFileError(
+            f"{path}: corrupt or truncated PyTorch file ({_first_line(exc)})"
+        ) from None
     log.warning("unpickling %s with trust_pickle=True", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelFileError(f"{path}: cannot unpickle ({type(exc).__name__}: "
-                             f"{_first_line(exc)})") from None
+        raise ModelFileError(
+            f"{path}: cannot unpickle ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -362,8 +416,9 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _reshape(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], manifest: Path,
-             what: str) -> nn.Module:
+def _reshape(
+    model: nn.Module, layers: Mapping[str, Mapping[str, Any]], manifest: Path, what: str
+) -> nn.Module:
     """Replace every layer of ``model`` whose description differs from the recorded one."""
     for path, record in layers.items():
         try:
@@ -383,14 +438,25 @@ def _reshape(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], manifest
 def _layer_record(module: nn.Module) -> dict[str, Any] | None:
     """The JSON description of a Linear, Conv2d or Identity layer (None for other modules)."""
     if type(module) is nn.Linear:
-        return {"class": "Linear", "in_features": module.in_features,
-                "out_features": module.out_features, "bias": module.bias is not None}
+        return {
+            "class": "Linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
     if type(module) is nn.Conv2d:
-        return {"class": "Conv2d", "in_channels": module.in_channels,
-                "out_channels": module.out_channels, "kernel_size": list(module.kernel_size),
-                "stride": list(module.stride), "padding": jsonable(module.padding),
-                "dilation": list(module.dilation), "groups": module.groups,
-                "bias": module.bias is not None, "padding_mode": module.padding_mode}
+        return {
+            "class": "Conv2d",
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": list(module.kernel_size),
+            "stride": list(module.stride),
+            "padding": jsonable(module.padding),
+            "dilation": list(module.dilation),
+            "groups": module.groups,
+            "bias": module.bias is not None,
+            "padding_mode": module.padding_mode,
+        }
     if type(module) is nn.Identity:
         return {"class": "Identity"}
     return None
@@ -399,30 +465,42 @@ def _layer_record(module: nn.Module) -> dict[str, Any] | None:
 def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module:
     """An uninitialized layer of the recorded shape (its weights are loaded next)."""
     kind = record.get("class")
-    sizes = {k: v for k, v in record.items()
-             if k in ("in_features", "out_features", "in_channels", "out_channels", "groups")}
-    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int)
-           or v < 1}
+    sizes = {
+        k: v
+        for k, v in record.items()
+        if k in ("in_features", "out_features", "in_channels", "out_channels", "groups")
+    }
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
-        raise ModelFileError(f"{manifest}: bad record for layer {path!r} (sizes must be "
-                             f"positive integers, got {bad})")
+        raise ModelFileError(
+            f"{manifest}: bad record for layer {path!r} (sizes must be "
+            f"positive integers, got {bad})"
+        )
     try:
         if kind == "Linear":
-            return nn.utils.skip_init(nn.Linear, record["in_features"], record["out_features"],
-                                      bias=record["bias"])
+            return nn.utils.skip_init(
+                nn.Linear, record["in_features"], record["out_features"], bias=record["bias"]
+            )
         if kind == "Conv2d":
             padding = record["padding"]
             return nn.utils.skip_init(
-                nn.Conv2d, record["in_channels"], record["out_channels"],
-                tuple(record["kernel_size"]), tuple(record["stride"]),
+                nn.Conv2d,
+                record["in_channels"],
+                record["out_channels"],
+                tuple(record["kernel_size"]),
+                tuple(record["stride"]),
                 padding if isinstance(padding, str) else tuple(padding),
-                tuple(record["dilation"]), record["groups"], record["bias"],
-                record["padding_mode"])
+                tuple(record["dilation"]),
+                record["groups"],
+                record["bias"],
+                record["padding_mode"],
+            )
         if kind == "Identity":
             return nn.Identity()
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(f"{manifest}: bad record for layer {path!r} "
-                             f"({type(exc).__name__}: {exc})") from None
+        raise ModelFileError(
+            f"{manifest}: bad record for layer {path!r} ({type(exc).__name__}: {exc})"
+        ) from None
     raise ModelFileError(f"{manifest}: layer {path!r} has unknown class {kind!r}")
 
 
@@ -434,17 +512,28 @@ def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module
 def architecture_of(model: nn.Module) -> dict[str, Any] | None:
     """How to rebuild ``model``'s original architecture without pickle, or None if unknown."""
     if getattr(model, "zoo_name", None) in zoo.names():
-        return {"kind": "zoo", "name": model.zoo_name,
-                "config": jsonable(getattr(model, "zoo_config", {}))}
+        return {
+            "kind": "zoo",
+            "name": model.zoo_name,
+            "config": jsonable(getattr(model, "zoo_config", {})),
+        }
     if isinstance(getattr(model, "tropnnc_factory", None), str):
-        return {"kind": "factory", "factory": model.tropnnc_factory,
-                "config": jsonable(getattr(model, "tropnnc_factory_config", {}))}
+        return {
+            "kind": "factory",
+            "factory": model.tropnnc_factory,
+            "config": jsonable(getattr(model, "tropnnc_factory_config", {})),
+        }
     return None
 
 
-def save(obj: CompressionResult | nn.Module, path: str | os.PathLike[str], *,
-         overwrite: bool = False, settings: Mapping[str, Any] | None = None,
-         extra: Mapping[str, Any] | None = None) -> Path:
+def save(
+    obj: CompressionResult | nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    settings: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write a compressed (or any) model to the directory ``path``; return its path.
 
     ``obj`` is a :class:`~tropnnc.api.CompressionResult` (its report and plan are written
@@ -459,17 +548,22 @@ def save(obj: CompressionResult | nn.Module, path: str | os.PathLike[str], *,
     result = obj if isinstance(obj, CompressionResult) else None
     model = result.model if result is not None else obj
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save: expected a CompressionResult or torch.nn.Module, got "
-                        f"{type(obj).__name__}")
+        raise TypeError(
+            f"save: expected a CompressionResult or torch.nn.Module, got {type(obj).__name__}"
+        )
     target = Path(path)
     arch = architecture_of(model)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    layers = {name: rec for name, mod in model.named_modules()
-              if (rec := _layer_record(mod)) is not None}
+    layers = {
+        name: rec for name, mod in model.named_modules() if (rec := _layer_record(mod)) is not None
+    }
     plan = None
     if result is not None:
-        plan = {**dict(settings or {}), **result.to_dict(),
-                "widths": {b.layer: b.units_after for b in result.blocks}}
+        plan = {
+            **dict(settings or {}),
+            **result.to_dict(),
+            "widths": {b.layer: b.units_after for b in result.blocks},
+        }
     input_shape = getattr(model, "input_shape", None)
     with staged(target, overwrite=overwrite, directory=True) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -479,21 +573,32 @@ def save(obj: CompressionResult | nn.Module, path: str | os.PathLike[str], *,
             except Exception as exc:
                 raise ModelFileError(
                     f"cannot save {target}: the model was built neither by tropnnc.zoo nor by a "
-                    f"factory, and pickling it failed ({type(exc).__name__}: {exc})") from None
+                    f"factory, and pickling it failed ({type(exc).__name__}: {exc})"
+                ) from None
             arch = {"kind": "pickle", "file": PICKLED}
-            log.warning("%s: the model has no zoo or factory description; its architecture is "
-                        "pickled to %s (loading needs trust_pickle)", target, PICKLED)
+            log.warning(
+                "%s: the model has no zoo or factory description; its architecture is "
+                "pickled to %s (loading needs trust_pickle)",
+                target,
+                PICKLED,
+            )
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "architecture": arch,
             "input_shape": None if input_shape is None else list(input_shape),
             "layers": layers,
-            "weights": {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS),
-                        "dtypes": sorted({str(v.dtype) for v in state.values()})},
+            "weights": {
+                "file": WEIGHTS,
+                "sha256": _sha256(tmp / WEIGHTS),
+                "dtypes": sorted({str(v.dtype) for v in state.values()}),
+            },
             "compression": plan,
-            "versions": {"tropnnc": _version(), "torch": torch.__version__,
-                         "python": platform.python_version()},
+            "versions": {
+                "tropnnc": _version(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }
         if extra:
             manifest["extra"] = dict(extra)
@@ -506,8 +611,9 @@ def save(obj: CompressionResult | nn.Module, path: str | os.PathLike[str], *,
 
 
 @contextlib.contextmanager
-def staged(path: str | os.PathLike[str], *, overwrite: bool = False,
-           directory: bool = True) -> Iterator[Path]:
+def staged(
+    path: str | os.PathLike[str], *, overwrite: bool = False, directory: bool = True
+) -> Iterator[Path]:
     """Stage an output next to ``path`` and move it into place when the block succeeds.
 
     Yields a fresh temporary directory (``directory=True``, renamed to ``path``) or a
@@ -524,11 +630,13 @@ def staged(path: str | os.PathLike[str], *, overwrite: bool = False,
     try:
         created = _make_parents(target.parent)
         if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=_stage_prefix(target), suffix=".tmp",
-                                        dir=target.parent))
+            tmp = Path(
+                tempfile.mkdtemp(prefix=_stage_prefix(target), suffix=".tmp", dir=target.parent)
+            )
         else:
-            fd, name = tempfile.mkstemp(prefix=_stage_prefix(target),
-                                        suffix=f".tmp{target.suffix}", dir=target.parent)
+            fd, name = tempfile.mkstemp(
+                prefix=_stage_prefix(target), suffix=f".tmp{target.suffix}", dir=target.parent
+            )
             os.close(fd)
             tmp = Path(name)
         yield tmp
@@ -545,8 +653,9 @@ def staged(path: str | os.PathLike[str], *, overwrite: bool = False,
                     folder.rmdir()
 
 
-def check_output(path: str | os.PathLike[str], *, overwrite: bool = False,
-                 directory: bool = True) -> None:
+def check_output(
+    path: str | os.PathLike[str], *, overwrite: bool = False, directory: bool = True
+) -> None:
     """Fail early when ``path`` cannot be written (exists without overwrite, wrong kind)."""
     target = Path(path)
     if not (target.exists() or target.is_symlink()):
@@ -562,8 +671,10 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool = False,
         if not target.is_dir():
             raise ModelFileError(f"cannot overwrite {target}: it is not a directory")
         if any(target.iterdir()) and not (target / MANIFEST).is_file():
-            raise ModelFileError(f"refusing to overwrite {target}: it is neither empty nor a "
-                                 f"tropnnc model directory (no {MANIFEST})")
+            raise ModelFileError(
+                f"refusing to overwrite {target}: it is neither empty nor a "
+                f"tropnnc model directory (no {MANIFEST})"
+            )
     elif target.is_dir():
         raise ModelFileError(f"cannot overwrite {target}: it is a directory")
 
@@ -627,8 +738,7 @@ def clean_stale(path: str | os.PathLike[str]) -> None:
             if previous.exists() and not (target.exists() or target.is_symlink()):
                 with contextlib.suppress(OSError):
                     os.rename(previous, target)
-                    log.warning("restored %s from %s, left by an interrupted run", target,
-                                entry)
+                    log.warning("restored %s from %s, left by an interrupted run", target, entry)
         log.info("removing %s, left by an interrupted run", entry)
         _remove(entry)
 
@@ -663,8 +773,9 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), str(b))
 
 
-def check_not_input(out: str | os.PathLike[str],
-                    inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+def check_not_input(
+    out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]
+) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (what -> path;
     paths that do not exist, like zoo names, are ignored): writing or replacing it would
     destroy or change an input."""
@@ -681,8 +792,10 @@ def check_not_input(out: str | os.PathLike[str],
             relation = "lies inside"
         else:
             continue
-        raise ModelFileError(f"output {out} {relation} the input {what} {given}: writing it "
-                             "would destroy or change that input; choose another --out")
+        raise ModelFileError(
+            f"output {out} {relation} the input {what} {given}: writing it "
+            "would destroy or change that input; choose another --out"
+        )
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -746,8 +859,11 @@ def jsonable(obj: Any) -> Any:
 def _write_json(path: Path, data: Any) -> None:
     """Indented JSON with lists of numbers kept on one line each."""
     text = json.dumps(jsonable(data), indent=1, allow_nan=False)
-    text = re.sub(r'\[\n\s*([^\[\]{}"]*?)\n\s*\]',
-                  lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+    text = re.sub(
+        r'\[\n\s*([^\[\]{}"]*?)\n\s*\]',
+        lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]",
+        text,
+    )
     path.write_text(text + "\n")
 
 

@@ -66,7 +66,8 @@ class UnitModel:
         """z~ - new_mean (S, k) for centred original pre-activations dz (S, n): A dz."""
         k = self.new_mean.numel()
         return torch.zeros(dz.shape[0], k, dtype=dz.dtype).index_add_(
-            1, self.assignment.clamp(min=0), dz * self.coef)
+            1, self.assignment.clamp(min=0), dz * self.coef
+        )
 
 
 def weight_gram(weight: Tensor) -> Tensor:
@@ -86,8 +87,9 @@ def bn_unit_stats(bn: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return bn["bias"].clone(), bn["weight"].abs() * (var / (var + bn["eps"])).sqrt()
 
 
-def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0,
-                     gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def block_statistics(
+    weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0, gram: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Mean (n,) and covariance (n, n) of the pre-activations of rows ``weight`` (n, d+1).
 
     With ``bn`` (the folded BatchNorm's statistics): mean beta, std |gamma| sqrt(v/(v+eps)),
@@ -104,8 +106,14 @@ def block_statistics(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float 
     return mean, scale[:, None] * g * scale[None, :]
 
 
-def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
-                gram: Tensor | None = None, rcond: float = 1e-10) -> Tensor:
+def member_maps(
+    weight: Tensor,
+    rows: Tensor,
+    assignment: Tensor,
+    k: int,
+    gram: Tensor | None = None,
+    rcond: float = 1e-10,
+) -> Tensor:
     """alpha (n,): merged row k's incoming weights as a combination of its members'.
 
     For each cluster c (members i with assignment[i] = c) the minimum-norm least-squares
@@ -134,8 +142,9 @@ def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
     step = max(1, _PAIR_ELEMENTS // max(1, weight.shape[1]))
     for start in range(0, members.numel(), step):
         part = slice(start, start + step)
-        rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)
-                     ).sum(dim=1, dtype=torch.float64)
+        rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)).sum(
+            dim=1, dtype=torch.float64
+        )
     b = torch.zeros(k, width, dtype=torch.float64)
     b[labels, slot] = rhs
     evals, evecs = torch.linalg.eigh(gc)  # (k, L), (k, L, L): min-norm pseudo-inverse
@@ -146,8 +155,13 @@ def member_maps(weight: Tensor, rows: Tensor, assignment: Tensor, k: int,
     return alpha
 
 
-def unit_model(weight: Tensor, bn: dict[str, Tensor] | None, rows: Tensor,
-               assignment: Tensor, sigma: float = 1.0) -> UnitModel:
+def unit_model(
+    weight: Tensor,
+    bn: dict[str, Tensor] | None,
+    rows: Tensor,
+    assignment: Tensor,
+    sigma: float = 1.0,
+) -> UnitModel:
     """The joint Gaussian model of the original rows ``weight`` (n, d+1) and the merged
     ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring)."""
     k = rows.shape[0]
@@ -157,12 +171,13 @@ def unit_model(weight: Tensor, bn: dict[str, Tensor] | None, rows: Tensor,
     a = assignment.clamp(min=0)
     coef = torch.where(assignment >= 0, alpha, 0.0)
     # z~_k = e_k + sum_i alpha_i (z_i - b_i): linear in the members
-    new_mean = rows[:, -1].double().clone().index_add_(
-        0, a, coef * (mean - weight[:, -1].double()))
+    new_mean = rows[:, -1].double().clone().index_add_(0, a, coef * (mean - weight[:, -1].double()))
     cross = torch.zeros(k, cov.shape[0], dtype=torch.float64).index_add_(
-        0, a, coef[:, None] * cov)  # (k, n) = A S
+        0, a, coef[:, None] * cov
+    )  # (k, n) = A S
     new_cov = torch.zeros(k, k, dtype=torch.float64).index_add_(
-        1, a, cross * coef[None, :])  # A S A^T
+        1, a, cross * coef[None, :]
+    )  # A S A^T
     return UnitModel(mean, cov, new_mean, cross, 0.5 * (new_cov + new_cov.T), assignment, coef)
 
 
@@ -196,8 +211,7 @@ def bvn_upper(h: Tensor, k: Tensor, r: Tensor) -> Tensor:
     probabilities", 2004): accurate to about 1e-15 for every r in [-1, 1]. Each band of
     |r| is evaluated on its own pairs only (most pairs of a layer need 6 nodes).
     """
-    h, k, r = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.float64)
-                                        for t in (h, k, r)))
+    h, k, r = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.float64) for t in (h, k, r)))
     shape = h.shape
     h, k, r = h.reshape(-1), k.reshape(-1), r.reshape(-1).clamp(-1.0, 1.0)
     out = torch.empty_like(h)
@@ -236,18 +250,27 @@ def _bvn_near_one(h: Tensor, k: Tensor, r: Tensor) -> Tensor:
     d = (12.0 - hk2) / 16.0
     safe_as = torch.where(as_ > 0, as_, 1.0)
     safe_a = torch.where(a > 0, a, 1.0)
-    high = a * torch.exp(-(bs / safe_as + hk2) / 2.0) * (
-        1.0 - c * (bs - as_) * (1.0 - d * bs / 5.0) / 3.0 + c * d * as_ * as_ / 5.0)
+    high = (
+        a
+        * torch.exp(-(bs / safe_as + hk2) / 2.0)
+        * (1.0 - c * (bs - as_) * (1.0 - d * bs / 5.0) / 3.0 + c * d * as_ * as_ / 5.0)
+    )
     b = bs.sqrt()
-    tail = torch.exp(-hk2 / 2.0) * math.sqrt(_TWO_PI) * _Phi(-b / safe_a) * b * (
-        1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
+    tail = (
+        torch.exp(-hk2 / 2.0)
+        * math.sqrt(_TWO_PI)
+        * _Phi(-b / safe_a)
+        * b
+        * (1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
+    )
     high = high - torch.where(hk2 > -160.0, tail, 0.0)
     half = a / 2.0
     xs = (half * (x + 1.0)) ** 2  # (20, P)
     rs = (1.0 - xs).sqrt()
     safe_xs = torch.where(xs > 0, xs, 1.0)
-    terms = (torch.exp(-bs / (2.0 * safe_xs) - hk2 / (1.0 + rs)) / rs
-             - torch.exp(-(bs / safe_xs + hk2) / 2.0) * (1.0 + c * xs * (1.0 + d * xs)))
+    terms = torch.exp(-bs / (2.0 * safe_xs) - hk2 / (1.0 + rs)) / rs - torch.exp(
+        -(bs / safe_xs + hk2) / 2.0
+    ) * (1.0 + c * xs * (1.0 + d * xs))
     high = high + (half * w * torch.where(xs > 0, terms, 0.0)).sum(0)
     high = torch.where(as_ > 0, -high / _TWO_PI, 0.0)
     pos = high + _Phi(-torch.maximum(h, kk))
@@ -257,8 +280,9 @@ def _bvn_near_one(h: Tensor, k: Tensor, r: Tensor) -> Tensor:
 
 def relu_mean(m: Tensor, s: Tensor) -> Tensor:
     """E[relu(z)] for z ~ N(m, s^2), elementwise (s = 0: relu(m))."""
-    m, s = torch.broadcast_tensors(torch.as_tensor(m, dtype=torch.float64),
-                                   torch.as_tensor(s, dtype=torch.float64).abs())
+    m, s = torch.broadcast_tensors(
+        torch.as_tensor(m, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64).abs()
+    )
     pos = s > 0
     h = m / torch.where(pos, s, 1.0)
     return torch.where(pos, s * (h * _Phi(h) + _phi(h)), m.clamp(min=0))
@@ -277,7 +301,8 @@ def relu_cross(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, rho: Tensor) -> T
     correlation ``rho`` (broadcast). A constant (s = 0) factor is relu(m) times the other's
     mean; |rho| = 1 uses the one-dimensional integral."""
     m1, s1, m2, s2, rho = torch.broadcast_tensors(
-        m1.double(), s1.double().abs(), m2.double(), s2.double().abs(), rho.double())
+        m1.double(), s1.double().abs(), m2.double(), s2.double().abs(), rho.double()
+    )
     rho = rho.clamp(-1.0, 1.0)
     both = (s1 > 0) & (s2 > 0)
     t1, t2 = torch.where(both, s1, 1.0), torch.where(both, s2, 1.0)
@@ -285,11 +310,14 @@ def relu_cross(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, rho: Tensor) -> T
     q2 = (1.0 - rho) * (1.0 + rho)
     edge = q2 < 1e-12
     q = torch.where(edge, 1.0, q2).sqrt()
-    general = ((h1 * h2 + rho) * bvn_upper(-h1, -h2, rho)
-               + h1 * _phi(h2) * _Phi((h1 - rho * h2) / q)
-               + h2 * _phi(h1) * _Phi((h2 - rho * h1) / q)
-               + q * _INV_SQRT_2PI * _phi(((h1 * h1 - 2 * rho * h1 * h2 + h2 * h2).clamp(min=0)
-                                            ).sqrt() / q))
+    general = (
+        (h1 * h2 + rho) * bvn_upper(-h1, -h2, rho)
+        + h1 * _phi(h2) * _Phi((h1 - rho * h2) / q)
+        + h2 * _phi(h1) * _Phi((h2 - rho * h1) / q)
+        + q
+        * _INV_SQRT_2PI
+        * _phi(((h1 * h1 - 2 * rho * h1 * h2 + h2 * h2).clamp(min=0)).sqrt() / q)
+    )
     # rho = +-1: z2 = m2 + sign * s2 g with z1 = m1 + s1 g; integrate over {z1 > 0, z2 > 0}
     sign = torch.where(rho >= 0, 1.0, -1.0)
     lo = torch.where(sign > 0, torch.maximum(-h1, -h2), -h1)
@@ -300,8 +328,9 @@ def relu_cross(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, rho: Tensor) -> T
     lo_plo = torch.where(torch.isinf(lo), 0.0, lo * plo)
     hi_phi = torch.where(torch.isinf(hi), 0.0, hi * phi_hi)
     # int (h1 + g)(h2 + sign g) phi over [lo, hi], in units of s1 s2
-    degenerate = (h1 * h2 * mass + (h1 * sign + h2) * (plo - phi_hi)
-                  + sign * (mass + lo_plo - hi_phi))
+    degenerate = (
+        h1 * h2 * mass + (h1 * sign + h2) * (plo - phi_hi) + sign * (mass + lo_plo - hi_phi)
+    )
     value = s1 * s2 * torch.where(edge, degenerate, general)
     const = relu_mean(m1, s1) * relu_mean(m2, s2)  # one of them is a constant
     return torch.where(both, value.clamp(min=0), const)
@@ -321,8 +350,12 @@ class ActivationMoments:
     new_cov: Tensor
 
 
-def activation_moments(model: UnitModel, activation: str = "relu", samples: int = 0,
-                       generator: torch.Generator | None = None) -> ActivationMoments:
+def activation_moments(
+    model: UnitModel,
+    activation: str = "relu",
+    samples: int = 0,
+    generator: torch.Generator | None = None,
+) -> ActivationMoments:
     """Moments of the activations of ``model``'s original and merged units.
 
     ReLU with ``samples`` = 0: closed forms. Otherwise (any activation in
@@ -330,8 +363,7 @@ def activation_moments(model: UnitModel, activation: str = "relu", samples: int 
     of z ~ N(mean, cov) and z~ = new_mean + A (z - mean) (exact joint sampling).
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, "
-                         f"got {activation!r}")
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if activation == "relu" and samples == 0:
         return _relu_moments(model)
     return _sampled_moments(model, activation, samples, generator)
@@ -372,8 +404,9 @@ def _relu_moments(model: UnitModel) -> ActivationMoments:
     return ActivationMoments(mean, new_mean, cross, 0.5 * (new_cov + new_cov.T))
 
 
-def _sampled_moments(model: UnitModel, activation: str, samples: int,
-                     generator: torch.Generator | None) -> ActivationMoments:
+def _sampled_moments(
+    model: UnitModel, activation: str, samples: int, generator: torch.Generator | None
+) -> ActivationMoments:
     n, k = model.mean.numel(), model.new_mean.numel()
     count = samples or max(8192, 4 * (n + k))
     evals, evecs = torch.linalg.eigh(model.cov)
@@ -391,15 +424,15 @@ def _sampled_moments(model: UnitModel, activation: str, samples: int,
     return ActivationMoments(mean, new_mean, cross, 0.5 * (new_cov + new_cov.T))
 
 
-
 # ---------------------------------------------------------------------------------------
 # Clustering kernel and merged rows from the model
 
 _PAIR_ELEMENTS = 1 << 18  # pairs per chunk of pairwise moments (x 20 quadrature nodes)
 
 
-def activation_correlation(weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0
-                           ) -> tuple[Tensor, Tensor]:
+def activation_correlation(
+    weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Correlation (n, n) of the units' ReLU activations under the block's model (unit
     diagonal; a unit without variance is uncorrelated with the others) and their stds (n,).
 
@@ -419,8 +452,9 @@ def activation_correlation(weight: Tensor, bn: dict[str, Tensor] | None, sigma: 
     return corr, sd
 
 
-def moment_rows(weight: Tensor, bn: dict[str, Tensor] | None, assignment: Tensor, k: int,
-                sigma: float = 1.0) -> tuple[Tensor, Tensor]:
+def moment_rows(
+    weight: Tensor, bn: dict[str, Tensor] | None, assignment: Tensor, k: int, sigma: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Merged rows (k, d+1) whose pre-activations keep their members' mean mean and mean std.
 
     For cluster c: u_bar = mean_i w_i / s_i (unit-variance directions), v_c = Var(u_bar.x)
@@ -433,7 +467,7 @@ def moment_rows(weight: Tensor, bn: dict[str, Tensor] | None, assignment: Tensor
     mean, cov = block_statistics(weight, bn, sigma)
     s = _std(cov)
     n = mean.numel()
-    live = (assignment >= 0)
+    live = assignment >= 0
     has = live & (s > 0)
     a = assignment.clamp(min=0)
     inv = torch.where(has, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
@@ -455,10 +489,12 @@ def moment_rows(weight: Tensor, bn: dict[str, Tensor] | None, assignment: Tensor
     rows = unit * gain[:, None]
     # mean of u_c.x + e_c must be m_bar: E[w_i.x] = m_i - b_i, so E[u_bar.x] = mean (m_i - b_i)/s_i
     shift = torch.zeros(k, dtype=torch.float64).index_add_(
-        0, a, torch.where(has, (mean - w[:, -1]) * inv, 0.0)) / count.clamp(min=1)
+        0, a, torch.where(has, (mean - w[:, -1]) * inv, 0.0)
+    ) / count.clamp(min=1)
     rows[:, -1] = m_bar - gain * shift
     fallback = torch.zeros(k, w.shape[1], dtype=torch.float64).index_add_(
-        0, a, torch.where(live[:, None], w, 0.0))
+        0, a, torch.where(live[:, None], w, 0.0)
+    )
     members = torch.zeros(k, dtype=torch.float64).index_add_(0, a, live.double())
     fallback = fallback / members.clamp(min=1)[:, None]
     rows = torch.where(ok[:, None], rows, fallback).to(weight.dtype)

@@ -52,27 +52,27 @@ class Reconstruction:
         for name in ("ridge", "sigma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"reconstruction {name} must be a finite number >= 0, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"reconstruction {name} must be a finite number >= 0, got {value!r}"
+                )
         for name in ("shrink", "bn_shrink"):
             value = getattr(self, name)
             if value is None and name == "bn_shrink":
                 continue
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"reconstruction {name} must be in [0, 1], got {value!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) \
-                or self.samples < 0:
-            raise ValueError(f"reconstruction samples must be an int >= 0, got "
-                             f"{self.samples!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ValueError(f"reconstruction samples must be an int >= 0, got {self.samples!r}")
 
 
-def least_squares_projection(block: Block, merge: Merge, options: Reconstruction,
-                             generator: torch.Generator | None = None
-                             ) -> tuple[Tensor, Tensor, Tensor] | str:
+def least_squares_projection(
+    block: Block, merge: Merge, options: Reconstruction, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor] | str:
     """P (K, n), E[a] (n,), E[a~] (K,) under the block's input model, float64; or the
     reason (a string) why the model is degenerate for this merge."""
-    model = unit_model(block.weight.cpu(), block.bn, merge.rows.cpu(),
-                       merge.assignment.cpu(), options.sigma)
+    model = unit_model(
+        block.weight.cpu(), block.bn, merge.rows.cpu(), merge.assignment.cpu(), options.sigma
+    )
     moments = activation_moments(model, block.activation, options.samples, generator)
     cov = moments.new_cov
     scale = float(cov.diagonal().mean())
@@ -106,8 +106,12 @@ def _share_projection(merge: Merge, k: int, n: int) -> Tensor:
     return share
 
 
-def reconstruct_merge(block: Block, merge: Merge, options: Reconstruction | None = None,
-                generator: torch.Generator | None = None) -> tuple[Merge, str | None]:
+def reconstruct_merge(
+    block: Block,
+    merge: Merge,
+    options: Reconstruction | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Merge, str | None]:
     """``merge`` with its consumer slices and bias rebuilt by least squares under the
     block's input model; or the unchanged merge and the reason when the model is
     degenerate (no variance, singular covariance), never NaN."""
@@ -128,8 +132,15 @@ def reconstruct_merge(block: Block, merge: Merge, options: Reconstruction | None
     # match the consumer's expected output: c~ = c0 + sum_i E a_i cbar_i - sum_k E a~_k cbar~_k
     cbar = src.sum(dim=2, dtype=torch.float64).cpu()  # (n, m)
     delta = cbar.T @ mean - (p @ cbar).T @ new_mean
-    base = (block.consumer_bias.double().cpu() if block.consumer_bias is not None
-            else torch.zeros(m, dtype=torch.float64))
-    return replace(merge, out=out, shares=None, projection=p.to(block.weight.device),
-                   consumer_bias=(base + delta).to(block.weight.device)), None
-
+    base = (
+        block.consumer_bias.double().cpu()
+        if block.consumer_bias is not None
+        else torch.zeros(m, dtype=torch.float64)
+    )
+    return replace(
+        merge,
+        out=out,
+        shares=None,
+        projection=p.to(block.weight.device),
+        consumer_bias=(base + delta).to(block.weight.device),
+    ), None

@@ -66,17 +66,25 @@ def _phi_Phi(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def gaussian_relu_var(m: Tensor, s: Tensor) -> Tensor:
     """Var[relu(z)] for z ~ N(m, s^2): (m^2 + s^2) Phi + m s phi - E[relu(z)]^2 (>= 0)."""
-    m, s = torch.broadcast_tensors(torch.as_tensor(m, dtype=torch.float64),
-                                   torch.as_tensor(s, dtype=torch.float64).abs())
+    m, s = torch.broadcast_tensors(
+        torch.as_tensor(m, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64).abs()
+    )
     _, phi, big_phi = _phi_Phi(m, s)
     second = (m * m + s * s) * big_phi + m * s * phi
     mean = m * big_phi + s * phi
     return torch.where(s > 0, (second - mean * mean).clamp(min=0), torch.zeros_like(m))
 
 
-def merged_stats(mu: Tensor, sigma: Tensor, assignment: Tensor, shares: Tensor, k: int,
-                 kept: Tensor | None = None, weight: Tensor | None = None,
-                 rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def merged_stats(
+    mu: Tensor,
+    sigma: Tensor,
+    assignment: Tensor,
+    shares: Tensor,
+    k: int,
+    kept: Tensor | None = None,
+    weight: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Estimated mean and std (k,) of each merged unit's pre-activation <u_k, (x,1)>.
 
     Member i (assignment[i] = k, share lambda_i > 0) has z_i ~ lambda_i <u_k, x>, i.e.
@@ -124,8 +132,14 @@ def merged_stats(mu: Tensor, sigma: Tensor, assignment: Tensor, shares: Tensor, 
     return m, s
 
 
-def span_stats(mu: Tensor, sigma: Tensor, weight: Tensor, assignment: Tensor,
-               rows: Tensor, kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def span_stats(
+    mu: Tensor,
+    sigma: Tensor,
+    weight: Tensor,
+    assignment: Tensor,
+    rows: Tensor,
+    kept: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Mean and std (k,) of each merged unit's pre-activation, through its members' span.
 
     Write the merged weights u_w ~ sum_i alpha_i a_i over the cluster's members (least
@@ -155,13 +169,18 @@ def span_stats(mu: Tensor, sigma: Tensor, weight: Tensor, assignment: Tensor,
         m[c] = alpha @ (mu[idx].double() - weight[idx, -1].double()) + rows[c, -1].double()
         cos = (a / norms[idx, None]) @ (a / norms[idx, None]).T
         sd = sigma[idx].double()
-        s[c] = (alpha[:, None] * alpha[None, :] * cos * sd[:, None] * sd[None, :]).sum() \
-            .clamp(min=0).sqrt()
+        s[c] = (
+            (alpha[:, None] * alpha[None, :] * cos * sd[:, None] * sd[None, :])
+            .sum()
+            .clamp(min=0)
+            .sqrt()
+        )
     return m, s
 
 
-def bias_correction(out: Tensor, mean_relu: Tensor, new_out: Tensor,
-                    new_mean_relu: Tensor) -> Tensor:
+def bias_correction(
+    out: Tensor, mean_relu: Tensor, new_out: Tensor, new_mean_relu: Tensor
+) -> Tensor:
     """delta (m,): sum_i E[relu z_i] cbar_ji - sum_k E[relu z~_k] cbar~_jk.
 
     ``out`` (n, m, r) and ``new_out`` (K, m, r) are the consumer slices before and after;
@@ -188,12 +207,15 @@ def bn_repair(block: Block, merge: Merge, variance: bool = False) -> tuple[Merge
     mu, sigma = bn_unit_stats(block.bn)
     if variance:
         merge = consumer_variance_repair(block, merge, mu, sigma)
-    m_new, s_new = span_stats(mu, sigma, block.weight, merge.assignment, merge.rows,
-                              merge.kept)
-    delta = bias_correction(block.out, gaussian_relu_mean(mu, sigma), merge.out,
-                            gaussian_relu_mean(m_new, s_new))
-    base = (block.consumer_bias if block.consumer_bias is not None
-            else torch.zeros(block.m, dtype=torch.float64))
+    m_new, s_new = span_stats(mu, sigma, block.weight, merge.assignment, merge.rows, merge.kept)
+    delta = bias_correction(
+        block.out, gaussian_relu_mean(mu, sigma), merge.out, gaussian_relu_mean(m_new, s_new)
+    )
+    base = (
+        block.consumer_bias
+        if block.consumer_bias is not None
+        else torch.zeros(block.m, dtype=torch.float64)
+    )
     return replace(merge, consumer_bias=base.double() + delta), None
 
 
@@ -206,8 +228,7 @@ def consumer_variance_repair(block: Block, merge: Merge, mu: Tensor, sigma: Tens
     one (sum_i lambda_i cbar_ji)^2 v~_k^2; one factor t_k per unit matches sum_j V_j.
     Shares become t_k lambda_i (still share form, so the certificate still applies).
     """
-    m_new, s_new = span_stats(mu, sigma, block.weight, merge.assignment, merge.rows,
-                              merge.kept)
+    m_new, s_new = span_stats(mu, sigma, block.weight, merge.assignment, merge.rows, merge.kept)
     v = gaussian_relu_var(mu, sigma).sqrt()
     v_new = gaussian_relu_var(m_new, s_new).sqrt()
     a_in = block.weight[:, :-1]

@@ -61,15 +61,21 @@ def block_dtype(producer: nn.Module, consumer: nn.Module) -> torch.dtype:
     layers cost memory and time for no accuracy the float32 model has: a 25,088 x 4,096
     layer alone would take 822 MB)."""
     dtype = producer.weight.dtype
-    if dtype == torch.float64 or (producer.weight.numel() + consumer.weight.numel()
-                                  <= FLOAT64_MAX_WEIGHTS):
+    if dtype == torch.float64 or (
+        producer.weight.numel() + consumer.weight.numel() <= FLOAT64_MAX_WEIGHTS
+    ):
         return torch.float64
     return torch.promote_types(dtype, torch.float32)
 
 
-def extract(model: nn.Module, spec: BlockSpec | GroupSpec, radius: float = 1.0, *,
-            dtype: torch.dtype | None = None,
-            device: torch.device | str | None = "cpu") -> Block:
+def extract(
+    model: nn.Module,
+    spec: BlockSpec | GroupSpec,
+    radius: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = "cpu",
+) -> Block:
     """The block described by ``spec``, with its current weights.
 
     ``dtype``: None picks :func:`block_dtype` (float64 unless the block is large).
@@ -89,8 +95,7 @@ def extract(model: nn.Module, spec: BlockSpec | GroupSpec, radius: float = 1.0, 
     to = {"dtype": dtype, "device": producer.weight.device if device is None else device}
     w = producer.weight.detach().to(**to)  # (n, ...) incoming weights
     n = w.shape[0]
-    b = (producer.bias.detach().to(**to) if producer.bias is not None
-         else torch.zeros(n, **to))
+    b = producer.bias.detach().to(**to) if producer.bias is not None else torch.zeros(n, **to)
     bn = None
     if spec.bn is not None:
         bn_mod = get_module(model, spec.bn)
@@ -110,8 +115,17 @@ def extract(model: nn.Module, spec: BlockSpec | GroupSpec, radius: float = 1.0, 
         out = out.contiguous()  # small blocks (or converted copies): one contiguous tensor
     cb = consumer.bias.detach().to(**to) if consumer.bias is not None else None
     kind = "conv" if isinstance(producer, nn.Conv2d) else "linear"
-    return Block(spec.producer, weight, out, cb, radius, kind,
-                 tuple(producer.weight.shape[1:]), bn, activation=spec.activation)
+    return Block(
+        spec.producer,
+        weight,
+        out,
+        cb,
+        radius,
+        kind,
+        tuple(producer.weight.shape[1:]),
+        bn,
+        activation=spec.activation,
+    )
 
 
 def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
@@ -129,9 +143,18 @@ def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
     if isinstance(producer, nn.Linear):  # skip_init: no random init of weights we overwrite
         new_p: nn.Module = skip_init(nn.Linear, producer.in_features, k, bias=needs_bias, **like)
     else:
-        new_p = skip_init(nn.Conv2d, producer.in_channels, k, producer.kernel_size,
-                          producer.stride, producer.padding, producer.dilation,
-                          bias=needs_bias, padding_mode=producer.padding_mode, **like)
+        new_p = skip_init(
+            nn.Conv2d,
+            producer.in_channels,
+            k,
+            producer.kernel_size,
+            producer.stride,
+            producer.padding,
+            producer.dilation,
+            bias=needs_bias,
+            padding_mode=producer.padding_mode,
+            **like,
+        )
     with torch.no_grad():
         new_p.weight.view(k, -1).copy_(rows[:, :-1])
         if needs_bias:
@@ -149,13 +172,25 @@ def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
         reads = merge.out.shape[2]
         new_c: nn.Module = skip_init(nn.Linear, k * reads, m, bias=has_bias, **like)
     else:
-        new_c = skip_init(nn.Conv2d, k, m, consumer.kernel_size, consumer.stride,
-                          consumer.padding, consumer.dilation, bias=has_bias,
-                          padding_mode=consumer.padding_mode, **like)
+        new_c = skip_init(
+            nn.Conv2d,
+            k,
+            m,
+            consumer.kernel_size,
+            consumer.stride,
+            consumer.padding,
+            consumer.dilation,
+            bias=has_bias,
+            padding_mode=consumer.padding_mode,
+            **like,
+        )
     with torch.no_grad():
         slices = merge.out.permute(1, 0, 2)  # (m, k, reads)
-        if slices.is_contiguous() and slices.dtype == like["dtype"] and \
-                slices.device == new_c.weight.device:  # built in the consumer's layout
+        if (
+            slices.is_contiguous()
+            and slices.dtype == like["dtype"]
+            and slices.device == new_c.weight.device
+        ):  # built in the consumer's layout
             new_c.weight = nn.Parameter(slices.view(new_c.weight.shape))  # (no copy)
         else:  # (m, k, reads) view of the new weight: no reshaped copy of out
             new_c.weight.view(m, k, -1).copy_(slices)
@@ -191,8 +226,10 @@ def _read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
     """(first channel, channels, reads per channel) of the group in ``consumer``'s input,
     from the widths the model has now (earlier groups of a concatenation may have shrunk)."""
     mod = get_module(model, consumer.layer)
-    widths = [_units(get_module(model, name)) if name is not None else width
-              for name, width in consumer.segments]
+    widths = [
+        _units(get_module(model, name)) if name is not None else width
+        for name, width in consumer.segments
+    ]
     if isinstance(mod, nn.Linear):
         reads = 1
         if consumer.flatten:  # every width is known here (checked by discovery)
@@ -202,7 +239,7 @@ def _read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
         reads, total = math.prod(mod.kernel_size), mod.in_channels
     if None in widths:  # channels of no layer: whatever the input holds besides the others
         widths[widths.index(None)] = total - sum(w for w in widths if w is not None)
-    return sum(widths[:consumer.index]), widths[consumer.index], reads
+    return sum(widths[: consumer.index]), widths[consumer.index], reads
 
 
 def _units(module: nn.Module) -> int:
@@ -212,12 +249,17 @@ def _units(module: nn.Module) -> int:
 def group_radius(radius: float, producers: int) -> float:
     """The radius of a group's concatenated input: P producers whose inputs each satisfy
     ||(x_p, 1)|| <= rho give ||(x_1, 1, ..., x_P, 1)|| <= sqrt(P) rho."""
-    return math.sqrt(producers * (radius ** 2 + 1.0) - 1.0)
+    return math.sqrt(producers * (radius**2 + 1.0) - 1.0)
 
 
-def extract_group(model: nn.Module, spec: GroupSpec, radius: float = 1.0, *,
-                  dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = "cpu") -> Block:
+def extract_group(
+    model: nn.Module,
+    spec: GroupSpec,
+    radius: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = "cpu",
+) -> Block:
     """A channel group as one block: each channel's rows are the concatenation of its rows
     in every producer (BatchNorm folded) and in every depthwise member; its slices are the
     concatenation of every consumer's slices over outputs, each padded with zero reads to
@@ -227,9 +269,11 @@ def extract_group(model: nn.Module, spec: GroupSpec, radius: float = 1.0, *,
     first = get_module(model, spec.producer)
     if dtype is None:
         size = sum(get_module(model, name).weight.numel() for name in spec.layers)
-        dtype = (torch.float64 if first.weight.dtype == torch.float64
-                 or size <= FLOAT64_MAX_WEIGHTS
-                 else torch.promote_types(first.weight.dtype, torch.float32))
+        dtype = (
+            torch.float64
+            if first.weight.dtype == torch.float64 or size <= FLOAT64_MAX_WEIGHTS
+            else torch.promote_types(first.weight.dtype, torch.float32)
+        )
     to = {"dtype": dtype, "device": first.weight.device if device is None else device}
     rows = [_rows(model, p.layer, p.bn, to) for p in spec.producers + spec.channelwise]
     n = rows[0].shape[0]
@@ -240,21 +284,27 @@ def extract_group(model: nn.Module, spec: GroupSpec, radius: float = 1.0, *,
         wc = mod.weight.detach().to(**to)
         m = wc.shape[0]
         if isinstance(mod, nn.Linear):
-            part = wc[:, start * reads:(start + width) * reads].reshape(m, width, reads)
+            part = wc[:, start * reads : (start + width) * reads].reshape(m, width, reads)
         else:
-            part = wc[:, start:start + width].reshape(m, width, reads)
+            part = wc[:, start : start + width].reshape(m, width, reads)
         slices.append(part.permute(1, 0, 2))  # (n, m, reads)
-        biases.append(mod.bias.detach().to(**to) if mod.bias is not None
-                      else torch.zeros(m, **to))
+        biases.append(mod.bias.detach().to(**to) if mod.bias is not None else torch.zeros(m, **to))
     most = max(s.shape[2] for s in slices)
     out = torch.cat([F.pad(s, (0, most - s.shape[2])) for s in slices], dim=1).contiguous()
     has_bias = any(get_module(model, c.layer).bias is not None for c in spec.consumers)
     kind = "conv" if isinstance(first, nn.Conv2d) else "linear"
     weight = torch.cat(rows, dim=1)
     assert weight.shape[0] == n == out.shape[0]
-    return Block(spec.producer, weight, out, torch.cat(biases) if has_bias else None,
-                 group_radius(radius, len(spec.producers)), kind, (weight.shape[1] - 1,),
-                 activation=spec.activation)
+    return Block(
+        spec.producer,
+        weight,
+        out,
+        torch.cat(biases) if has_bias else None,
+        group_radius(radius, len(spec.producers)),
+        kind,
+        (weight.shape[1] - 1,),
+        activation=spec.activation,
+    )
 
 
 def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
@@ -268,18 +318,36 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
     for p, depthwise in members:  # each member's columns of the joined rows, in order
         mod = get_module(model, p.layer)
         width = mod.weight[0].numel() + 1
-        part = merge.rows[:, col:col + width]
+        part = merge.rows[:, col : col + width]
         col += width
         like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
         if depthwise:
-            new: nn.Module = skip_init(nn.Conv2d, k, k, mod.kernel_size, mod.stride,
-                                       mod.padding, mod.dilation, groups=k,
-                                       padding_mode=mod.padding_mode, **like)
+            new: nn.Module = skip_init(
+                nn.Conv2d,
+                k,
+                k,
+                mod.kernel_size,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                groups=k,
+                padding_mode=mod.padding_mode,
+                **like,
+            )
         elif isinstance(mod, nn.Linear):
             new = skip_init(nn.Linear, mod.in_features, k, **like)
         else:
-            new = skip_init(nn.Conv2d, mod.in_channels, k, mod.kernel_size, mod.stride,
-                            mod.padding, mod.dilation, padding_mode=mod.padding_mode, **like)
+            new = skip_init(
+                nn.Conv2d,
+                mod.in_channels,
+                k,
+                mod.kernel_size,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                padding_mode=mod.padding_mode,
+                **like,
+            )
         _write(new, mod, part)
         set_module(model, p.layer, new)
         if p.bn is not None:
@@ -289,23 +357,39 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
         mod = get_module(model, consumer.layer)
         m = mod.weight.shape[0]
         like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
-        merged = merge.out[:, row:row + m, :reads].permute(1, 0, 2).to(**like)  # (m, k, r)
-        bias = (None if merge.consumer_bias is None
-                else merge.consumer_bias[row:row + m])
+        merged = merge.out[:, row : row + m, :reads].permute(1, 0, 2).to(**like)  # (m, k, r)
+        bias = None if merge.consumer_bias is None else merge.consumer_bias[row : row + m]
         row += m
         has_bias = mod.bias is not None or bias is not None
         if isinstance(mod, nn.Linear):
             old = mod.weight.detach()
-            w = torch.cat([old[:, :start * reads], merged.reshape(m, k * reads),
-                           old[:, (start + width) * reads:]], dim=1)
+            w = torch.cat(
+                [
+                    old[:, : start * reads],
+                    merged.reshape(m, k * reads),
+                    old[:, (start + width) * reads :],
+                ],
+                dim=1,
+            )
             new = skip_init(nn.Linear, w.shape[1], m, bias=has_bias, **like)
         else:
             old = mod.weight.detach()
-            w = torch.cat([old[:, :start], merged.reshape(m, k, *mod.kernel_size),
-                           old[:, start + width:]], dim=1)
-            new = skip_init(nn.Conv2d, w.shape[1], m, mod.kernel_size, mod.stride,
-                            mod.padding, mod.dilation, bias=has_bias,
-                            padding_mode=mod.padding_mode, **like)
+            w = torch.cat(
+                [old[:, :start], merged.reshape(m, k, *mod.kernel_size), old[:, start + width :]],
+                dim=1,
+            )
+            new = skip_init(
+                nn.Conv2d,
+                w.shape[1],
+                m,
+                mod.kernel_size,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                bias=has_bias,
+                padding_mode=mod.padding_mode,
+                **like,
+            )
         with torch.no_grad():
             new.weight.copy_(w)
             if bias is not None:

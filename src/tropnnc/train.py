@@ -67,8 +67,7 @@ class TrainReport:
 # --------------------------------------------------------------------------------------------
 
 
-def split_train_val(dataset: Dataset, val_fraction: float, seed: int = 0
-                    ) -> tuple[Subset, Subset]:
+def split_train_val(dataset: Dataset, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
     """Random train/validation split used by :func:`train` (depends only on ``seed``).
 
     ``round(val_fraction * N)`` examples go to validation (at least one when
@@ -114,8 +113,9 @@ class _Batches:
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
-    def iterate(self, generator: torch.Generator | None = None, drop_single: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(
+        self, generator: torch.Generator | None = None, drop_single: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.batch_size
         if self.tensors is not None:
             x, y = self.tensors
@@ -124,13 +124,14 @@ class _Batches:
                 if drop_single and start > 0 and self.n - start == 1:
                     return
                 if order is None:
-                    yield x[start:start + bs], y[start:start + bs]
+                    yield x[start : start + bs], y[start : start + bs]
                 else:
-                    idx = order[start:start + bs]
+                    idx = order[start : start + bs]
                     yield x[idx], y[idx]
         else:
-            loader = DataLoader(self.ds, batch_size=bs, shuffle=generator is not None,
-                                generator=generator)
+            loader = DataLoader(
+                self.ds, batch_size=bs, shuffle=generator is not None, generator=generator
+            )
             for i, (xb, yb) in enumerate(loader):
                 if drop_single and i > 0 and len(xb) == 1:
                     return
@@ -155,8 +156,9 @@ def _is_binary(out: torch.Tensor, y: torch.Tensor) -> bool:
     return single
 
 
-def _loss_correct(out: torch.Tensor, y: torch.Tensor, binary: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_correct(
+    out: torch.Tensor, y: torch.Tensor, binary: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and number of correct predictions of a batch."""
     if binary:
         logits = out.reshape(-1)
@@ -171,8 +173,9 @@ def _loss_correct(out: torch.Tensor, y: torch.Tensor, binary: bool
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, batches: _Batches, device: torch.device,
-             binary: bool | None = None) -> tuple[float, float]:
+def _measure(
+    model: nn.Module, batches: _Batches, device: torch.device, binary: bool | None = None
+) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` (in its current mode) over ``batches``."""
     total_loss, correct, n = 0.0, 0, 0
     for xb, yb in batches.iterate():
@@ -265,8 +268,13 @@ def train(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    bar = tqdm(total=epochs * len(train_batches), desc="train", unit="batch", leave=False,
-               disable=not (progress and sys.stderr.isatty()))
+    bar = tqdm(
+        total=epochs * len(train_batches),
+        desc="train",
+        unit="batch",
+        leave=False,
+        disable=not (progress and sys.stderr.isatty()),
+    )
     try:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(int(seed))
@@ -297,17 +305,26 @@ def train(
                     val_loss, val_acc = _measure(model, val_batches, device, binary)
                 else:
                     val_loss, val_acc = math.nan, math.nan
-                history.append({
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "train_accuracy": train_acc,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_acc,
-                    "seconds": time.perf_counter() - t0,
-                })
-                log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f "
-                         "(%.1fs)", epoch, epochs, train_loss, train_acc, val_loss, val_acc,
-                         history[-1]["seconds"])
+                history.append(
+                    {
+                        "epoch": epoch,
+                        "train_loss": train_loss,
+                        "train_accuracy": train_acc,
+                        "val_loss": val_loss,
+                        "val_accuracy": val_acc,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                log.info(
+                    "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)",
+                    epoch,
+                    epochs,
+                    train_loss,
+                    train_acc,
+                    val_loss,
+                    val_acc,
+                    history[-1]["seconds"],
+                )
 
                 if val_batches is None:
                     best_epoch = epoch
@@ -320,8 +337,12 @@ def train(
                     stale += 1
                     if patience is not None and stale >= patience and epoch < epochs:
                         stopped_early = True
-                        log.info("early stopping after epoch %d (best epoch %d, val acc %.4f)",
-                                 epoch, best_epoch, best_acc)
+                        log.info(
+                            "early stopping after epoch %d (best epoch %d, val acc %.4f)",
+                            epoch,
+                            best_epoch,
+                            best_acc,
+                        )
                         break
     finally:
         bar.close()

@@ -230,8 +230,10 @@ def _triangle_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarra
     normal = np.cross(v0, v1)  # (F, 3)
     normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-300)
     plane = np.abs(np.einsum("nfk,fk->nf", v2, normal))  # (N, F)
-    edge = np.minimum(np.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)),
-                      _segment_distance(p, c, a))
+    edge = np.minimum(
+        np.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)),
+        _segment_distance(p, c, a),
+    )
     return np.where(inside, plane, edge)
 
 
@@ -255,18 +257,18 @@ def _distance_to_polytope(points: np.ndarray, verts: np.ndarray) -> np.ndarray:
     else:
         hull = _hull(vc)
         scale = max(float(np.abs(vc).max()), 1e-300)
-        inside = (coords @ hull.equations[:, :-1].T + hull.equations[:, -1]
-                  <= 1e-12 * scale).all(axis=1)  # (N,)
+        inside = (coords @ hull.equations[:, :-1].T + hull.equations[:, -1] <= 1e-12 * scale).all(
+            axis=1
+        )  # (N,)
         simplices = vc[hull.simplices]  # (F, r, r): edges in 2D, triangles in 3D
         step = max(1, _CHUNK // max(len(simplices), 1))
         parts = []
         for start in range(0, len(points), step):  # memory bound only
-            chunk = coords[start:start + step]
+            chunk = coords[start : start + step]
             if rank == 2:
                 dist = _segment_distance(chunk, simplices[:, 0], simplices[:, 1])
             else:
-                dist = _triangle_distance(chunk, simplices[:, 0], simplices[:, 1],
-                                          simplices[:, 2])
+                dist = _triangle_distance(chunk, simplices[:, 0], simplices[:, 1], simplices[:, 2])
             parts.append(dist.min(axis=1))
         inner = np.where(inside, 0.0, np.concatenate(parts))
     return np.hypot(ortho, inner)
@@ -322,8 +324,9 @@ def _tangent_ring(u: np.ndarray, count: int, offset: float) -> np.ndarray:
     return np.cos(phi)[None, :, None] * t1[:, None] + np.sin(phi)[None, :, None] * t2[:, None]
 
 
-def hausdorff_grid(gens_a: Tensor, gens_b: Tensor, directions: int = 2048,
-                   refine: int = 200) -> float:
+def hausdorff_grid(
+    gens_a: Tensor, gens_b: Tensor, directions: int = 2048, refine: int = 200
+) -> float:
     """Lower estimate of the Hausdorff distance: max of |h_A(u) - h_B(u)| over unit u.
 
     Evaluates ``directions`` grid directions (2D circle, 3D Fibonacci sphere, exact in 1D),
@@ -388,18 +391,19 @@ def share_errors(weight: Tensor, assignment: Tensor, shares: Tensor, rows: Tenso
     err = torch.empty(n, **f64)
     step = max(1, _CHUNK_ELEMENTS // max(1, dim))
     for s in range(0, n, step):
-        a = assignment[s:s + step]
-        w = weight[s:s + step].to(**f64, copy=True)  # (c, D) private float64 copy
+        a = assignment[s : s + step]
+        w = weight[s : s + step].to(**f64, copy=True)  # (c, D) private float64 copy
         if rows.shape[0]:
-            lam = shares[s:s + step].to(**f64) * (a >= 0)  # dropped units: approx 0
+            lam = shares[s : s + step].to(**f64) * (a >= 0)  # dropped units: approx 0
             u = rows.index_select(0, a.clamp(min=0))  # widened inside addcmul_
             w.addcmul_(u, lam[:, None], value=-1.0)  # w_i - lambda_i u_a(i), float64
-        err[s:s + step] = torch.linalg.vector_norm(w, dim=1)
+        err[s : s + step] = torch.linalg.vector_norm(w, dim=1)
     return err
 
 
-def share_bound(weight: Tensor, out_abs: Tensor, assignment: Tensor, shares: Tensor,
-                rows: Tensor) -> Tensor:
+def share_bound(
+    weight: Tensor, out_abs: Tensor, assignment: Tensor, shares: Tensor, rows: Tensor
+) -> Tensor:
     """P5 per output (m,): sum_i out_abs[i, j] * ||w_i - lambda_i rows[a(i)]||, without rho.
 
     Unit i was merged into new row a(i) with share lambda_i = ``shares[i]`` >= 0 (the new
@@ -411,7 +415,7 @@ def share_bound(weight: Tensor, out_abs: Tensor, assignment: Tensor, shares: Ten
     bound = torch.zeros(out_abs.shape[1], dtype=torch.float64, device=weight.device)  # (m,)
     step = max(1, _CHUNK_ELEMENTS // max(1, out_abs.shape[1]))
     for s in range(0, err.shape[0], step):
-        bound += err[s:s + step] @ out_abs[s:s + step].to(torch.float64)
+        bound += err[s : s + step] @ out_abs[s : s + step].to(torch.float64)
     return bound
 
 
@@ -446,5 +450,6 @@ def p5b_bound(weight: Tensor, out: Tensor, assignment: Tensor) -> Tensor:
     w_mean = _cluster_means(weight, assignment)  # (n, D)
     c_mean = _cluster_means(out, assignment)  # (n, m)
     w_err = (weight - w_mean).norm(dim=1)  # (n,)
-    return (out.abs() * w_err[:, None]
-            + w_mean.norm(dim=1)[:, None] * (out - c_mean).abs()).sum(dim=0)  # (m,)
+    return (out.abs() * w_err[:, None] + w_mean.norm(dim=1)[:, None] * (out - c_mean).abs()).sum(
+        dim=0
+    )  # (m,)

@@ -19,9 +19,11 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {}
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: make a network builder available under ``name``."""
+
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _ZOO[name] = fn
         return fn
+
     return wrap
 
 
@@ -43,8 +45,9 @@ def build(name: str, **config: object) -> nn.Module:
 class MLP(nn.Sequential):
     """Flatten -> (Linear -> ReLU)* -> Linear, with layer sizes ``sizes``."""
 
-    def __init__(self, sizes: Sequence[int] = (784, 300, 100, 10),
-                 input_shape: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, sizes: Sequence[int] = (784, 300, 100, 10), input_shape: Sequence[int] | None = None
+    ) -> None:
         sizes = [int(s) for s in sizes]
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -64,14 +67,28 @@ class CNN(nn.Module):
     ``batchnorm`` adds BatchNorm2d after every conv, ``hidden`` lists the FC hidden widths.
     """
 
-    def __init__(self, cfg: Sequence[int | str], hidden: Sequence[int] = (500,),
-                 num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28),
-                 kernel: int = 3, padding: int = 1, pool: int = 2,
-                 batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Sequence[int | str],
+        hidden: Sequence[int] = (500,),
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (1, 28, 28),
+        kernel: int = 3,
+        padding: int = 1,
+        pool: int = 2,
+        batchnorm: bool = False,
+    ) -> None:
         super().__init__()
-        self.config = {"cfg": list(cfg), "hidden": list(hidden), "num_classes": num_classes,
-                       "input_shape": list(input_shape), "kernel": kernel, "padding": padding,
-                       "pool": pool, "batchnorm": batchnorm}
+        self.config = {
+            "cfg": list(cfg),
+            "hidden": list(hidden),
+            "num_classes": num_classes,
+            "input_shape": list(input_shape),
+            "kernel": kernel,
+            "padding": padding,
+            "pool": pool,
+            "batchnorm": batchnorm,
+        }
         self.input_shape = tuple(input_shape)
         layers: list[nn.Module] = []
         channels, size = input_shape[0], input_shape[1]
@@ -99,8 +116,9 @@ class CNN(nn.Module):
 
 
 @register("mlp")
-def mlp(sizes: Sequence[int] = (784, 300, 100, 10),
-        input_shape: Sequence[int] | None = None) -> nn.Module:
+def mlp(
+    sizes: Sequence[int] = (784, 300, 100, 10), input_shape: Sequence[int] | None = None
+) -> nn.Module:
     """Any fully connected ReLU network."""
     return MLP(sizes, input_shape)
 
@@ -120,8 +138,15 @@ def lenet_300_100(num_classes: int = 10) -> nn.Module:
 @register("e2-cnn")
 def e2_cnn(channels: int = 16, hidden: int = 500, num_classes: int = 10) -> nn.Module:
     """E2: Conv(c,5x5)-ReLU-MaxPool(3)-Conv(c,5x5)-ReLU-MaxPool(3)-FC(hidden)-ReLU-FC(10)."""
-    return CNN([channels, "M", channels, "M"], [hidden], num_classes, (1, 28, 28),
-               kernel=5, padding=0, pool=3)
+    return CNN(
+        [channels, "M", channels, "M"],
+        [hidden],
+        num_classes,
+        (1, 28, 28),
+        kernel=5,
+        padding=0,
+        pool=3,
+    )
 
 
 @register("lenet5")
@@ -133,12 +158,26 @@ def lenet5(num_classes: int = 10) -> nn.Module:
 @register("vgg-small")
 def vgg_small(num_classes: int = 10, hidden: int = 256) -> nn.Module:
     """E4: VGG-style CNN with BatchNorm, 32-32-M-64-64-M-128-128-M-256-256, then FC."""
-    return CNN([32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256], [hidden], num_classes,
-               (1, 28, 28), kernel=3, padding=1, pool=2, batchnorm=True)
+    return CNN(
+        [32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256],
+        [hidden],
+        num_classes,
+        (1, 28, 28),
+        kernel=3,
+        padding=1,
+        pool=2,
+        batchnorm=True,
+    )
 
 
-def _features(cfg: Sequence[int | str], in_channels: int, batchnorm: bool, kernel: int = 3,
-              padding: int = 1, pool: int = 2) -> tuple[nn.Sequential, int, int]:
+def _features(
+    cfg: Sequence[int | str],
+    in_channels: int,
+    batchnorm: bool,
+    kernel: int = 3,
+    padding: int = 1,
+    pool: int = 2,
+) -> tuple[nn.Sequential, int, int]:
     """VGG-style conv stages (torchvision's layout: conv, [BN], ReLU(inplace), "M" pools).
 
     Returns the stack, its output channels, and its total downsampling factor.
@@ -176,8 +215,26 @@ def _scaled(cfg: Sequence[int | str], width: float) -> list[int | str]:
     return [item if item == "M" else max(1, round(int(item) * width)) for item in cfg]
 
 
-VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512,
-                              "M", 512, 512, 512, "M"]
+VGG16_CFG: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+]
 
 
 class VGG(nn.Module):
@@ -188,14 +245,28 @@ class VGG(nn.Module):
     torchvision); ``fc_batchnorm`` adds BatchNorm1d to the hidden FC layers.
     """
 
-    def __init__(self, cfg: Sequence[int | str], hidden: Sequence[int], num_classes: int = 10,
-                 input_shape: Sequence[int] = (3, 32, 32), batchnorm: bool = False,
-                 pool: int | None = None, dropout: float = 0.5,
-                 fc_batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Sequence[int | str],
+        hidden: Sequence[int],
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        batchnorm: bool = False,
+        pool: int | None = None,
+        dropout: float = 0.5,
+        fc_batchnorm: bool = False,
+    ) -> None:
         super().__init__()
-        self.config = {"cfg": list(cfg), "hidden": list(hidden), "num_classes": num_classes,
-                       "input_shape": list(input_shape), "batchnorm": batchnorm, "pool": pool,
-                       "dropout": dropout, "fc_batchnorm": fc_batchnorm}
+        self.config = {
+            "cfg": list(cfg),
+            "hidden": list(hidden),
+            "num_classes": num_classes,
+            "input_shape": list(input_shape),
+            "batchnorm": batchnorm,
+            "pool": pool,
+            "dropout": dropout,
+            "fc_batchnorm": fc_batchnorm,
+        }
         self.input_shape = tuple(int(s) for s in input_shape)
         self.features, channels, factor = _features(cfg, input_shape[0], batchnorm)
         if pool is None:
@@ -204,8 +275,7 @@ class VGG(nn.Module):
         else:
             self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
             spatial = pool * pool
-        self.classifier = _head([channels * spatial, *hidden, num_classes], dropout,
-                                fc_batchnorm)
+        self.classifier = _head([channels * spatial, *hidden, num_classes], dropout, fc_batchnorm)
 
     def forward(self, x):
         x = self.avgpool(self.features(x))
@@ -213,8 +283,12 @@ class VGG(nn.Module):
 
 
 @register("alexnet-cifar")
-def alexnet_cifar(num_classes: int = 10, hidden: Sequence[int] = (2048, 2048),
-                  input_shape: Sequence[int] = (3, 32, 32), dropout: float = 0.5) -> nn.Module:
+def alexnet_cifar(
+    num_classes: int = 10,
+    hidden: Sequence[int] = (2048, 2048),
+    input_shape: Sequence[int] = (3, 32, 32),
+    dropout: float = 0.5,
+) -> nn.Module:
     """E5: AlexNet for 32x32 inputs: conv 64-192-384-256-256 (5x5, 5x5, then 3x3; 2x2 max
     pools after conv 1, 2 and 5), flatten 256*4*4, FC head 2048-2048 (ImageNet's 4096-4096
     scaled to the 4096 flattened features)."""
@@ -224,19 +298,36 @@ def alexnet_cifar(num_classes: int = 10, hidden: Sequence[int] = (2048, 2048),
 class AlexNetCIFAR(nn.Module):
     """AlexNet's conv stack and FC head, sized for CIFAR (see :func:`alexnet_cifar`)."""
 
-    def __init__(self, num_classes: int = 10, hidden: Sequence[int] = (2048, 2048),
-                 input_shape: Sequence[int] = (3, 32, 32), dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        hidden: Sequence[int] = (2048, 2048),
+        input_shape: Sequence[int] = (3, 32, 32),
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
-        self.config = {"num_classes": num_classes, "hidden": list(hidden),
-                       "input_shape": list(input_shape), "dropout": dropout}
+        self.config = {
+            "num_classes": num_classes,
+            "hidden": list(hidden),
+            "input_shape": list(input_shape),
+            "dropout": dropout,
+        }
         self.input_shape = tuple(int(s) for s in input_shape)
         self.features = nn.Sequential(
-            nn.Conv2d(input_shape[0], 64, 5, padding=2), nn.ReLU(inplace=True),
+            nn.Conv2d(input_shape[0], 64, 5, padding=2),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            nn.Conv2d(64, 192, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
         sizes = [256 * (input_shape[1] // 8) * (input_shape[2] // 8), *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):  # torchvision's head order
@@ -249,38 +340,70 @@ class AlexNetCIFAR(nn.Module):
 
 
 @register("vgg16-cifar")
-def vgg16_cifar(num_classes: int = 10, width: float = 1.0, hidden: int | None = None,
-                input_shape: Sequence[int] = (3, 32, 32), dropout: float = 0.5) -> nn.Module:
+def vgg16_cifar(
+    num_classes: int = 10,
+    width: float = 1.0,
+    hidden: int | None = None,
+    input_shape: Sequence[int] = (3, 32, 32),
+    dropout: float = 0.5,
+) -> nn.Module:
     """E5: VGG-16 for CIFAR: the 13 convs of VGG-16 with BatchNorm, then
     FC 512-BN-ReLU-512-BN-ReLU-classes. ``width`` scales every width (tests use small ones);
     ``hidden`` defaults to the last conv's width."""
     cfg = _scaled(VGG16_CFG, width)
     h = int(hidden) if hidden is not None else int(cfg[-2])
-    return VGG(cfg, [h, h], num_classes, input_shape, batchnorm=True, pool=None,
-               dropout=dropout, fc_batchnorm=True)
+    return VGG(
+        cfg,
+        [h, h],
+        num_classes,
+        input_shape,
+        batchnorm=True,
+        pool=None,
+        dropout=dropout,
+        fc_batchnorm=True,
+    )
 
 
 @register("vgg16")
-def vgg16(num_classes: int = 1000, batchnorm: bool = False, width: float = 1.0,
-          hidden: int = 4096, input_shape: Sequence[int] = (3, 224, 224),
-          dropout: float = 0.5) -> nn.Module:
+def vgg16(
+    num_classes: int = 1000,
+    batchnorm: bool = False,
+    width: float = 1.0,
+    hidden: int = 4096,
+    input_shape: Sequence[int] = (3, 224, 224),
+    dropout: float = 0.5,
+) -> nn.Module:
     """E6: torchvision's VGG-16 layout (224x224; AdaptiveAvgPool2d(7, 7); fc6 25088 -> 4096,
     fc7 4096 -> 4096, fc8 -> classes as classifier.0/3/6), random weights."""
-    return _TorchvisionVGG(_scaled(VGG16_CFG, width), hidden, num_classes, input_shape,
-                           batchnorm, dropout)
+    return _TorchvisionVGG(
+        _scaled(VGG16_CFG, width), hidden, num_classes, input_shape, batchnorm, dropout
+    )
 
 
 class _TorchvisionVGG(VGG):
     """VGG with torchvision's classifier order: Linear, ReLU, Dropout, Linear, ReLU, Dropout,
     Linear (state-dict compatible with torchvision.models.vgg16 / vgg16_bn)."""
 
-    def __init__(self, cfg: Sequence[int | str], hidden: int, num_classes: int,
-                 input_shape: Sequence[int], batchnorm: bool, dropout: float) -> None:
-        super().__init__(cfg, [hidden, hidden], num_classes, input_shape, batchnorm, pool=7,
-                         dropout=dropout)
-        self.config = {"cfg": list(cfg), "hidden": hidden, "num_classes": num_classes,
-                       "input_shape": list(input_shape), "batchnorm": batchnorm,
-                       "dropout": dropout}
+    def __init__(
+        self,
+        cfg: Sequence[int | str],
+        hidden: int,
+        num_classes: int,
+        input_shape: Sequence[int],
+        batchnorm: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__(
+            cfg, [hidden, hidden], num_classes, input_shape, batchnorm, pool=7, dropout=dropout
+        )
+        self.config = {
+            "cfg": list(cfg),
+            "hidden": hidden,
+            "num_classes": num_classes,
+            "input_shape": list(input_shape),
+            "batchnorm": batchnorm,
+            "dropout": dropout,
+        }
 
 
 class PadShortcut(nn.Module):
@@ -292,7 +415,7 @@ class PadShortcut(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        x = x[:, :, ::self.stride, ::self.stride]
+        x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
@@ -301,8 +424,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -326,8 +450,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -356,17 +481,37 @@ class ResNet(nn.Module):
     torchvision's ``downsample``) or "pad" (He et al.'s CIFAR option A, parameter-free).
     """
 
-    def __init__(self, block: str, layers: Sequence[int], widths: Sequence[int],
-                 num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
-                 stem: str = "imagenet", shortcut: str = "conv") -> None:
+    def __init__(
+        self,
+        block: str,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        input_size: int = 224,
+        stem: str = "imagenet",
+        shortcut: str = "conv",
+    ) -> None:
         super().__init__()
-        if block not in ("basic", "bottleneck") or stem not in ("imagenet", "cifar") \
-                or shortcut not in ("conv", "pad"):
-            raise ValueError(f"ResNet: block must be basic/bottleneck, stem imagenet/cifar, "
-                             f"shortcut conv/pad; got {block!r}, {stem!r}, {shortcut!r}")
-        self.config = {"block": block, "layers": list(layers), "widths": list(widths),
-                       "num_classes": num_classes, "in_channels": in_channels,
-                       "input_size": input_size, "stem": stem, "shortcut": shortcut}
+        if (
+            block not in ("basic", "bottleneck")
+            or stem not in ("imagenet", "cifar")
+            or shortcut not in ("conv", "pad")
+        ):
+            raise ValueError(
+                f"ResNet: block must be basic/bottleneck, stem imagenet/cifar, "
+                f"shortcut conv/pad; got {block!r}, {stem!r}, {shortcut!r}"
+            )
+        self.config = {
+            "block": block,
+            "layers": list(layers),
+            "widths": list(widths),
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": input_size,
+            "stem": stem,
+            "shortcut": shortcut,
+        }
         self.input_shape = (in_channels, input_size, input_size)
         cls = BasicBlock if block == "basic" else Bottleneck
         self.inplanes = int(widths[0])
@@ -387,8 +532,9 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _stage(self, cls: type[nn.Module], planes: int, count: int, stride: int,
-               shortcut: str) -> nn.Sequential:
+    def _stage(
+        self, cls: type[nn.Module], planes: int, count: int, stride: int, shortcut: str
+    ) -> nn.Sequential:
         blocks: list[nn.Module] = []
         for j in range(count):
             s = stride if j == 0 else 1
@@ -396,8 +542,9 @@ class ResNet(nn.Module):
             downsample = None
             if s != 1 or self.inplanes != out:
                 if shortcut == "conv":
-                    downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, s, bias=False),
-                                               nn.BatchNorm2d(out))
+                    downsample = nn.Sequential(
+                        nn.Conv2d(self.inplanes, out, 1, s, bias=False), nn.BatchNorm2d(out)
+                    )
                 else:
                     downsample = PadShortcut(out - self.inplanes, s)
             blocks.append(cls(self.inplanes, planes, s, downsample))
@@ -412,29 +559,56 @@ class ResNet(nn.Module):
 
 
 @register("resnet20")
-def resnet20(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
-             width: int = 16, shortcut: str = "pad") -> nn.Module:
+def resnet20(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: int = 32,
+    width: int = 16,
+    shortcut: str = "pad",
+) -> nn.Module:
     """ResNet-20 for CIFAR (He et al. 2016): 3x3 stem, 3 stages of 3 basic blocks with
     16/32/64 channels (``width`` scales them), option A shortcuts by default. Fashion-MNIST:
     ``in_channels=1, input_size=28``."""
-    return ResNet("basic", [3, 3, 3], [width, 2 * width, 4 * width], num_classes,
-                  in_channels, input_size, "cifar", shortcut)
+    return ResNet(
+        "basic",
+        [3, 3, 3],
+        [width, 2 * width, 4 * width],
+        num_classes,
+        in_channels,
+        input_size,
+        "cifar",
+        shortcut,
+    )
 
 
 @register("resnet18")
-def resnet18(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
-             width: int = 64) -> nn.Module:
+def resnet18(
+    num_classes: int = 1000, in_channels: int = 3, input_size: int = 224, width: int = 64
+) -> nn.Module:
     """ResNet-18 (ImageNet layout, basic blocks [2, 2, 2, 2], widths 64-128-256-512)."""
-    return ResNet("basic", [2, 2, 2, 2], [width * 2 ** i for i in range(4)], num_classes,
-                  in_channels, input_size)
+    return ResNet(
+        "basic",
+        [2, 2, 2, 2],
+        [width * 2**i for i in range(4)],
+        num_classes,
+        in_channels,
+        input_size,
+    )
 
 
 @register("resnet50")
-def resnet50(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
-             width: int = 64) -> nn.Module:
+def resnet50(
+    num_classes: int = 1000, in_channels: int = 3, input_size: int = 224, width: int = 64
+) -> nn.Module:
     """ResNet-50 (ImageNet layout, bottleneck blocks [3, 4, 6, 3], v1.5 stride on the 3x3)."""
-    return ResNet("bottleneck", [3, 4, 6, 3], [width * 2 ** i for i in range(4)], num_classes,
-                  in_channels, input_size)
+    return ResNet(
+        "bottleneck",
+        [3, 4, 6, 3],
+        [width * 2**i for i in range(4)],
+        num_classes,
+        in_channels,
+        input_size,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,13 +616,27 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3, input_size: int = 22
 # activations, attention), for tests and the architecture experiments
 # --------------------------------------------------------------------------------------------
 
+
 @register("resnet-mini")
-def resnet_mini(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
-                widths: Sequence[int] = (8, 16), blocks: int = 1) -> nn.Module:
+def resnet_mini(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    input_size: int = 28,
+    widths: Sequence[int] = (8, 16),
+    blocks: int = 1,
+) -> nn.Module:
     """A 2-stage CIFAR-style ResNet of basic blocks with 1x1 projection shortcuts: stage 1
     keeps the stem's width (identity shortcuts), stage 2 doubles it with stride 2."""
-    return ResNet("basic", [blocks] * len(widths), list(widths), num_classes, in_channels,
-                  input_size, "cifar", "conv")
+    return ResNet(
+        "basic",
+        [blocks] * len(widths),
+        list(widths),
+        num_classes,
+        in_channels,
+        input_size,
+        "cifar",
+        "conv",
+    )
 
 
 class DenseMini(nn.Module):
@@ -457,22 +645,46 @@ class DenseMini(nn.Module):
     transition conv-BN-ReLU with a 2x2 average pool, global average, Linear. (torchvision's
     DenseNet normalises the concatenation before each conv instead: BN-ReLU-conv.)"""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
-                 stem: int = 8, growth: int = 4, layers: int = 3, transition: int = 12) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 28,
+        stem: int = 8,
+        growth: int = 4,
+        layers: int = 3,
+        transition: int = 12,
+    ) -> None:
         super().__init__()
-        self.config = {"num_classes": num_classes, "in_channels": in_channels,
-                       "input_size": input_size, "stem": stem, "growth": growth,
-                       "layers": layers, "transition": transition}
+        self.config = {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": input_size,
+            "stem": stem,
+            "growth": growth,
+            "layers": layers,
+            "transition": transition,
+        }
         self.input_shape = (in_channels, input_size, input_size)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+        )
         self.dense = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(stem + i * growth, growth, 3, padding=1, bias=False),
-                          nn.BatchNorm2d(growth), nn.ReLU(inplace=True))
-            for i in range(layers))
+            nn.Sequential(
+                nn.Conv2d(stem + i * growth, growth, 3, padding=1, bias=False),
+                nn.BatchNorm2d(growth),
+                nn.ReLU(inplace=True),
+            )
+            for i in range(layers)
+        )
         self.transition = nn.Sequential(
             nn.Conv2d(stem + layers * growth, transition, 1, bias=False),
-            nn.BatchNorm2d(transition), nn.ReLU(inplace=True), nn.AvgPool2d(2))
+            nn.BatchNorm2d(transition),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(2),
+        )
         self.fc = nn.Linear(transition, num_classes)
 
     def forward(self, x):
@@ -497,10 +709,15 @@ class InvertedResidual(nn.Module):
         hidden = inp * expand
         self.residual = stride == 1 and inp == out
         self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(inp, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
-            nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out))
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        )
 
     def forward(self, x):
         return x + self.conv(x) if self.residual else self.conv(x)
@@ -511,22 +728,41 @@ class MobileMini(nn.Module):
     channels, stride) each, expansion ``expand``), 1x1 conv-BN-ReLU6, global average,
     Linear."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
-                 stem: int = 8, cfg: Sequence[Sequence[int]] = ((8, 1), (12, 2), (12, 1)),
-                 expand: int = 4, last: int = 32) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 28,
+        stem: int = 8,
+        cfg: Sequence[Sequence[int]] = ((8, 1), (12, 2), (12, 1)),
+        expand: int = 4,
+        last: int = 32,
+    ) -> None:
         super().__init__()
-        self.config = {"num_classes": num_classes, "in_channels": in_channels,
-                       "input_size": input_size, "stem": stem,
-                       "cfg": [list(c) for c in cfg], "expand": expand, "last": last}
+        self.config = {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": input_size,
+            "stem": stem,
+            "cfg": [list(c) for c in cfg],
+            "expand": expand,
+            "last": last,
+        }
         self.input_shape = (in_channels, input_size, input_size)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False),
-                                   nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU6(inplace=True),
+        ]
         channels = stem
         for out, stride in cfg:
             layers.append(InvertedResidual(channels, int(out), int(stride), expand))
             channels = int(out)
-        layers += [nn.Conv2d(channels, last, 1, bias=False), nn.BatchNorm2d(last),
-                   nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(channels, last, 1, bias=False),
+            nn.BatchNorm2d(last),
+            nn.ReLU6(inplace=True),
+        ]
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(last, num_classes)
 
@@ -563,13 +799,28 @@ class ViTMini(nn.Module):
     encoder blocks (attention and a GELU MLP on (B, T, C) tokens), LayerNorm, mean over
     tokens, Linear."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
-                 patch: int = 7, dim: int = 16, depth: int = 2, heads: int = 2,
-                 hidden: int = 32) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 28,
+        patch: int = 7,
+        dim: int = 16,
+        depth: int = 2,
+        heads: int = 2,
+        hidden: int = 32,
+    ) -> None:
         super().__init__()
-        self.config = {"num_classes": num_classes, "in_channels": in_channels,
-                       "input_size": input_size, "patch": patch, "dim": dim, "depth": depth,
-                       "heads": heads, "hidden": hidden}
+        self.config = {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": input_size,
+            "patch": patch,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "hidden": hidden,
+        }
         self.input_shape = (in_channels, input_size, input_size)
         self.embed = nn.Conv2d(in_channels, dim, patch, patch)
         self.pos = nn.Parameter(torch.zeros(1, (input_size // patch) ** 2, dim))

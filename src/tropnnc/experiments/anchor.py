@@ -30,8 +30,10 @@ def _import_tp():
     try:
         import torch_pruning
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("method 'torch-pruning' needs the optional dependency "
-                          f"torch-pruning: pip install 'tropnnc[{ANCHOR_EXTRA}]'") from err
+        raise ImportError(
+            "method 'torch-pruning' needs the optional dependency "
+            f"torch-pruning: pip install 'tropnnc[{ANCHOR_EXTRA}]'"
+        ) from err
     return torch_pruning
 
 
@@ -39,16 +41,24 @@ def _units(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def torch_pruning(model: nn.Module, keep: Mapping[str, float | int], *, seed: int = 0,
-                  p: int = 2, example_inputs: torch.Tensor | None = None) -> CompressionResult:
+def torch_pruning(
+    model: nn.Module,
+    keep: Mapping[str, float | int],
+    *,
+    seed: int = 0,
+    p: int = 2,
+    example_inputs: torch.Tensor | None = None,
+) -> CompressionResult:
     """Prune the producers named in ``keep`` (layer name -> keep fraction or width) of a
     copy of ``model`` with Torch-Pruning's magnitude pruner (``p``: the norm of its
     importance). ``seed`` is recorded only: the pruner is deterministic."""
     tp = _import_tp()
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     if inputs is None:
-        raise ValueError(f"method 'torch-pruning' needs the input shape of "
-                         f"{type(model).__name__}: set model.input_shape or pass example_inputs")
+        raise ValueError(
+            f"method 'torch-pruning' needs the input shape of "
+            f"{type(model).__name__}: set model.input_shape or pass example_inputs"
+        )
     specs, _ = discover(model)
     widths = _widths(model, specs, keep)
     work = copy.deepcopy(model).eval()
@@ -58,18 +68,36 @@ def torch_pruning(model: nn.Module, keep: Mapping[str, float | int], *, seed: in
         n = _units(mod)
         # the pruner keeps int(n * (1 - ratio)) channels: aim half a channel above K
         ratios[mod] = 1.0 - (widths[name] + 0.5) / n
-    ignored = [mod for mod in work.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
-               and all(mod is not t for t in targets.values())]
+    ignored = [
+        mod
+        for mod in work.modules()
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and all(mod is not t for t in targets.values())
+    ]
     pruner = tp.pruner.MagnitudePruner(
-        work, inputs, importance=tp.importance.MagnitudeImportance(p=p), global_pruning=False,
-        pruning_ratio_dict=ratios, ignored_layers=ignored, iterative_steps=1)
+        work,
+        inputs,
+        importance=tp.importance.MagnitudeImportance(p=p),
+        global_pruning=False,
+        pruning_ratio_dict=ratios,
+        ignored_layers=ignored,
+        iterative_steps=1,
+    )
     pruner.step()
     got = {name: _units(mod) for name, mod in targets.items()}
     if got != widths:
         raise RuntimeError(f"torch-pruning pruned to {got}, expected {widths}")
-    return CompressionResult(work, "torch-pruning", {"p": p, "global_pruning": False}, seed,
-                             [], [], count_params(model), count_params(work),
-                             count_macs(model, inputs), count_macs(work, inputs))
+    return CompressionResult(
+        work,
+        "torch-pruning",
+        {"p": p, "global_pruning": False},
+        seed,
+        [],
+        [],
+        count_params(model),
+        count_params(work),
+        count_macs(model, inputs),
+        count_macs(work, inputs),
+    )
 
 
 #: method specs run outside :func:`tropnnc.compress`: name -> f(model, keep mapping, seed=,

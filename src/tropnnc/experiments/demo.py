@@ -31,17 +31,26 @@ def demo_methods(dataset: str) -> tuple[list[str], list[str]]:
             notes.append(f"{name} left out: it handles single-output networks only")
             continue
         chosen.append(name)
-    chosen.insert(chosen.index("tropnnc") + 1 if "tropnnc" in chosen else len(chosen),
-                  "tropnnc+refit")
+    chosen.insert(
+        chosen.index("tropnnc") + 1 if "tropnnc" in chosen else len(chosen), "tropnnc+refit"
+    )
     return ["default", *chosen], notes
 
 
-def run_demo(out_dir: str | Path, quick: bool = False, *, network: str = "lenet-300-100",
-             dataset: str = "fashion-mnist", config: dict[str, Any] | None = None,
-             keeps: Sequence[float] | None = None,
-             seed: int = 0, cache_dir: str | Path | None = None,
-             calibration_size: int = 2000, progress: bool = True,
-             train_kw: dict[str, Any] | None = None) -> Path:
+def run_demo(
+    out_dir: str | Path,
+    quick: bool = False,
+    *,
+    network: str = "lenet-300-100",
+    dataset: str = "fashion-mnist",
+    config: dict[str, Any] | None = None,
+    keeps: Sequence[float] | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    calibration_size: int = 2000,
+    progress: bool = True,
+    train_kw: dict[str, Any] | None = None,
+) -> Path:
     """Run the demo; returns the path of the Markdown table (``out_dir/table.md``).
 
     ``config`` overrides the zoo network's constructor arguments.
@@ -54,12 +63,21 @@ def run_demo(out_dir: str | Path, quick: bool = False, *, network: str = "lenet-
     kw = dict(train_kw or {})
     if quick:
         kw.setdefault("epochs", 2)
-    csv_path = run_sweep(network, chosen, keeps, [seed], dataset, out_dir,
-                         calibration_size=calibration_size, progress=progress,
-                         cache_dir=cache_dir, train_kw=kw,
-                         configs=None if config is None else {network: config},
-                         test_size=2000 if quick else None,
-                         title=f"Demo: {network} on {dataset}, seed {seed}")
+    csv_path = run_sweep(
+        network,
+        chosen,
+        keeps,
+        [seed],
+        dataset,
+        out_dir,
+        calibration_size=calibration_size,
+        progress=progress,
+        cache_dir=cache_dir,
+        train_kw=kw,
+        configs=None if config is None else {network: config},
+        test_size=2000 if quick else None,
+        title=f"Demo: {network} on {dataset}, seed {seed}",
+    )
     table = csv_path.parent / "table.md"
     if notes:
         with table.open("a") as f:

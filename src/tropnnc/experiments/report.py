@@ -41,31 +41,40 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]:
         key = (r["dataset"], r["network"], r["layers"], r["label"], float(r["keep"]))
         acc[key].append(100.0 * float(r["accuracy"]))
         meta[key] = r
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v),
-                "data_driven": bool(meta[k]["data_driven"]), "parameters": meta[k]["parameters"],
-                "macs": meta[k]["macs"]}
-            for k, v in acc.items()}
+    return {
+        k: {
+            "mean": float(np.mean(v)),
+            "std": float(np.std(v)),
+            "n": len(v),
+            "data_driven": bool(meta[k]["data_driven"]),
+            "parameters": meta[k]["parameters"],
+            "macs": meta[k]["macs"],
+        }
+        for k, v in acc.items()
+    }
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None,
-                   notes: Sequence[str] = ()) -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], title: str | None = None, notes: Sequence[str] = ()
+) -> str:
     """Mean +- std test accuracy (%) per method x keep ratio, one table per network."""
     stats = summarise(rows)
     lines = [f"# {title}" if title else "# Results", ""]
     for (ds, net, lay), group in _groups(rows).items():
         base = [100.0 * float(r["accuracy"]) for r in group if r["label"] == BASELINE]
-        keeps = sorted({float(r["keep"]) for r in group if r["label"] != BASELINE},
-                       reverse=True)
+        keeps = sorted({float(r["keep"]) for r in group if r["label"] != BASELINE}, reverse=True)
         labels = list(dict.fromkeys(r["label"] for r in group if r["label"] != BASELINE))
         seeds = sorted({int(r["seed"]) for r in group})
         lines.append(f"## {net} on {ds}, compressed layers: {lay}")
         lines.append("")
         if base:
             plural = "s" if len(base) > 1 else ""
-            lines.append(f"Uncompressed: {np.mean(base):.2f} +- {np.std(base):.2f} % "
-                         f"({len(base)} seed{plural}: {', '.join(map(str, seeds))}). Test accuracy "
-                         "(%) without fine-tuning, mean +- std over seeds; DD = data-driven "
-                         "(calibration inputs).")
+            lines.append(
+                f"Uncompressed: {np.mean(base):.2f} +- {np.std(base):.2f} % "
+                f"({len(base)} seed{plural}: {', '.join(map(str, seeds))}). Test accuracy "
+                "(%) without fine-tuning, mean +- std over seeds; DD = data-driven "
+                "(calibration inputs)."
+            )
             lines.append("")
         lines.append("| method | DD | " + " | ".join(f"keep {k:g}" for k in keeps) + " |")
         lines.append("|---|---|" + "---|" * len(keeps))
@@ -82,8 +91,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None,
             lines.append(f"| {label} | {dd} | " + " | ".join(cells) + " |")
         params = []
         for k in keeps:
-            s = next((stats[key] for key in stats
-                      if key[:3] == (ds, net, lay) and key[4] == k), None)
+            s = next(
+                (stats[key] for key in stats if key[:3] == (ds, net, lay) and key[4] == k), None
+            )
             params.append("" if s is None else f"{s['parameters']:,}")
         lines.append("| parameters | | " + " | ".join(params) + " |")
         lines.append("")
@@ -111,9 +121,15 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
             mean = np.array([stats[k]["mean"] for k in keys])
             std = np.array([stats[k]["std"] for k in keys])
             dashed = stats[keys[0]]["data_driven"] if keys else False
-            (line,) = ax.plot(x, mean, "--" if dashed else "-", marker="o", ms=3,
-                              color=colors[i % len(colors)],
-                              label=label + (" (data)" if dashed else ""))
+            (line,) = ax.plot(
+                x,
+                mean,
+                "--" if dashed else "-",
+                marker="o",
+                ms=3,
+                color=colors[i % len(colors)],
+                label=label + (" (data)" if dashed else ""),
+            )
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         base = [100.0 * float(r["accuracy"]) for r in group if r["label"] == BASELINE]
         if base:
@@ -131,12 +147,16 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(out_dir: Path, rows: Sequence[Mapping[str, Any]], *,
-                  notes: Sequence[str] = (), title: str | None = None) -> None:
+def write_outputs(
+    out_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    notes: Sequence[str] = (),
+    title: str | None = None,
+) -> None:
     """Write results.json, table.md and the figures for ``rows`` into ``out_dir``."""
     out_dir = Path(out_dir)
-    payload = {"rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
-               "notes": list(notes)}
+    payload = {"rows": [{k: _clean(v) for k, v in r.items()} for r in rows], "notes": list(notes)}
     _atomic_write(out_dir / "results.json", json.dumps(payload, indent=1))
     _atomic_write(out_dir / "table.md", markdown_table(rows, title, notes))
     if rows:

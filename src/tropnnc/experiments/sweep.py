@@ -46,9 +46,25 @@ from .train_cache import load_split, outputs_of, trained_model
 
 log = logging.getLogger(__name__)
 
-FIELDS = ["dataset", "network", "layers", "method", "options", "keep", "seed", "accuracy",
-          "parameters", "macs", "certificate", "seconds", "data_driven", "label",
-          "params_before", "macs_before", "baseline_accuracy"]
+FIELDS = [
+    "dataset",
+    "network",
+    "layers",
+    "method",
+    "options",
+    "keep",
+    "seed",
+    "accuracy",
+    "parameters",
+    "macs",
+    "certificate",
+    "seconds",
+    "data_driven",
+    "label",
+    "params_before",
+    "macs_before",
+    "baseline_accuracy",
+]
 BASELINE = "uncompressed"  # label of the rows holding the uncompressed model
 DEFAULT_LABEL = "default"  # label of compress()'s default pipeline
 
@@ -69,8 +85,11 @@ class MethodSpec:
 
     @property
     def method(self) -> str:
-        return self.name + ("+refit" if self.refit else "") + (
-            "+ls" if self.reconstruct is not None else "")
+        return (
+            self.name
+            + ("+refit" if self.refit else "")
+            + ("+ls" if self.reconstruct is not None else "")
+        )
 
     def reconstruction(self) -> Reconstruction | None:
         """The ``compress(reconstruct=...)`` argument of this spec."""
@@ -96,11 +115,12 @@ def parse_method(spec: str) -> MethodSpec:
     head, _, opts = spec.strip().partition(":")
     refit = head.endswith("+refit")
     ls = head.endswith("+ls")
-    name = head[:-len("+refit")] if refit else head[:-len("+ls")] if ls else head
+    name = head[: -len("+refit")] if refit else head[: -len("+ls")] if ls else head
     if name in EXTERNAL:
         if refit or ls:
-            raise ValueError(f"method spec {spec!r}: {name} is an external anchor, "
-                             "no +refit or +ls")
+            raise ValueError(
+                f"method spec {spec!r}: {name} is an external anchor, no +refit or +ls"
+            )
     else:
         method_class(name)
     options: dict[str, Any] = {}
@@ -121,16 +141,27 @@ def parse_method(spec: str) -> MethodSpec:
     return parsed
 
 
-def run_method(spec: MethodSpec, model: nn.Module, mapping: Mapping[str, float], seed: int,
-               calibration: torch.Tensor | None) -> CompressionResult:
+def run_method(
+    spec: MethodSpec,
+    model: nn.Module,
+    mapping: Mapping[str, float],
+    seed: int,
+    calibration: torch.Tensor | None,
+) -> CompressionResult:
     """Compress ``model`` as one method spec says: a library method through
     :func:`tropnnc.compress` (calibration inputs only for data-driven specs), or an external
     anchor (:mod:`tropnnc.experiments.anchor`) on the same blocks and widths."""
     if spec.name in EXTERNAL:
         return EXTERNAL[spec.name](model, mapping, seed=seed, **spec.options)
-    return compress(model, mapping, spec.name, seed=seed,
-                    calibration=calibration if spec.data_driven else None,
-                    reconstruct=spec.reconstruction(), **spec.options)
+    return compress(
+        model,
+        mapping,
+        spec.name,
+        seed=seed,
+        calibration=calibration if spec.data_driven else None,
+        reconstruct=spec.reconstruction(),
+        **spec.options,
+    )
 
 
 def keep_mapping(model: nn.Module, layers: str | None, keep: float) -> dict[str, float]:
@@ -148,8 +179,9 @@ def keep_mapping(model: nn.Module, layers: str | None, keep: float) -> dict[str,
         chosen = [n.strip() for n in layers.split(",") if n.strip()]
         unknown = sorted(set(chosen) - set(names))
         if unknown:
-            raise ValueError(f"layers {unknown} are not compressible blocks; "
-                             f"blocks: {', '.join(names)}")
+            raise ValueError(
+                f"layers {unknown} are not compressible blocks; blocks: {', '.join(names)}"
+            )
     if not chosen:
         raise ValueError(f"layers={layers!r} selects no block of {type(model).__name__}")
     return {n: keep for n in chosen}
@@ -186,15 +218,22 @@ class Evaluator:
         self.features: TensorDataset | None = None
 
     def __call__(self, compressed: nn.Module) -> float:
-        if isinstance(compressed, CNN) and isinstance(self.test_set, TensorDataset) and \
-                _same_params(self.model.features, compressed.features):
+        if (
+            isinstance(compressed, CNN)
+            and isinstance(self.test_set, TensorDataset)
+            and _same_params(self.model.features, compressed.features)
+        ):
             if self.features is None:
                 x, y = self.test_set.tensors[0], self.test_set.tensors[1]
                 with torch.no_grad():
                     self.model.eval()
                     dev = next(self.model.parameters()).device
-                    feats = torch.cat([self.model.features(x[i:i + 1000].to(dev))
-                                       for i in range(0, len(x), 1000)])
+                    feats = torch.cat(
+                        [
+                            self.model.features(x[i : i + 1000].to(dev))
+                            for i in range(0, len(x), 1000)
+                        ]
+                    )
                 self.features = TensorDataset(feats, y)
             return evaluate(compressed.classifier, self.features)
         return evaluate(compressed, self.test_set)
@@ -206,8 +245,14 @@ def _same_params(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _key(row: Mapping[str, Any]) -> tuple[str, ...]:
-    return (str(row["dataset"]), str(row["network"]), str(row["layers"]), str(row["label"]),
-            f"{float(row['keep']):.6g}", str(int(row["seed"])))
+    return (
+        str(row["dataset"]),
+        str(row["network"]),
+        str(row["layers"]),
+        str(row["label"]),
+        f"{float(row['keep']):.6g}",
+        str(int(row["seed"])),
+    )
 
 
 def read_rows(csv_path: Path) -> list[dict[str, Any]]:
@@ -243,15 +288,28 @@ def _as_list(value: str | Sequence[Any] | None) -> list[Any]:
     return list(value)
 
 
-def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequence[float],
-              seeds: Sequence[int], dataset: str | Sequence[str], out_dir: str | Path, *,
-              layers: str | Sequence[str | None] | None = None, calibration_size: int = 2000,
-              progress: bool = True, cache_dir: str | Path | None = None,
-              configs: Mapping[str, Mapping[str, Any]] | None = None,
-              train_kw: Mapping[str, Any] | None = None, test_size: int | None = None,
-              data_root: str | Path | None = None, num_threads: int | None = None,
-              title: str | None = None, executor: str = "local", address: str | None = None,
-              device: str | None = None) -> Path:
+def run_sweep(
+    networks: str | Sequence[str],
+    methods: Sequence[str],
+    keeps: Sequence[float],
+    seeds: Sequence[int],
+    dataset: str | Sequence[str],
+    out_dir: str | Path,
+    *,
+    layers: str | Sequence[str | None] | None = None,
+    calibration_size: int = 2000,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    train_kw: Mapping[str, Any] | None = None,
+    test_size: int | None = None,
+    data_root: str | Path | None = None,
+    num_threads: int | None = None,
+    title: str | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    device: str | None = None,
+) -> Path:
     """Run (or resume) a sweep and write its outputs; returns the CSV path.
 
     ``networks``/``dataset``/``layers`` may be lists (all combinations). ``configs`` maps a
@@ -274,8 +332,13 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
     specs = [parse_method(m) for m in methods]
     done = {_key(r) for r in read_rows(csv_path)}
     notes: list[str] = []
-    combos = [(ds, net, lay, seed) for ds in _as_list(dataset) for net in _as_list(networks)
-              for lay in _as_list(layers) for seed in seeds]
+    combos = [
+        (ds, net, lay, seed)
+        for ds in _as_list(dataset)
+        for net in _as_list(networks)
+        for lay in _as_list(layers)
+        for seed in seeds
+    ]
     total = len(combos) * (len(specs) * len(keeps) + 1)
     old_threads = torch.get_num_threads()
     if num_threads is not None:
@@ -285,19 +348,46 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
     rows = _make_executor(executor, csv_path, bar, address, device, num_threads)
     try:
         for ds, net, lay, seed in combos:
-            todo = [(s, k) for s in specs for k in keeps
-                    if _key({"dataset": ds, "network": net, "layers": lay or "all",
-                             "label": s.label, "keep": k, "seed": seed}) not in done]
-            base_key = _key({"dataset": ds, "network": net, "layers": lay or "all",
-                             "label": BASELINE, "keep": 1.0, "seed": seed})
+            todo = [
+                (s, k)
+                for s in specs
+                for k in keeps
+                if _key(
+                    {
+                        "dataset": ds,
+                        "network": net,
+                        "layers": lay or "all",
+                        "label": s.label,
+                        "keep": k,
+                        "seed": seed,
+                    }
+                )
+                not in done
+            ]
+            base_key = _key(
+                {
+                    "dataset": ds,
+                    "network": net,
+                    "layers": lay or "all",
+                    "label": BASELINE,
+                    "keep": 1.0,
+                    "seed": seed,
+                }
+            )
             bar.update(len(specs) * len(keeps) - len(todo) + (base_key in done))
             if not todo and base_key in done:
                 continue
-            model = trained_model(net, ds, seed, cache_dir, config=(configs or {}).get(net),
-                                  data_root=data_root, **dict(train_kw or {}))
+            model = trained_model(
+                net,
+                ds,
+                seed,
+                cache_dir,
+                config=(configs or {}).get(net),
+                data_root=data_root,
+                **dict(train_kw or {}),
+            )
             test_set = _subset(load_split(ds, "test", data_root), test_size, 20_011)
-            calib = calibration_inputs(load_split(ds, "train", data_root), calibration_size,
-                                       seed)
+            calib = calibration_inputs(load_split(ds, "train", data_root), calibration_size, seed)
             common = {"dataset": ds, "network": net, "layers": lay or "all", "seed": seed}
             if device is not None and executor == "local":  # Ray tasks move their copies
                 model, calib = model.to(device), calib.to(device)
@@ -307,23 +397,45 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
                 params = count_params(model)
                 example = infer_example_inputs(model)
                 macs = None if example is None else count_macs(model, example)
-                rows.add({**common, "method": BASELINE, "label": BASELINE,
-                          "options": "{}", "keep": 1.0, "accuracy": baseline,
-                          "parameters": params, "params_before": params,
-                          "macs": macs, "macs_before": macs,
-                          "certificate": 0.0, "seconds": 0.0, "data_driven": False,
-                          "baseline_accuracy": baseline})
+                rows.add(
+                    {
+                        **common,
+                        "method": BASELINE,
+                        "label": BASELINE,
+                        "options": "{}",
+                        "keep": 1.0,
+                        "accuracy": baseline,
+                        "parameters": params,
+                        "params_before": params,
+                        "macs": macs,
+                        "macs_before": macs,
+                        "certificate": 0.0,
+                        "seconds": 0.0,
+                        "data_driven": False,
+                        "baseline_accuracy": baseline,
+                    }
+                )
             for spec, keep in todo:
-                if (spec.name not in EXTERNAL and not method_class(spec.name).multi_output
-                        and outputs_of(ds) > 1):
+                if (
+                    spec.name not in EXTERNAL
+                    and not method_class(spec.name).multi_output
+                    and outputs_of(ds) > 1
+                ):
                     note = f"{spec.label} skipped on {net}/{ds}: single-output method"
                     if note not in notes:
                         notes.append(note)
                         log.info(note)
                     bar.update(1)
                     continue
-                rows.submit(model, test_set, calib if spec.data_driven else None,
-                            {**common, "baseline_accuracy": baseline}, spec, keep, evaluator)
+                rows.submit(
+                    model,
+                    test_set,
+                    calib if spec.data_driven else None,
+                    {**common, "baseline_accuracy": baseline},
+                    spec,
+                    keep,
+                    evaluator,
+                )
         rows.finish()
     finally:
         rows.close()
@@ -334,10 +446,18 @@ def run_sweep(networks: str | Sequence[str], methods: Sequence[str], keeps: Sequ
     return csv_path
 
 
-def compress_row(model: nn.Module, test_set: Dataset, calib: torch.Tensor | None,
-                 common: Mapping[str, Any], spec: MethodSpec, keep: float, *,
-                 device: str | None = None, num_threads: int | None = None,
-                 evaluator: Evaluator | None = None) -> dict[str, Any]:
+def compress_row(
+    model: nn.Module,
+    test_set: Dataset,
+    calib: torch.Tensor | None,
+    common: Mapping[str, Any],
+    spec: MethodSpec,
+    keep: float,
+    *,
+    device: str | None = None,
+    num_threads: int | None = None,
+    evaluator: Evaluator | None = None,
+) -> dict[str, Any]:
     """One sweep row: compress ``model`` with ``spec`` at ``keep`` and evaluate it (the unit
     of work of every executor; a Ray task runs exactly this on its own copy of the model,
     moved to ``device``). ``evaluator``: one reused across the rows of a model (it caches
@@ -353,20 +473,29 @@ def compress_row(model: nn.Module, test_set: Dataset, calib: torch.Tensor | None
     seconds = time.perf_counter() - start
     acc = (evaluator or Evaluator(model, test_set))(result.model)
     certs = [b.certificate for b in result.blocks]
-    return {**common, "method": spec.method, "label": spec.label,
-            "options": json.dumps(result.options, sort_keys=True), "keep": keep,
-            "accuracy": acc, "parameters": result.params_after,
-            "params_before": result.params_before, "macs": result.macs_after,
-            "macs_before": result.macs_before,
-            "certificate": max(certs) if certs else math.nan, "seconds": seconds,
-            "data_driven": spec.data_driven}
+    return {
+        **common,
+        "method": spec.method,
+        "label": spec.label,
+        "options": json.dumps(result.options, sort_keys=True),
+        "keep": keep,
+        "accuracy": acc,
+        "parameters": result.params_after,
+        "params_before": result.params_before,
+        "macs": result.macs_after,
+        "macs_before": result.macs_before,
+        "certificate": max(certs) if certs else math.nan,
+        "seconds": seconds,
+        "data_driven": spec.data_driven,
+    }
 
 
 class _LocalRows:
     """The local executor: every row is computed when submitted and appended at once."""
 
-    def __init__(self, csv_path: Path, bar: tqdm, device: str | None,
-                 num_threads: int | None) -> None:
+    def __init__(
+        self, csv_path: Path, bar: tqdm, device: str | None, num_threads: int | None
+    ) -> None:
         self.csv_path = csv_path
         self.bar = bar
         self.device = device
@@ -380,12 +509,18 @@ class _LocalRows:
             self.bar.set_postfix(method=row["label"], keep=row["keep"], acc=acc, refresh=False)
         self.bar.update(1)
 
-    def submit(self, model: nn.Module, test_set: Dataset, calib: torch.Tensor | None,
-               common: Mapping[str, Any], spec: MethodSpec, keep: float,
-               evaluator: Evaluator) -> None:
+    def submit(
+        self,
+        model: nn.Module,
+        test_set: Dataset,
+        calib: torch.Tensor | None,
+        common: Mapping[str, Any],
+        spec: MethodSpec,
+        keep: float,
+        evaluator: Evaluator,
+    ) -> None:
         """Compute a row (see :func:`compress_row`; ``model`` is on the device already)."""
-        self.add(compress_row(model, test_set, calib, common, spec, keep,
-                              evaluator=evaluator))
+        self.add(compress_row(model, test_set, calib, common, spec, keep, evaluator=evaluator))
 
     def finish(self) -> None:
         """Wait for every submitted row."""
@@ -397,19 +532,30 @@ class _LocalRows:
 class _RayRows(_LocalRows):
     """The Ray executor: a task per row, rows appended as they finish in submission order."""
 
-    def __init__(self, csv_path: Path, bar: tqdm, device: str | None,
-                 num_threads: int | None, address: str | None) -> None:
+    def __init__(
+        self,
+        csv_path: Path,
+        bar: tqdm,
+        device: str | None,
+        num_threads: int | None,
+        address: str | None,
+    ) -> None:
         super().__init__(csv_path, bar, device, num_threads)
         try:
             import ray
         except ModuleNotFoundError:
-            raise ValueError("executor='ray' needs the optional package ray: "
-                             "pip install 'tropnnc[ray]'") from None
+            raise ValueError(
+                "executor='ray' needs the optional package ray: pip install 'tropnnc[ray]'"
+            ) from None
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         gpus = 1 if device is not None and torch.device(device).type == "cuda" else 0
         threads = num_threads or torch.get_num_threads()
         self.task = ray.remote(compress_row).options(num_cpus=1, num_gpus=gpus)
@@ -428,16 +574,32 @@ class _RayRows(_LocalRows):
         self.queue.append(dict(row))
         self._flush(wait=False)
 
-    def submit(self, model: nn.Module, test_set: Dataset, calib: torch.Tensor | None,
-               common: Mapping[str, Any], spec: MethodSpec, keep: float,
-               evaluator: Evaluator) -> None:
+    def submit(
+        self,
+        model: nn.Module,
+        test_set: Dataset,
+        calib: torch.Tensor | None,
+        common: Mapping[str, Any],
+        spec: MethodSpec,
+        keep: float,
+        evaluator: Evaluator,
+    ) -> None:
         if id(model) not in self.shared:  # a new model: drop the previous one's objects
             self.shared.clear()
         model_ref = self._ref(model)
         calib_ref = None if calib is None else self._ref(calib)
-        self.queue.append(self.task.remote(model_ref, self._ref(test_set), calib_ref,
-                                           dict(common), spec, keep, device=self.device,
-                                           num_threads=self.threads))
+        self.queue.append(
+            self.task.remote(
+                model_ref,
+                self._ref(test_set),
+                calib_ref,
+                dict(common),
+                spec,
+                keep,
+                device=self.device,
+                num_threads=self.threads,
+            )
+        )
         self._flush(wait=False)
 
     def _flush(self, wait: bool) -> None:
@@ -464,8 +626,14 @@ class _RayRows(_LocalRows):
 EXECUTORS = ("local", "ray")
 
 
-def _make_executor(name: str, csv_path: Path, bar: tqdm, address: str | None,
-                   device: str | None, num_threads: int | None) -> _LocalRows:
+def _make_executor(
+    name: str,
+    csv_path: Path,
+    bar: tqdm,
+    address: str | None,
+    device: str | None,
+    num_threads: int | None,
+) -> _LocalRows:
     if name not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
     if name == "local":
@@ -479,31 +647,82 @@ def _make_executor(name: str, csv_path: Path, bar: tqdm, address: str | None,
 # the spec's experiments
 # ------------------------------------------------------------------------------------------
 
-MULTI_METHODS = ["random", "l1", "neuron-merging", "cup", "neural-path-kmeans", "srinivas-babu",
-                 "tropnnc", "tropnnc:norm=l1", "tropnnc:refine=5", "tropnnc+refit", "l1+refit",
-                 "thinet"]
-SINGLE_METHODS = ["random", "l1", "neuron-merging", "cup", "zonotope-kmeans",
-                  "neural-path-kmeans", "srinivas-babu", "tropnnc", "tropnnc:norm=l1",
-                  "tropnnc+refit", "thinet"]
+MULTI_METHODS = [
+    "random",
+    "l1",
+    "neuron-merging",
+    "cup",
+    "neural-path-kmeans",
+    "srinivas-babu",
+    "tropnnc",
+    "tropnnc:norm=l1",
+    "tropnnc:refine=5",
+    "tropnnc+refit",
+    "l1+refit",
+    "thinet",
+]
+SINGLE_METHODS = [
+    "random",
+    "l1",
+    "neuron-merging",
+    "cup",
+    "zonotope-kmeans",
+    "neural-path-kmeans",
+    "srinivas-babu",
+    "tropnnc",
+    "tropnnc:norm=l1",
+    "tropnnc+refit",
+    "thinet",
+]
 
 EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "E1": {"networks": ["e1-mlp"], "dataset": ["mnist-3v5", "mnist-4v9"],
-           "methods": SINGLE_METHODS, "keeps": [0.5, 0.25, 0.1, 0.05, 0.02, 0.01],
-           "seeds": [0, 1, 2, 3, 4], "layers": "all",
-           "train_kw": {"epochs": 40, "patience": 5}},  # ~1,600 training digits per pair
-    "E2": {"networks": ["e2-cnn"], "dataset": "fashion-mnist", "methods": MULTI_METHODS,
-           "keeps": [0.9, 0.75, 0.5, 0.25, 0.1, 0.05], "seeds": [0, 1, 2, 3, 4],
-           "layers": "fc"},
-    "E3": {"networks": ["lenet-300-100"], "dataset": "fashion-mnist", "methods": MULTI_METHODS,
-           "keeps": [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], "seeds": [0, 1, 2, 3, 4], "layers": "all"},
-    "E4": {"networks": ["vgg-small"], "dataset": "fashion-mnist",
-           "methods": ["random", "l1", "neuron-merging", "cup", "neural-path-kmeans",
-                       "srinivas-babu", "tropnnc", "tropnnc+refit", "thinet"],
-           "keeps": [0.9, 0.75, 0.6, 0.5, 0.25, 0.1], "seeds": [0, 1, 2, 3, 4],
-           "layers": ["conv", "all"],
-           # CPU budget: at most 4 epochs on 30,000 training images, 2,000 test images
-           "train_kw": {"epochs": 4, "train_size": 30000}, "test_size": 2000,
-           "calibration_size": 256},
+    "E1": {
+        "networks": ["e1-mlp"],
+        "dataset": ["mnist-3v5", "mnist-4v9"],
+        "methods": SINGLE_METHODS,
+        "keeps": [0.5, 0.25, 0.1, 0.05, 0.02, 0.01],
+        "seeds": [0, 1, 2, 3, 4],
+        "layers": "all",
+        "train_kw": {"epochs": 40, "patience": 5},
+    },  # ~1,600 training digits per pair
+    "E2": {
+        "networks": ["e2-cnn"],
+        "dataset": "fashion-mnist",
+        "methods": MULTI_METHODS,
+        "keeps": [0.9, 0.75, 0.5, 0.25, 0.1, 0.05],
+        "seeds": [0, 1, 2, 3, 4],
+        "layers": "fc",
+    },
+    "E3": {
+        "networks": ["lenet-300-100"],
+        "dataset": "fashion-mnist",
+        "methods": MULTI_METHODS,
+        "keeps": [0.5, 0.4, 0.3, 0.2, 0.1, 0.05],
+        "seeds": [0, 1, 2, 3, 4],
+        "layers": "all",
+    },
+    "E4": {
+        "networks": ["vgg-small"],
+        "dataset": "fashion-mnist",
+        "methods": [
+            "random",
+            "l1",
+            "neuron-merging",
+            "cup",
+            "neural-path-kmeans",
+            "srinivas-babu",
+            "tropnnc",
+            "tropnnc+refit",
+            "thinet",
+        ],
+        "keeps": [0.9, 0.75, 0.6, 0.5, 0.25, 0.1],
+        "seeds": [0, 1, 2, 3, 4],
+        "layers": ["conv", "all"],
+        # CPU budget: at most 4 epochs on 30,000 training images, 2,000 test images
+        "train_kw": {"epochs": 4, "train_size": 30000},
+        "test_size": 2000,
+        "calibration_size": 256,
+    },
 }
 
 
@@ -522,12 +741,21 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--test-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--train-size", type=int)
-    p.add_argument("--train-option", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="extra train() options, e.g. patience=none val_fraction=0")
+    p.add_argument(
+        "--train-option",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra train() options, e.g. patience=none val_fraction=0",
+    )
     p.add_argument("--threads", type=int)
     p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="ray: one Ray task per row (needs the extra tropnnc[ray])")
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="ray: one Ray task per row (needs the extra tropnnc[ray])",
+    )
     p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     p.add_argument("--device", help="where the rows run, e.g. cuda (default: cpu)")
     args = p.parse_args(None if argv is None else list(argv))
@@ -551,12 +779,23 @@ def main(argv: Iterable[str] | None = None) -> int:
         p.error(f"give --experiment or all of: {', '.join('--' + m for m in missing)}")
     out = args.out or Path("results") / (args.experiment or "sweep")
     csv_path = run_sweep(
-        cfg["networks"], cfg["methods"], cfg["keeps"], cfg["seeds"], cfg["dataset"], out,
-        layers=cfg.get("layers"), train_kw=train_kw, cache_dir=args.cache_dir,
+        cfg["networks"],
+        cfg["methods"],
+        cfg["keeps"],
+        cfg["seeds"],
+        cfg["dataset"],
+        out,
+        layers=cfg.get("layers"),
+        train_kw=train_kw,
+        cache_dir=args.cache_dir,
         calibration_size=args.calibration_size or cfg.get("calibration_size", 2000),
-        test_size=args.test_size or cfg.get("test_size"), num_threads=args.threads,
-        title=args.experiment, executor=args.executor, address=args.address,
-        device=args.device)
+        test_size=args.test_size or cfg.get("test_size"),
+        num_threads=args.threads,
+        title=args.experiment,
+        executor=args.executor,
+        address=args.address,
+        device=args.device,
+    )
     print((csv_path.parent / "table.md").read_text())
     return 0
 

@@ -31,8 +31,13 @@ from ..train import evaluate, train
 log = logging.getLogger(__name__)
 
 #: CPU-fast training defaults (overridable per call through ``train_kw``)
-TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 128, "lr": 1e-3,
-                                  "val_fraction": 0.1, "patience": 2}
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "val_fraction": 0.1,
+    "patience": 2,
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,14 @@ def _config_for(network: str, dataset: str, config: Mapping[str, Any] | None) ->
     return cfg
 
 
-def cache_path(network: str, dataset: str, seed: int, cache_dir: str | Path | None = None,
-               config: Mapping[str, Any] | None = None, **train_kw: Any) -> Path:
+def cache_path(
+    network: str,
+    dataset: str,
+    seed: int,
+    cache_dir: str | Path | None = None,
+    config: Mapping[str, Any] | None = None,
+    **train_kw: Any,
+) -> Path:
     """The folder that holds (or will hold) this trained model."""
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     extra = {"config": dict(config or {}), "train": dict(sorted(train_kw.items()))}
@@ -103,10 +114,18 @@ def load_cached(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def trained_model(network: str, dataset: str, seed: int, cache_dir: str | Path | None = None,
-                  *, config: Mapping[str, Any] | None = None, data_root: str | Path | None = None,
-                  retrain: bool = False, train_size: int | None = None,
-                  **train_kw: Any) -> nn.Module:
+def trained_model(
+    network: str,
+    dataset: str,
+    seed: int,
+    cache_dir: str | Path | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    data_root: str | Path | None = None,
+    retrain: bool = False,
+    train_size: int | None = None,
+    **train_kw: Any,
+) -> nn.Module:
     """The zoo ``network`` trained on ``dataset`` with ``seed`` (cached; see module doc).
 
     ``config`` overrides zoo constructor arguments; ``train_kw`` go to
@@ -132,18 +151,24 @@ def trained_model(network: str, dataset: str, seed: int, cache_dir: str | Path |
     log.info("training %s on %s (seed %d, %d examples)", network, dataset, seed, len(train_set))
     report = train(model, train_set, seed=int(seed), **kw)
     accuracy = evaluate(model, load_split(dataset, "test", data_root))
-    meta = {"zoo_name": network, "zoo_config": model.zoo_config, "seed": int(seed),
-            "dataset": dataset, "test_accuracy": accuracy,
-            "train_options": {**{k: v for k, v in kw.items() if k != "progress"}, **sized},
-            "train_report": report.to_dict()}
+    meta = {
+        "zoo_name": network,
+        "zoo_config": model.zoo_config,
+        "seed": int(seed),
+        "dataset": dataset,
+        "test_accuracy": accuracy,
+        "train_options": {**{k: v for k, v in kw.items() if k != "progress"}, **sized},
+        "train_report": report.to_dict(),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = folder / "model.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(folder / "model.safetensors")
     _atomic_write(folder / "meta.json", json.dumps(meta, indent=2, default=float))
-    log.info("%s/%s seed %d: test accuracy %.4f (cached in %s)", network, dataset, seed,
-             accuracy, folder)
+    log.info(
+        "%s/%s seed %d: test accuracy %.4f (cached in %s)", network, dataset, seed, accuracy, folder
+    )
     model.train_meta = meta
     return model
 

@@ -30,7 +30,8 @@ def method_class(name: str) -> type[Method]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown method {name!r}; valid methods: {', '.join(methods())}") from None
+            f"unknown method {name!r}; valid methods: {', '.join(methods())}"
+        ) from None
 
 
 def get_method(name: str, **options: object) -> Method:
@@ -39,8 +40,10 @@ def get_method(name: str, **options: object) -> Method:
     valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(f"method {name!r} got unknown option(s) {', '.join(unknown)}; "
-                        f"valid options: {', '.join(valid) or 'none'}")
+        raise TypeError(
+            f"method {name!r} got unknown option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(valid) or 'none'}"
+        )
     return cls(**options)
 
 

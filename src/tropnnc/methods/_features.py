@@ -27,16 +27,17 @@ def feature_chunks(block: Block, with_out: bool) -> Iterator[Tensor]:
     n = block.n
     step = max(1, _CHUNK_BYTES // max(1, n * block.weight.element_size()))
     for s in range(0, block.weight.shape[1], step):
-        yield block.weight[:, s:s + step]
+        yield block.weight[:, s : s + step]
     if with_out:
         r = block.out.shape[2]
         rows = max(1, step // r)  # consumer outputs per chunk
         for s in range(0, block.m, rows):
-            yield block.out[:, s:s + rows].reshape(n, -1)
+            yield block.out[:, s : s + rows].reshape(n, -1)
 
 
-def centred_feature_gram(block: Block, with_out: bool,
-                         transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def centred_feature_gram(
+    block: Block, with_out: bool, transform: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Gram matrix (n, n) of the unit features after ``transform`` (a per-column map, applied
     to each chunk) and centring each column on its mean.
 

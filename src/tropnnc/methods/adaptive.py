@@ -29,10 +29,21 @@ class Adaptive(Method):
 
     name = "adaptive"
 
-    def __init__(self, *, restarts: int = 4, iters: int = 100, norm: str = "l2",
-                 refine: int = 0, steps: int = 1, split_signs: bool | None = None,
-                 kernel: str = "weights", rows: str = "directions", features: str = "both",
-                 normalize: bool | None = None, approx_repair: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        restarts: int = 4,
+        iters: int = 100,
+        norm: str = "l2",
+        refine: int = 0,
+        steps: int = 1,
+        split_signs: bool | None = None,
+        kernel: str = "weights",
+        rows: str = "directions",
+        features: str = "both",
+        normalize: bool | None = None,
+        approx_repair: bool = True,
+    ) -> None:
         self.restarts = restarts
         self.iters = iters
         self.norm = norm
@@ -48,10 +59,20 @@ class Adaptive(Method):
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         common = {"restarts": self.restarts, "iters": self.iters}
         if block.bn is not None:
-            inner: Method = ModelFolding(features=self.features, normalize=self.normalize,
-                                         approx_repair=self.approx_repair, **common)
+            inner: Method = ModelFolding(
+                features=self.features,
+                normalize=self.normalize,
+                approx_repair=self.approx_repair,
+                **common,
+            )
         else:
-            inner = TropNNC(norm=self.norm, refine=self.refine, steps=self.steps,
-                            split_signs=self.split_signs, kernel=self.kernel, rows=self.rows,
-                            **common)
+            inner = TropNNC(
+                norm=self.norm,
+                refine=self.refine,
+                steps=self.steps,
+                split_signs=self.split_signs,
+                kernel=self.kernel,
+                rows=self.rows,
+                **common,
+            )
         return inner.merge(block, k, generator)

@@ -32,10 +32,12 @@ class CUP(Method):
         norms = feats.norm(dim=1)
         # per cluster, the member with the largest feature norm (scatter-max, no loop)
         best = torch.full((k,), -1.0, dtype=norms.dtype).scatter_reduce(
-            0, assignment, norms, reduce="amax")
+            0, assignment, norms, reduce="amax"
+        )
         is_best = norms == best[assignment]
         first = torch.full((k,), block.n, dtype=torch.long).scatter_reduce(
-            0, assignment, torch.where(is_best, torch.arange(block.n), block.n), reduce="amin")
+            0, assignment, torch.where(is_best, torch.arange(block.n), block.n), reduce="amin"
+        )
         return select(block, first.sort().values)
 
 

@@ -60,8 +60,15 @@ class ModelFolding(Method):
 
     name = "model-folding"
 
-    def __init__(self, *, features: str = "both", normalize: bool | None = None,
-                 approx_repair: bool = True, restarts: int = 4, iters: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        features: str = "both",
+        normalize: bool | None = None,
+        approx_repair: bool = True,
+        restarts: int = 4,
+        iters: int = 100,
+    ) -> None:
         self.features = features
         self.normalize = normalize
         self.approx_repair = approx_repair
@@ -70,13 +77,16 @@ class ModelFolding(Method):
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         if self.features not in FEATURES:
-            raise ValueError(f"model-folding: features must be one of {FEATURES}, "
-                             f"got {self.features!r}")
+            raise ValueError(
+                f"model-folding: features must be one of {FEATURES}, got {self.features!r}"
+            )
         normalize = self.approx_repair if self.normalize is None else self.normalize
-        gram = centred_feature_gram(block, with_out=self.features == "both",
-                                    transform=robust_scale if normalize else None)
-        clustering = kmeans_gram(gram, k, generator=generator, restarts=self.restarts,
-                                 iters=self.iters)
+        gram = centred_feature_gram(
+            block, with_out=self.features == "both", transform=robust_scale if normalize else None
+        )
+        clustering = kmeans_gram(
+            gram, k, generator=generator, restarts=self.restarts, iters=self.iters
+        )
         a = clustering.assignment
         rows = cluster_means(block.weight, a, k)
         if self.approx_repair:
@@ -87,16 +97,18 @@ class ModelFolding(Method):
 
 def robust_scale(x: Tensor) -> Tensor:
     """Per column: (x - median) / IQR (IQR 0 -> 1), as sklearn's RobustScaler."""
-    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype,
-                                       device=x.device), dim=0)  # (3, D)
+    q = torch.quantile(
+        x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device), dim=0
+    )  # (3, D)
     iqr = q[2] - q[0]
     return (x - q[1]) / torch.where(iqr > 0, iqr, torch.ones_like(iqr))
 
 
 def cluster_means(values: Tensor, assignment: Tensor, k: int) -> Tensor:
     """Mean (k, D) of ``values`` (n, D) over each cluster (0 for an empty cluster)."""
-    sums = torch.zeros((k, values.shape[1]), dtype=values.dtype,
-                       device=values.device).index_add_(0, assignment, values)
+    sums = torch.zeros((k, values.shape[1]), dtype=values.dtype, device=values.device).index_add_(
+        0, assignment, values
+    )
     return sums / _counts(assignment, k, values.dtype).clamp(min=1)[:, None]
 
 
@@ -129,10 +141,10 @@ def fold_repair(block: Block, assignment: Tensor, rows: Tensor) -> Tensor:
     size = counts.clamp(min=1)
     direction_sum = combine_rows(a_in, assignment, coef.to(a_in.dtype), k)  # (k, d)
     pred = torch.linalg.vector_norm(direction_sum, dim=1).to(rows.dtype) / size
-    target = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(
-        0, assignment, s) / size
-    mbar = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(
-        0, assignment, mu) / size
+    target = (
+        torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(0, assignment, s) / size
+    )
+    mbar = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(0, assignment, mu) / size
     ok = (counts >= 2) & (pred > 0) & (target > 0)
     scale = torch.where(ok, target / torch.where(ok, pred, 1.0), 1.0)
     out = rows * scale[:, None]

@@ -30,8 +30,9 @@ class NeuralPathKMeans(Method):
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         gram = centred_feature_gram(block, with_out=True)  # of the paths (w_i, c_i)
-        clustering = kmeans_gram(gram, k, generator=generator, restarts=self.restarts,
-                                 iters=self.iters)
+        clustering = kmeans_gram(
+            gram, k, generator=generator, restarts=self.restarts, iters=self.iters
+        )
         a, alpha = clustering.assignment, clustering.coefficients.to(block.weight.dtype)
         total = torch.zeros(k, dtype=alpha.dtype, device=alpha.device).index_add_(0, a, alpha)
         rows = combine_rows(block.weight, a, alpha, k) / total[:, None]  # cluster means

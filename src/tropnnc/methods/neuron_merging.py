@@ -39,8 +39,14 @@ class NeuronMerging(Method):
 
     name = "neuron-merging"
 
-    def __init__(self, *, criterion: str = "l1", threshold: float | None = None,
-                 bn_aware: bool = False, bn_lambda: float = 0.85) -> None:
+    def __init__(
+        self,
+        *,
+        criterion: str = "l1",
+        threshold: float | None = None,
+        bn_aware: bool = False,
+        bn_lambda: float = 0.85,
+    ) -> None:
         self.criterion = criterion
         self.threshold = threshold
         self.bn_aware = bn_aware
@@ -48,11 +54,11 @@ class NeuronMerging(Method):
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         if self.criterion not in CRITERIA:
-            raise ValueError(f"neuron-merging: criterion must be one of {CRITERIA}, "
-                             f"got {self.criterion!r}")
+            raise ValueError(
+                f"neuron-merging: criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
         if not 0.0 <= self.bn_lambda <= 1.0:
-            raise ValueError(f"neuron-merging: bn_lambda must be in [0, 1], "
-                             f"got {self.bn_lambda}")
+            raise ValueError(f"neuron-merging: bn_lambda must be in [0, 1], got {self.bn_lambda}")
         t = DEFAULT_THRESHOLD[block.kind] if self.threshold is None else self.threshold
         if self.bn_aware and block.bn is not None:
             return self._merge_bn(block, k, t)
@@ -76,18 +82,23 @@ class NeuronMerging(Method):
         tiny = torch.finfo(a.dtype).tiny
         cos = (a @ a[kept].T) / (norms[:, None] * norms[kept][None, :]).clamp(min=tiny)  # (n, k)
         s = norms[:, None] / norms[kept][None, :].clamp(min=tiny)
-        scale, shift = bn_merge_terms({key: v[:, None] for key, v in stats.items()},
-                                      {key: v[kept][None, :] for key, v in stats.items()}, s)
+        scale, shift = bn_merge_terms(
+            {key: v[:, None] for key, v in stats.items()},
+            {key: v[kept][None, :] for key, v in stats.items()},
+            s,
+        )
         valid = (scale > 0) & torch.isfinite(scale) & torch.isfinite(shift)
         inf = torch.tensor(float("inf"), dtype=a.dtype)
         ratio = torch.where(valid, shift.abs() / torch.where(valid, scale, 1.0), inf)
         lo = torch.where(valid, ratio, inf).amin(dim=1, keepdim=True)
         hi = torch.where(valid, ratio, -inf).amax(dim=1, keepdim=True)
         spread = hi - lo
-        normalised = torch.where(spread > 0, (ratio - lo) / torch.where(spread > 0, spread, 1.0),
-                                 0.0)
-        score = torch.where(valid, self.bn_lambda * (1.0 - cos)
-                            + (1.0 - self.bn_lambda) * normalised, inf)
+        normalised = torch.where(
+            spread > 0, (ratio - lo) / torch.where(spread > 0, spread, 1.0), 0.0
+        )
+        score = torch.where(
+            valid, self.bn_lambda * (1.0 - cos) + (1.0 - self.bn_lambda) * normalised, inf
+        )
         best_score, best = score.min(dim=1)  # (n,)
         ok = torch.isfinite(best_score) & (cos.gather(1, best[:, None])[:, 0] >= t)
         assignment = torch.where(ok, best, -1)
@@ -95,8 +106,7 @@ class NeuronMerging(Method):
         return _finish(block, kept, assignment, shares, block.weight[kept].clone())
 
 
-def _finish(block: Block, kept: Tensor, assignment: Tensor, shares: Tensor,
-            rows: Tensor) -> Merge:
+def _finish(block: Block, kept: Tensor, assignment: Tensor, shares: Tensor, rows: Tensor) -> Merge:
     """Kept units map to themselves with share 1; pruned ones as assigned."""
     assignment = assignment.clone()
     shares = shares.clone()
@@ -129,8 +139,9 @@ def _scores(v: Tensor, criterion: str) -> Tensor:
     return torch.cdist(w, w).sum(1)  # geometric-median style: far from the others = important
 
 
-def bn_merge_terms(bn_n: dict[str, Tensor], bn_m: dict[str, Tensor],
-                   s: Tensor) -> tuple[Tensor, Tensor]:
+def bn_merge_terms(
+    bn_n: dict[str, Tensor], bn_m: dict[str, Tensor], s: Tensor
+) -> tuple[Tensor, Tensor]:
     """Scale S and shift c with BN_n(s z) = S * BN_m(z) + c (the paper's BN-aware merge).
 
     ``bn_*`` hold ``weight`` (gamma), ``bias`` (beta), ``running_mean`` (mu) and
@@ -140,6 +151,7 @@ def bn_merge_terms(bn_n: dict[str, Tensor], bn_m: dict[str, Tensor],
     sigma_m = (bn_m["running_var"] + bn_m["eps"]).sqrt()
     g_n, g_m = bn_n["weight"], bn_m["weight"]
     scale = s * (g_n / g_m) * (sigma_m / sigma_n)
-    shift = (g_n / sigma_n) * (s * (bn_m["running_mean"] - sigma_m * bn_m["bias"] / g_m)
-                               - bn_n["running_mean"]) + bn_n["bias"]
+    shift = (g_n / sigma_n) * (
+        s * (bn_m["running_mean"] - sigma_m * bn_m["bias"] / g_m) - bn_n["running_mean"]
+    ) + bn_n["bias"]
     return scale, shift

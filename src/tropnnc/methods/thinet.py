@@ -37,16 +37,20 @@ class ThiNet(Method):
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         if block.reads is None:
-            raise ValueError("thinet needs calibration reads on the block: call "
-                             "tropnnc.compress(..., method='thinet', calibration=<inputs>)")
+            raise ValueError(
+                "thinet needs calibration reads on the block: call "
+                "tropnnc.compress(..., method='thinet', calibration=<inputs>)"
+            )
         if not 1 <= k <= block.n:
             raise ValueError(f"thinet: k must be in 1..{block.n}, got {k}")
         if self.rows < 1 or self.ridge < 0:
             raise ValueError("thinet: rows must be >= 1 and ridge >= 0")
         reads = block.reads.to(torch.float64)
         if reads.shape[1:] != (block.n, block.out.shape[2]):
-            raise ValueError(f"thinet: reads of shape {tuple(reads.shape)} do not match the "
-                             f"block's {block.n} units with {block.out.shape[2]} reads each")
+            raise ValueError(
+                f"thinet: reads of shape {tuple(reads.shape)} do not match the "
+                f"block's {block.n} units with {block.out.shape[2]} reads each"
+            )
         x = contributions(reads, block.out.to(torch.float64), self.rows, generator)  # (R, n)
         removed = greedy_removal(x.T @ x, block.n - k)
         keep_mask = torch.ones(block.n, dtype=torch.bool)
@@ -57,8 +61,9 @@ class ThiNet(Method):
         return select(block, kept, fit_scales(x, kept, self.ridge))
 
 
-def contributions(reads: Tensor, out: Tensor, rows: int, generator: torch.Generator,
-                  chunk: int = 4096) -> Tensor:
+def contributions(
+    reads: Tensor, out: Tensor, rows: int, generator: torch.Generator, chunk: int = 4096
+) -> Tensor:
     """X (R, n): per-unit contributions to randomly drawn (sample, output) pairs."""
     s, n, _ = reads.shape
     m = out.shape[1]

@@ -52,9 +52,18 @@ class TropNNC(Method):
     #: merges blocks on their own device and dtype (see :func:`tropnnc.surgery.extract`)
     device_aware = True
 
-    def __init__(self, *, norm: str = "l2", refine: int = 0, steps: int = 1,
-                 split_signs: bool | None = None, restarts: int = 4, iters: int = 100,
-                 kernel: str = "weights", rows: str = "directions") -> None:
+    def __init__(
+        self,
+        *,
+        norm: str = "l2",
+        refine: int = 0,
+        steps: int = 1,
+        split_signs: bool | None = None,
+        restarts: int = 4,
+        iters: int = 100,
+        kernel: str = "weights",
+        rows: str = "directions",
+    ) -> None:
         self.norm = norm
         self.refine = refine
         self.steps = steps
@@ -70,28 +79,39 @@ class TropNNC(Method):
         if self.steps < 1 or self.refine < 0:
             raise ValueError("tropnnc: steps must be >= 1 and refine >= 0")
         if self.kernel not in KERNELS or self.rows not in ROWS:
-            raise ValueError(f"tropnnc: kernel must be one of {KERNELS} and rows one of "
-                             f"{ROWS}, got {self.kernel!r} and {self.rows!r}")
+            raise ValueError(
+                f"tropnnc: kernel must be one of {KERNELS} and rows one of "
+                f"{ROWS}, got {self.kernel!r} and {self.rows!r}"
+            )
         if (self.kernel, self.rows) != ("weights", "directions") and self.steps != 1:
             raise ValueError("tropnnc: steps > 1 needs kernel='weights', rows='directions'")
         split = is_single_output(block) if self.split_signs is None else self.split_signs
         if split and not is_single_output(block):
-            raise ValueError(f"tropnnc: split_signs=True needs a single-output block; "
-                             f"{block.name!r} has {block.m} outputs")
+            raise ValueError(
+                f"tropnnc: split_signs=True needs a single-output block; "
+                f"{block.name!r} has {block.m} outputs"
+            )
         merge: Merge | None = None
         current = block
         gram = None
         for width in _step_widths(block.n, k, self.steps):
-            step, gram = self._merge_once(current, width, split, generator, gram,
-                                          want_gram=width != k)
+            step, gram = self._merge_once(
+                current, width, split, generator, gram, want_gram=width != k
+            )
             merge = step if merge is None else compose(merge, step)
             current = replace(block, weight=step.rows, out=step.out, bn=None, reads=None)
         assert merge is not None
         return merge
 
-    def _merge_once(self, block: Block, k: int, split: bool, generator: torch.Generator,
-                    gram: Tensor | None = None, want_gram: bool = False
-                    ) -> tuple[Merge, Tensor | None]:
+    def _merge_once(
+        self,
+        block: Block,
+        k: int,
+        split: bool,
+        generator: torch.Generator,
+        gram: Tensor | None = None,
+        want_gram: bool = False,
+    ) -> tuple[Merge, Tensor | None]:
         """One clustering to width k. ``gram``: the cosine Gram of ``block``'s rows when
         already known; returns the merge and, with ``want_gram``, the merged rows' Gram."""
         weight = block.weight
@@ -122,9 +142,15 @@ class TropNNC(Method):
                 sub_gram, sub_mass = gram, mass
             else:
                 sub_gram, sub_mass = gram[idx][:, idx], mass[idx]
-            res = spherical_kmeans_gram(sub_gram, sub_mass, width, generator=generator,
-                                        restarts=self.restarts, iters=self.iters,
-                                        refine=self.refine)
+            res = spherical_kmeans_gram(
+                sub_gram,
+                sub_mass,
+                width,
+                generator=generator,
+                restarts=self.restarts,
+                iters=self.iters,
+                refine=self.refine,
+            )
             if idx is None:
                 assignment, alpha = res.assignment + offset, res.coefficients
             else:
@@ -142,8 +168,9 @@ class TropNNC(Method):
             # as the rows: ||r_c|| and lambda_i = ||w_i|| cos(d_i, r_a(i)) from it, O(n^2),
             # instead of two O(n d) passes
             product = combine_rows(gram, assignment, alpha.to(gram.dtype), k)
-            cos_own, r_norm = member_cosines(gram, assignment, alpha, k,
-                                             product=product)  # (n,), (k,)
+            cos_own, r_norm = member_cosines(
+                gram, assignment, alpha, k, product=product
+            )  # (n,), (k,)
             r_own = r_norm[assignment]
             coef = torch.where(r_own > 0, alpha / r_own, 0.0).to(weight.dtype) * inv_norms
             rows = combine_rows(weight, assignment, coef, k)  # (k, d+1)
@@ -151,10 +178,10 @@ class TropNNC(Method):
         else:  # float64 rows, float32 Gram: point-space values keep exact collapses exact
             rows = combine_rows(weight, assignment, alpha.to(weight.dtype) * inv_norms, k)
             rows /= torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(
-                torch.finfo(rows.dtype).tiny)
+                torch.finfo(rows.dtype).tiny
+            )
             shares = _row_dots(weight, rows, assignment).clamp(min=0)
-        next_gram = (merged_gram(gram, assignment, alpha, k, product=product) if want_gram
-                     else None)
+        next_gram = merged_gram(gram, assignment, alpha, k, product=product) if want_gram else None
         return merge_by_shares(block, assignment, shares, rows), next_gram
 
 
@@ -165,8 +192,8 @@ def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:
     out = torch.empty(n, dtype=weight.dtype, device=weight.device)
     step = max(1, _CHUNK_BYTES // max(1, width * weight.element_size()))
     for s in range(0, n, step):
-        u = rows.index_select(0, a[s:s + step])
-        out[s:s + step] = torch.einsum("ij,ij->i", weight[s:s + step], u)
+        u = rows.index_select(0, a[s : s + step])
+        out[s : s + step] = torch.einsum("ij,ij->i", weight[s : s + step], u)
     return out
 
 

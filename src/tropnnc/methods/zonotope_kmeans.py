@@ -32,23 +32,27 @@ class ZonotopeKMeans(Method):
             raise ValueError(
                 f"zonotope-kmeans handles single-output blocks only; {block.name!r} feeds "
                 f"{block.m} outputs (x {block.out.shape[2]} reads): use 'tropnnc' or "
-                "'neural-path-kmeans' for multi-output blocks")
+                "'neural-path-kmeans' for multi-output blocks"
+            )
         c = block.out[:, 0, 0]  # (n,)
         gens = c.abs()[:, None] * block.weight  # (n, d+1)
         pos = c > 0
         n_pos = int(pos.sum())
         k_pos, k_neg = split_by_sign(k, n_pos, block.n - n_pos)
         if k < 2 and 0 < n_pos < block.n:
-            raise ValueError("zonotope-kmeans needs a width of at least 2 when the block has "
-                             "both positive and negative output weights")
+            raise ValueError(
+                "zonotope-kmeans needs a width of at least 2 when the block has "
+                "both positive and negative output weights"
+            )
         assignment = torch.empty(block.n, dtype=torch.long)
         rows, offset = [], 0
         for mask, width in ((pos, k_pos), (~pos, k_neg)):
             if width == 0:
                 continue
             idx = mask.nonzero().squeeze(1)
-            clustering = kmeans(gens[idx], width, generator=generator,
-                                restarts=self.restarts, iters=self.iters)
+            clustering = kmeans(
+                gens[idx], width, generator=generator, restarts=self.restarts, iters=self.iters
+            )
             assignment[idx] = clustering.assignment + offset
             rows.append(clustering.centroids)
             offset += width
