@@ -9,8 +9,11 @@ from torch import nn
 
 import tropnnc
 from tropnnc.block import Block, Merge, certificate, merge_by_shares, projection_errors
+from tropnnc.graph import discover
 from tropnnc.methods import get_method
+from tropnnc.moments import Gaussian, block_statistics
 from tropnnc.reconstruct import Reconstruction, least_squares_projection, reconstruct_merge
+from tropnnc.surgery import extract
 
 F64 = torch.float64
 
@@ -32,7 +35,7 @@ def _merged(block: Block, k: int, method: str = "tropnnc", seed: int = 0) -> Mer
 def test_identity_merge_is_reconstructed_as_the_identity():
     block = random_block(6, 4, 3, seed=2)
     merge = merge_by_shares(block, torch.arange(6), torch.ones(6, dtype=F64), block.weight)
-    new, note = reconstruct_merge(block, merge, Reconstruction(ridge=0.1))
+    new, note, _ = reconstruct_merge(block, merge, Reconstruction(ridge=0.1))
     assert note is None
     torch.testing.assert_close(new.projection, torch.eye(6, dtype=F64), atol=1e-10, rtol=0)
     x = ball_points(50, 4, 3.0)[:, None, :]
@@ -57,7 +60,7 @@ def test_duplicate_units_collapse_exactly():
     )
     assignment = torch.tensor([0, 1, 2, 3, 1, 3])
     merge = merge_by_shares(block, assignment, torch.ones(6, dtype=F64), base.weight.clone())
-    new, note = reconstruct_merge(block, merge)  # default ridge: pulled toward the exact merge
+    new, note, _ = reconstruct_merge(block, merge)  # default ridge: pulled toward the exact merge
     assert note is None
     x = ball_points(80, 5, 2.0)[:, None, :]
     torch.testing.assert_close(
@@ -72,7 +75,8 @@ def test_projection_is_the_least_squares_refit_under_the_model():
     """Without BN the model is x ~ N(0, I): the empirical refit on its samples converges to P."""
     block = random_block(10, 6, 4, seed=6)
     merge = _merged(block, 4)
-    p, mean, new_mean = least_squares_projection(block, merge, Reconstruction(ridge=0.0))
+    p, moments = least_squares_projection(block, merge, Reconstruction(ridge=0.0))
+    mean, new_mean = moments.mean, moments.new_mean
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400_000, 6, generator=g, dtype=F64)
     xb = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], dim=1)
@@ -88,7 +92,7 @@ def test_projection_is_the_least_squares_refit_under_the_model():
 def test_reconstruction_lowers_the_expected_error_under_the_model():
     block = random_block(24, 8, 5, seed=8)
     merge = _merged(block, 6)
-    new, _ = reconstruct_merge(block, merge)
+    new, _, _ = reconstruct_merge(block, merge)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(100_000, 1, 8, generator=g, dtype=F64)
     y = _outputs(block, block.weight, block.out, block.consumer_bias, x)
@@ -102,7 +106,7 @@ def test_reconstruction_lowers_the_expected_error_under_the_model():
 def test_certificate_of_a_reconstructed_merge_is_never_exceeded(reads, method):
     block = random_block(16, 5, 4, seed=3, reads=reads, radius=2.5)
     merge = _merged(block, 5, method)
-    new, note = reconstruct_merge(block, merge, Reconstruction(shrink=0.3))
+    new, note, _ = reconstruct_merge(block, merge, Reconstruction(shrink=0.3))
     assert note is None and new.shares is None
     bound = certificate(block, new)
     assert torch.isfinite(bound).all()
@@ -139,7 +143,7 @@ def test_degenerate_model_falls_back_with_a_reason():
     merge = merge_by_shares(
         block, torch.tensor([0, 0, 1, 1, 1]), torch.ones(5, dtype=F64), weight[[0, 2]].clone()
     )
-    new, note = reconstruct_merge(block, merge)
+    new, note, _ = reconstruct_merge(block, merge)
     assert new is merge and "no variance" in note
 
 
@@ -209,6 +213,7 @@ def test_compress_with_reconstruction_reports_and_certifies():
         "sigma": 1.0,
         "samples": 0,
         "bn_shrink": None,
+        "inputs": "chained",
     }
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     x = torch.randn(5, 6)
@@ -229,3 +234,56 @@ def test_keep_one_with_reconstruction_is_the_identity():
     assert result.blocks[0].reconstructed  # (a block without BN at full width is left as is)
     x = torch.randn(20, 6)
     torch.testing.assert_close(result.model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_block_statistics_read_a_given_input_model():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3 + 1, dtype=torch.float64)  # (n, d+1), bias last
+    mu = torch.randn(3, dtype=torch.float64)
+    root = torch.randn(3, 3, dtype=torch.float64)
+    inputs = Gaussian(mu, root @ root.T)
+    mean, cov = block_statistics(weight, None, 1.0, None, inputs)
+    w, b = weight[:, :3], weight[:, 3]
+    assert torch.allclose(mean, w @ mu + b)
+    assert torch.allclose(cov, w @ root @ root.T @ w.T)
+    # BatchNorm statistics, where the block has them, come first
+    bn = {
+        "bias": torch.zeros(4),
+        "weight": torch.ones(4),
+        "running_var": torch.ones(4),
+        "eps": 0.0,
+    }
+    assert torch.equal(block_statistics(weight, bn, 1.0, None, inputs)[0], torch.zeros(4))
+
+
+def test_reconstruction_returns_the_merged_units_activations_monte_carlo():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 4)).double()
+    spec = discover(model)[0][0]
+    block = extract(model, spec)
+    merge = get_method("tropnnc").merge(block, 4, torch.Generator().manual_seed(0))
+    root = torch.randn(5, 5, dtype=torch.float64) / 2
+    inputs = Gaussian(torch.randn(5, dtype=torch.float64), root @ root.T)
+    _, note, acts = reconstruct_merge(block, merge, Reconstruction(), None, inputs)
+    assert note is None
+    x = inputs.mean + torch.randn(400_000, 5, dtype=torch.float64) @ root.T
+    a = torch.relu(x @ merge.rows[:, :5].T + merge.rows[:, 5])  # (S, k) merged activations
+    assert torch.allclose(acts.mean, a.mean(0), atol=3e-3, rtol=1e-2)
+    assert torch.allclose(acts.cov, torch.cov(a.T), atol=5e-3, rtol=2e-2)
+
+
+def test_fc_chains_carry_the_modelled_activations_to_the_next_block():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).eval()
+    chained = tropnnc.compress(model, 0.5, "tropnnc", reconstruct="ls").model
+    local = tropnnc.compress(
+        model, 0.5, "tropnnc", reconstruct=Reconstruction(inputs="local")
+    ).model
+    # the first block has no block before it: the same model either way ...
+    assert torch.equal(chained[0].weight, local[0].weight)
+    # ... the second reads the first's modelled activations instead of an isotropic input
+    assert not torch.allclose(chained[5].weight, local[5].weight)
+    with pytest.raises(ValueError, match="reconstruction inputs must be one of chained, local"):
+        Reconstruction(inputs="global")

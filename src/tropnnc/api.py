@@ -28,6 +28,7 @@ from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
 from .graph import BlockSpec, GroupSpec, Skip, discover
 from .methods import get_method
+from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
 from .repair import bn_repair, check_repair
 from .surgery import apply, extract, get_module
@@ -322,6 +323,7 @@ def compress(
         else "cpu"
     )
     reports = []
+    carried: dict[str, Gaussian] = {}  # modelled inputs of the next blocks of FC chains
     bar = tqdm(
         total=sum(s.producer in widths for s in specs),
         desc="compress",
@@ -378,7 +380,11 @@ def compress(
             elif isinstance(spec, GroupSpec):  # rows of several producers: no input model
                 recon_note = "a channel group keeps the method's slices"
             else:
-                merge, recon_note = reconstruct_merge(block, merge, recon, generator)
+                merge, recon_note, activations = reconstruct_merge(
+                    block, merge, recon, generator, carried.pop(spec.producer, None)
+                )
+                if activations is not None and _reads_directly(work, spec):
+                    carried[spec.consumer] = activations  # the next block's input model
                 if recon_note is not None:
                     log.warning("%s: reconstruction skipped: %s", spec.producer, recon_note)
         apply(work, spec, merge)
@@ -431,6 +437,29 @@ def compress(
         recon,
         domain,
     )
+
+
+_IDENTITIES = (nn.Dropout, nn.Identity)  # ops that are the identity at inference
+
+
+def _reads_directly(model: nn.Module, spec: BlockSpec | GroupSpec) -> bool:
+    """Whether the block's consumer is a Linear that reads the block's activations as they
+    are (no flatten, pooling or other op between), so that their modelled moments are its
+    input model when it is compressed next."""
+    return (
+        isinstance(spec, BlockSpec)
+        and not spec.flatten
+        and isinstance(get_module(model, spec.consumer), nn.Linear)
+        and all(isinstance(_module_or_none(model, name), _IDENTITIES) for name in spec.between)
+    )
+
+
+def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule ``name``, or None for an op that is not a module (a functional call)."""
+    try:
+        return get_module(model, name)
+    except AttributeError:
+        return None
 
 
 def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None:

@@ -9,7 +9,10 @@ block's units are modelled as jointly Gaussian,
   correlated like their incoming weights (the correlation of two linear maps of an isotropic
   input): rho_ij = cos(w_i, w_j);
 * otherwise from a layer-local isotropic input x ~ N(0, sigma^2 I): mean b_i and covariance
-  sigma^2 <w_i, w_j> (bias excluded).
+  sigma^2 <w_i, w_j> (bias excluded);
+* or, where the block reads the activations of a block compressed just before it (a chain of
+  fully connected layers), from those activations' modelled moments x ~ N(mu, S) (a
+  :class:`Gaussian` carried forward): mean W mu + b and covariance W S W^T.
 
 A merged unit u_k is modelled as the linear map of its cluster's members that reproduces its
 incoming weights: u_k = sum_i alpha_ki w_i, hence z~_k = e_k + sum_i alpha_ki (z_i - b_i).
@@ -70,6 +73,14 @@ class UnitModel:
         )
 
 
+@dataclass(frozen=True)
+class Gaussian:
+    """Mean (d,) and covariance (d, d), float64: a modelled input of a block."""
+
+    mean: Tensor
+    cov: Tensor
+
+
 def weight_gram(weight: Tensor) -> Tensor:
     """<w_i, w_j> (n, n) of the incoming weights (bias excluded), computed in the rows' dtype
     (float32 for large blocks: the one O(n^2 d) product) and returned in float64."""
@@ -88,15 +99,25 @@ def bn_unit_stats(bn: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def block_statistics(
-    weight: Tensor, bn: dict[str, Tensor] | None, sigma: float = 1.0, gram: Tensor | None = None
+    weight: Tensor,
+    bn: dict[str, Tensor] | None,
+    sigma: float = 1.0,
+    gram: Tensor | None = None,
+    inputs: Gaussian | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean (n,) and covariance (n, n) of the pre-activations of rows ``weight`` (n, d+1).
 
     With ``bn`` (the folded BatchNorm's statistics): mean beta, std |gamma| sqrt(v/(v+eps)),
-    correlation the cosine of the incoming weights. Without: isotropic input N(0, sigma^2 I),
-    mean the bias, covariance sigma^2 W W^T. ``gram``: W W^T of the weights (bias excluded)
-    if the caller has it. The BN statistics may live on another device than the rows.
+    correlation the cosine of the incoming weights. Else with ``inputs`` x ~ N(mu, S) (d
+    inputs): mean W mu + b, covariance W S W^T. Else an isotropic input N(0, sigma^2 I): mean
+    the bias, covariance sigma^2 W W^T. ``gram``: W W^T of the weights (bias excluded) if the
+    caller has it. The BN statistics may live on another device than the rows.
     """
+    if bn is None and inputs is not None:  # products in the rows' dtype, as weight_gram's
+        w = weight[:, :-1]  # (n, d)
+        cov = ((w @ inputs.cov.to(w.dtype)) @ w.T).double()  # (n, n)
+        mean = (w @ inputs.mean.to(w.dtype)).double() + weight[:, -1].double()
+        return mean, 0.5 * (cov + cov.T)
     g = weight_gram(weight) if gram is None else gram.double()  # (n, n)
     if bn is None:
         return weight[:, -1].double().clone(), sigma * sigma * g
@@ -161,12 +182,14 @@ def unit_model(
     rows: Tensor,
     assignment: Tensor,
     sigma: float = 1.0,
+    inputs: Gaussian | None = None,
 ) -> UnitModel:
     """The joint Gaussian model of the original rows ``weight`` (n, d+1) and the merged
-    ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring)."""
+    ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring);
+    ``inputs``: the modelled input of a block without BatchNorm (None: isotropic)."""
     k = rows.shape[0]
     gram = weight_gram(weight)
-    mean, cov = block_statistics(weight, bn, sigma, gram)
+    mean, cov = block_statistics(weight, bn, sigma, gram, inputs)
     alpha = member_maps(weight, rows, assignment, k, gram)
     a = assignment.clamp(min=0)
     coef = torch.where(assignment >= 0, alpha, 0.0)

@@ -27,7 +27,12 @@ import torch
 from torch import Tensor
 
 from .block import Block, Merge
-from .moments import ACTIVATIONS, activation_moments, unit_model
+from .moments import ACTIVATIONS, ActivationMoments, Gaussian, activation_moments, unit_model
+
+#: where a block without BatchNorm gets its input model: "chained" carries the modelled
+#: activations of the block compressed just before it where it reads them directly (fully
+#: connected chains), "local" always uses the isotropic input
+INPUT_MODELS = ("chained", "local")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Reconstruction:
     ``sigma``: std of the isotropic input of blocks without BatchNorm. ``samples``: Monte
     Carlo draws (0: closed form for ReLU; other activations always sample). ``bn_shrink``:
     the shrink of blocks whose model comes from BatchNorm statistics (None: ``shrink``).
+    ``inputs``: one of :data:`INPUT_MODELS` (docs/expected-error.md, "Chained input models").
     """
 
     ridge: float = 1e-6
@@ -47,6 +53,7 @@ class Reconstruction:
     sigma: float = 1.0
     samples: int = 0
     bn_shrink: float | None = None
+    inputs: str = "chained"
 
     def __post_init__(self) -> None:
         for name in ("ridge", "sigma"):
@@ -63,15 +70,29 @@ class Reconstruction:
                 raise ValueError(f"reconstruction {name} must be in [0, 1], got {value!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
             raise ValueError(f"reconstruction samples must be an int >= 0, got {self.samples!r}")
+        if self.inputs not in INPUT_MODELS:
+            raise ValueError(
+                f"reconstruction inputs must be one of {', '.join(INPUT_MODELS)}, "
+                f"got {self.inputs!r}"
+            )
 
 
 def least_squares_projection(
-    block: Block, merge: Merge, options: Reconstruction, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, Tensor] | str:
-    """P (K, n), E[a] (n,), E[a~] (K,) under the block's input model, float64; or the
-    reason (a string) why the model is degenerate for this merge."""
+    block: Block,
+    merge: Merge,
+    options: Reconstruction,
+    generator: torch.Generator | None = None,
+    inputs: Gaussian | None = None,
+) -> tuple[Tensor, ActivationMoments] | str:
+    """P (K, n) and the activation moments under the block's input model (``inputs``, or
+    isotropic), float64; or the reason (a string) why the model is degenerate."""
     model = unit_model(
-        block.weight.cpu(), block.bn, merge.rows.cpu(), merge.assignment.cpu(), options.sigma
+        block.weight.cpu(),
+        block.bn,
+        merge.rows.cpu(),
+        merge.assignment.cpu(),
+        options.sigma,
+        inputs if options.inputs == "chained" else None,
     )
     moments = activation_moments(model, block.activation, options.samples, generator)
     cov = moments.new_cov
@@ -94,7 +115,7 @@ def least_squares_projection(
         shrink = options.bn_shrink
     if shrink > 0:
         p = (1.0 - shrink) * p + shrink * share
-    return p, moments.mean, moments.new_mean
+    return p, moments
 
 
 def _share_projection(merge: Merge, k: int, n: int) -> Tensor:
@@ -111,19 +132,23 @@ def reconstruct_merge(
     merge: Merge,
     options: Reconstruction | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Merge, str | None]:
+    inputs: Gaussian | None = None,
+) -> tuple[Merge, str | None, Gaussian | None]:
     """``merge`` with its consumer slices and bias rebuilt by least squares under the
-    block's input model; or the unchanged merge and the reason when the model is
-    degenerate (no variance, singular covariance), never NaN."""
+    block's input model (``inputs``: the modelled input of a block without BatchNorm, None:
+    isotropic); or the unchanged merge and the reason when the model is degenerate (no
+    variance, singular covariance), never NaN. Third: the modelled activations of the merged
+    units (mean (K,), covariance (K, K)), the input model of a next block that reads them."""
     options = Reconstruction() if options is None else options
     if merge.k == 0:
-        return merge, "no merged units"
+        return merge, "no merged units", None
     if block.activation not in ACTIVATIONS:
-        return merge, f"no input model for the activation {block.activation!r}"
-    solved = least_squares_projection(block, merge, options, generator)
+        return merge, f"no input model for the activation {block.activation!r}", None
+    solved = least_squares_projection(block, merge, options, generator, inputs)
     if isinstance(solved, str):
-        return merge, solved + ": kept the method's consumer slices"
-    p, mean, new_mean = solved
+        return merge, solved + ": kept the method's consumer slices", None
+    p, moments = solved
+    mean, new_mean = moments.mean, moments.new_mean
     src = block.out
     n, m, r = src.shape
     like = {"dtype": src.dtype, "device": src.device}
@@ -137,10 +162,14 @@ def reconstruct_merge(
         if block.consumer_bias is not None
         else torch.zeros(m, dtype=torch.float64)
     )
-    return replace(
-        merge,
-        out=out,
-        shares=None,
-        projection=p.to(block.weight.device),
-        consumer_bias=(base + delta).to(block.weight.device),
-    ), None
+    return (
+        replace(
+            merge,
+            out=out,
+            shares=None,
+            projection=p.to(block.weight.device),
+            consumer_bias=(base + delta).to(block.weight.device),
+        ),
+        None,
+        Gaussian(new_mean, moments.new_cov),
+    )
