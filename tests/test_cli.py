@@ -39,7 +39,7 @@ NETS = textwrap.dedent("""
 
 
 def fashion_mnist_available() -> bool:
-    from tropnnc.data import get_dataset
+    from tropnnc.experiments.datasets import get_dataset
 
     try:
         get_dataset("fashion-mnist", "test")

@@ -1,4 +1,4 @@
-"""Tests for tropnnc.train on tiny synthetic problems (fast, CPU)."""
+"""Tests for tropnnc.experiments.train on tiny synthetic problems (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from tropnnc.train import TrainReport, evaluate, split_train_val, train
+from tropnnc.experiments.train import TrainReport, evaluate, split_train_val, train
 
 # Tiny models: one thread avoids OpenMP spin-waiting when the other cores are busy (train()
 # restores the previous thread count afterwards).

@@ -877,7 +877,7 @@ def _data_driven(method: str) -> bool:
 
 def _calibration_inputs(dataset: str, n: int, seed: int, root: str | None) -> torch.Tensor:
     """``n`` training inputs of ``dataset``, drawn without replacement with ``seed``."""
-    from .data import get_dataset
+    from .experiments.datasets import get_dataset
 
     train = get_dataset(dataset, "train", root)
     if n > len(train):
@@ -1161,8 +1161,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         from torch.utils.data import Subset
 
-        from .data import get_dataset
-        from .train import evaluate
+        from .experiments.datasets import get_dataset
+        from .experiments.train import evaluate
 
         dataset = get_dataset(args.dataset, args.split, args.data_root)
         if args.limit is not None and args.limit < len(dataset):

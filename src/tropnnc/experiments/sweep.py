@@ -38,10 +38,10 @@ from ..graph import discover
 from ..methods import method_class
 from ..reconstruct import Reconstruction
 from ..surgery import get_module
-from ..train import evaluate
 from ..zoo import CNN
 from .anchor import EXTERNAL
 from .report import write_outputs
+from .train import evaluate
 from .train_cache import load_split, outputs_of, trained_model
 
 log = logging.getLogger(__name__)
