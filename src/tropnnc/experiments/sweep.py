@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..api import DEFAULT_PIPELINE, CompressionResult, compress
+from ..cli.sweep import add_grid_arguments
 from ..counting import count_macs, count_params, infer_example_inputs
 from ..graph import discover
 from ..methods import method_class
@@ -731,11 +732,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--out", type=Path)
-    p.add_argument("--networks", nargs="+")
-    p.add_argument("--dataset", nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--keeps", nargs="+", type=float)
-    p.add_argument("--seeds", nargs="+", type=int)
+    add_grid_arguments(p)
     p.add_argument("--layers", nargs="+")
     p.add_argument("--calibration-size", type=int)
     p.add_argument("--test-size", type=int)
