@@ -10,7 +10,8 @@ least-squares refit of the consumer on calibration inputs: data-driven), ``model
 runs an external anchor (:mod:`tropnnc.experiments.anchor`, optional extra ``anchor``) on
 the same blocks at the same widths.
 
-Run the experiments of the spec with ``python -m tropnnc.experiments.sweep --experiment E3``.
+Run the committed experiments E1-E4 (results/SUMMARY.md; every command in results/run_all.sh)
+with ``python -m tropnnc.experiments.sweep --experiment E3``.
 """
 
 from __future__ import annotations
@@ -645,7 +646,7 @@ def _make_executor(
 
 
 # ------------------------------------------------------------------------------------------
-# the spec's experiments
+# the committed experiments E1-E4 (results/SUMMARY.md)
 # ------------------------------------------------------------------------------------------
 
 MULTI_METHODS = [
