@@ -41,7 +41,8 @@ def test_multiclass_reaches_high_accuracy():
     assert evaluate(model, ds) >= 0.95
     assert report.n_train + report.n_val == len(ds) and report.n_val == 30
     assert report.epochs_run == len(report.history) >= 1
-    assert report.seconds > 0
+    # the whole run's time covers its epochs' (a sum, not a speed target)
+    assert report.seconds >= sum(h["seconds"] for h in report.history)
     assert not model.training
     assert set(report.history[0]) == {
         "epoch",
