@@ -37,10 +37,10 @@ import torch  # noqa: E402
 
 import tropnnc  # noqa: E402
 from tropnnc import budget as budget_mod  # noqa: E402
+from tropnnc.experiments.train import evaluate  # noqa: E402
 from tropnnc.experiments.train_cache import load_split, trained_model  # noqa: E402
 from tropnnc.graph import discover  # noqa: E402
 from tropnnc.surgery import get_module  # noqa: E402
-from tropnnc.train import evaluate  # noqa: E402
 
 #: network -> (cache dir or None for the default, training options)
 NETS = {"lenet-300-100": {}, "e2-cnn": {}, "vgg-small": {"epochs": 2, "train_size": 12000}}

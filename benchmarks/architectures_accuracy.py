@@ -26,8 +26,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import tropnnc  # noqa: E402
+from tropnnc.experiments.train import evaluate  # noqa: E402
 from tropnnc.experiments.train_cache import load_split, trained_model  # noqa: E402
-from tropnnc.train import evaluate  # noqa: E402
 
 NETS = ["resnet-mini", "mobilenetv2-mini", "vit-mini"]
 METHODS = [

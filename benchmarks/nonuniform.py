@@ -3,7 +3,7 @@
 For each network (zoo ``e2-cnn``: conv + FC blocks, experiment E2; zoo ``vgg-small``: 8 conv
 blocks with BatchNorm + 1 FC block, experiment E4) and training seed:
 
-1. train the network (Adam, :func:`tropnnc.train.train`, one thread; cached on disk);
+1. train the network (Adam, :func:`tropnnc.experiments.train.train`, one thread; cached on disk);
 2. for every uniform keep ratio, compress with ``tropnnc`` (uniform widths) and measure the
    parameter fraction p of the compressible layers it reaches;
 3. compress with ``budget=p`` (non-uniform widths from the certificate curves, greedy
@@ -30,9 +30,10 @@ from torch import nn
 from torch.utils.data import Subset
 
 import tropnnc
-from tropnnc import data, zoo
+from tropnnc import zoo
+from tropnnc.experiments import datasets
+from tropnnc.experiments.train import evaluate, train
 from tropnnc.graph import discover
-from tropnnc.train import evaluate, train
 
 log = logging.getLogger("nonuniform")
 
@@ -67,7 +68,7 @@ def trained(name: str, seed: int, cache: Path) -> nn.Module:
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    ds = data.load_fashion_mnist("train")
+    ds = datasets.load_fashion_mnist("train")
     if subset is not None:
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
         ds = Subset(ds, order[:subset].tolist())
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
     """Compress and evaluate every (network, seed, keep, variant); write CSV and table."""
     from tropnnc.budget import compressible_count
 
-    test_all = data.load_fashion_mnist("test")
+    test_all = datasets.load_fashion_mnist("test")
     rows = [
         r
         for r in _read(args.out)

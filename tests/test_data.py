@@ -1,4 +1,5 @@
-"""Tests for tropnnc.data: real files when installed, synthetic files in every format."""
+"""Tests for tropnnc.experiments.datasets: real files when installed, synthetic files in every
+format."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tropnnc import data as D
+from tropnnc.experiments import datasets as D
+from tropnnc.experiments.datasets import common, idx
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -28,8 +30,8 @@ def isolated(tmp_path, monkeypatch):
     """No real data visible: empty TROPNNC_DATA, no system folders."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setenv(D.ENV_VAR, str(cache))
-    monkeypatch.setattr(D, "SYSTEM_DIRS", [])
+    monkeypatch.setenv(common.ENV_VAR, str(cache))
+    monkeypatch.setattr(common, "SYSTEM_DIRS", [])
     return cache
 
 
@@ -144,9 +146,9 @@ def test_search_order_and_layouts(tmp_path, isolated, monkeypatch):
     make_idx_set(isolated / "fashion-mnist", n_train=5)
     assert len(D.load_fashion_mnist("train")) == 5
     # system folder comes last
-    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "empty"))
+    monkeypatch.setenv(common.ENV_VAR, str(tmp_path / "empty"))
     make_idx_set(tmp_path / "sys" / "fashion-mnist", n_train=3)
-    monkeypatch.setattr(D, "SYSTEM_DIRS", [tmp_path / "sys"])
+    monkeypatch.setattr(common, "SYSTEM_DIRS", [tmp_path / "sys"])
     assert len(D.load_fashion_mnist("train")) == 3
 
 
@@ -221,19 +223,19 @@ def test_missing_fashion_mnist_message(tmp_path, isolated):
 def test_download_uses_mirrors_atomically(tmp_path, isolated, monkeypatch):
     src = tmp_path / "mirror"
     make_idx_set(src, n_train=9)
-    md5 = {n: hashlib.md5((src / n).read_bytes()).hexdigest() for n in D._IDX_FILES}
-    monkeypatch.setattr(D, "FASHION_MNIST_MD5", md5)
+    md5 = {n: hashlib.md5((src / n).read_bytes()).hexdigest() for n in idx._IDX_FILES}
+    monkeypatch.setattr(idx, "FASHION_MNIST_MD5", md5)
     monkeypatch.setattr(
-        D, "FASHION_MNIST_MIRRORS", [(tmp_path / "no-such-mirror").as_uri(), src.as_uri()]
+        idx, "FASHION_MNIST_MIRRORS", [(tmp_path / "no-such-mirror").as_uri(), src.as_uri()]
     )
     with pytest.raises(D.DatasetNotFoundError):
         D.load_fashion_mnist("train")  # download is off by default
     ds = D.load_fashion_mnist("train", download=True)
     assert len(ds) == 9
     target = isolated / "fashion-mnist"
-    assert sorted(p.name for p in target.iterdir()) == sorted(D._IDX_FILES)  # no temp files
+    assert sorted(p.name for p in target.iterdir()) == sorted(idx._IDX_FILES)  # no temp files
     # a checksum mismatch is an error and leaves nothing behind
-    monkeypatch.setattr(D, "FASHION_MNIST_MD5", {**md5, D._IDX_FILES[0]: "0" * 32})
+    monkeypatch.setattr(idx, "FASHION_MNIST_MD5", {**md5, idx._IDX_FILES[0]: "0" * 32})
     for p in target.iterdir():
         p.unlink()
     with pytest.raises(D.DatasetError, match="MD5"):
@@ -435,11 +437,11 @@ def test_get_dataset_names():
 
 
 def test_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(D.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(common.ENV_VAR, str(tmp_path))
     assert D.data_dir() == tmp_path
-    monkeypatch.delenv(D.ENV_VAR)
+    monkeypatch.delenv(common.ENV_VAR)
     repo = Path(__file__).resolve().parents[1]
-    if Path(D.__file__).resolve().is_relative_to(repo):
+    if Path(common.__file__).resolve().is_relative_to(repo):
         assert D.data_dir() == repo / "data"
     else:  # installed copy
         assert D.data_dir().name in ("data", "tropnnc")

@@ -12,10 +12,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import tropnnc
-from tropnnc import data
-from tropnnc.experiments import demo, sweep, train_cache
+from tropnnc.experiments import datasets, demo, sweep, train_cache
+from tropnnc.experiments.train import evaluate, train
 from tropnnc.experiments.train_cache import register_dataset, trained_model
-from tropnnc.train import evaluate, train
 
 TINY_MLP = {"sizes": [16, 12, 8, 3], "input_shape": [1, 4, 4]}
 
@@ -221,7 +220,7 @@ def test_e6_path_imagenet_folder(tmp_path):
             for i in range(3):
                 arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
                 image.fromarray(arr).save(folder / f"img{i}.png")
-    ds = data.load_imagenet("train", tmp_path / "imagenet", image_size=16)
+    ds = datasets.load_imagenet("train", tmp_path / "imagenet", image_size=16)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor([ds[i][1] for i in range(len(ds))])
     assert x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1]

@@ -1,4 +1,4 @@
-"""Tests for tropnnc.train on tiny synthetic problems (fast, CPU)."""
+"""Tests for tropnnc.experiments.train on tiny synthetic problems (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from tropnnc.train import TrainReport, evaluate, split_train_val, train
+from tropnnc.experiments.train import TrainReport, evaluate, split_train_val, train
 
 # Tiny models: one thread avoids OpenMP spin-waiting when the other cores are busy (train()
 # restores the previous thread count afterwards).
@@ -41,7 +41,8 @@ def test_multiclass_reaches_high_accuracy():
     assert evaluate(model, ds) >= 0.95
     assert report.n_train + report.n_val == len(ds) and report.n_val == 30
     assert report.epochs_run == len(report.history) >= 1
-    assert report.seconds > 0
+    # the whole run's time covers its epochs' (a sum, not a speed target)
+    assert report.seconds >= sum(h["seconds"] for h in report.history)
     assert not model.training
     assert set(report.history[0]) == {
         "epoch",

@@ -125,19 +125,20 @@ def mlp(
 
 @register("e1-mlp")
 def e1_mlp(hidden: int = 1000) -> nn.Module:
-    """E1: MLP 784-1000-1, a single-output binary classifier."""
+    """MLP 784-1000-1, a single-output binary classifier (experiment E1, results/E1)."""
     return MLP((784, hidden, 1))
 
 
 @register("lenet-300-100")
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
-    """E3: LeNet-300-100."""
+    """LeNet-300-100 (experiment E3, results/E3)."""
     return MLP((784, 300, 100, num_classes))
 
 
 @register("e2-cnn")
 def e2_cnn(channels: int = 16, hidden: int = 500, num_classes: int = 10) -> nn.Module:
-    """E2: Conv(c,5x5)-ReLU-MaxPool(3)-Conv(c,5x5)-ReLU-MaxPool(3)-FC(hidden)-ReLU-FC(10)."""
+    """Conv(c,5x5)-ReLU-MaxPool(3)-Conv(c,5x5)-ReLU-MaxPool(3)-FC(hidden)-ReLU-FC(10)
+    (experiment E2, results/E2)."""
     return CNN(
         [channels, "M", channels, "M"],
         [hidden],
@@ -157,7 +158,8 @@ def lenet5(num_classes: int = 10) -> nn.Module:
 
 @register("vgg-small")
 def vgg_small(num_classes: int = 10, hidden: int = 256) -> nn.Module:
-    """E4: VGG-style CNN with BatchNorm, 32-32-M-64-64-M-128-128-M-256-256, then FC."""
+    """VGG-style CNN with BatchNorm, 32-32-M-64-64-M-128-128-M-256-256, then FC (experiment E4,
+    results/E4)."""
     return CNN(
         [32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256],
         [hidden],
@@ -289,9 +291,9 @@ def alexnet_cifar(
     input_shape: Sequence[int] = (3, 32, 32),
     dropout: float = 0.5,
 ) -> nn.Module:
-    """E5: AlexNet for 32x32 inputs: conv 64-192-384-256-256 (5x5, 5x5, then 3x3; 2x2 max
-    pools after conv 1, 2 and 5), flatten 256*4*4, FC head 2048-2048 (ImageNet's 4096-4096
-    scaled to the 4096 flattened features)."""
+    """AlexNet for 32x32 inputs (the paper's CIFAR experiments): conv 64-192-384-256-256 (5x5,
+    5x5, then 3x3; 2x2 max pools after conv 1, 2 and 5), flatten 256*4*4, FC head 2048-2048
+    (ImageNet's 4096-4096 scaled to the 4096 flattened features)."""
     return AlexNetCIFAR(num_classes, hidden, input_shape, dropout)
 
 
@@ -347,7 +349,7 @@ def vgg16_cifar(
     input_shape: Sequence[int] = (3, 32, 32),
     dropout: float = 0.5,
 ) -> nn.Module:
-    """E5: VGG-16 for CIFAR: the 13 convs of VGG-16 with BatchNorm, then
+    """VGG-16 for CIFAR (the paper's CIFAR experiments): the 13 convs of VGG-16 with BatchNorm, then
     FC 512-BN-ReLU-512-BN-ReLU-classes. ``width`` scales every width (tests use small ones);
     ``hidden`` defaults to the last conv's width."""
     cfg = _scaled(VGG16_CFG, width)
@@ -373,8 +375,9 @@ def vgg16(
     input_shape: Sequence[int] = (3, 224, 224),
     dropout: float = 0.5,
 ) -> nn.Module:
-    """E6: torchvision's VGG-16 layout (224x224; AdaptiveAvgPool2d(7, 7); fc6 25088 -> 4096,
-    fc7 4096 -> 4096, fc8 -> classes as classifier.0/3/6), random weights."""
+    """torchvision's VGG-16 layout, as in the paper's ImageNet experiment (224x224;
+    AdaptiveAvgPool2d(7, 7); fc6 25088 -> 4096, fc7 4096 -> 4096, fc8 -> classes as
+    classifier.0/3/6), random weights."""
     return _TorchvisionVGG(
         _scaled(VGG16_CFG, width), hidden, num_classes, input_shape, batchnorm, dropout
     )

@@ -10,7 +10,8 @@ least-squares refit of the consumer on calibration inputs: data-driven), ``model
 runs an external anchor (:mod:`tropnnc.experiments.anchor`, optional extra ``anchor``) on
 the same blocks at the same widths.
 
-Run the experiments of the spec with ``python -m tropnnc.experiments.sweep --experiment E3``.
+Run the committed experiments E1-E4 (results/SUMMARY.md; every command in results/run_all.sh)
+with ``python -m tropnnc.experiments.sweep --experiment E3``.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..api import DEFAULT_PIPELINE, CompressionResult, compress
+from ..cli.sweep import add_grid_arguments
 from ..counting import count_macs, count_params, infer_example_inputs
 from ..graph import discover
 from ..methods import method_class
 from ..reconstruct import Reconstruction
 from ..surgery import get_module
-from ..train import evaluate
 from ..zoo import CNN
 from .anchor import EXTERNAL
 from .report import write_outputs
+from .train import evaluate
 from .train_cache import load_split, outputs_of, trained_model
 
 log = logging.getLogger(__name__)
@@ -644,7 +646,7 @@ def _make_executor(
 
 
 # ------------------------------------------------------------------------------------------
-# the spec's experiments
+# the committed experiments E1-E4 (results/SUMMARY.md)
 # ------------------------------------------------------------------------------------------
 
 MULTI_METHODS = [
@@ -731,11 +733,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--out", type=Path)
-    p.add_argument("--networks", nargs="+")
-    p.add_argument("--dataset", nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--keeps", nargs="+", type=float)
-    p.add_argument("--seeds", nargs="+", type=int)
+    add_grid_arguments(p)
     p.add_argument("--layers", nargs="+")
     p.add_argument("--calibration-size", type=int)
     p.add_argument("--test-size", type=int)

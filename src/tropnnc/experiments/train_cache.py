@@ -1,7 +1,7 @@
 """Trained experiment networks, cached on disk as safetensors + JSON (no pickle).
 
 ``trained_model(network, dataset, seed)`` builds a :mod:`tropnnc.zoo` network, trains it on
-the dataset's train split with :func:`tropnnc.train.train` (Adam, early stopping on a
+the dataset's train split with :func:`tropnnc.experiments.train.train` (Adam, early stopping on a
 validation split) and caches it under ``cache_dir/<network>/<dataset>/seed<seed>[-<tag>]``
 (``tag``: a hash of non-default zoo config / training options). A cached model reloads from
 ``model.safetensors`` and ``meta.json`` (zoo name, config, seed, dataset, test accuracy, the
@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import data, zoo
-from ..train import evaluate, train
+from .. import zoo
+from . import datasets
+from .train import evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +56,24 @@ def register_dataset(name: str, loader: Callable[[str], Dataset], num_outputs: i
 
 
 def load_split(dataset: str, split: str, root: str | Path | None = None) -> Dataset:
-    """The ``split`` ("train"/"test") of a registered or :mod:`tropnnc.data` dataset."""
+    """The ``split`` ("train"/"test") of a registered dataset or one of
+    :mod:`tropnnc.experiments.datasets`."""
     if dataset in _CUSTOM:
         return _CUSTOM[dataset].loader(split)
-    return data.get_dataset(dataset, split, root)
+    return datasets.get_dataset(dataset, split, root)
 
 
 def outputs_of(dataset: str) -> int:
     """Number of network outputs for ``dataset`` (1 for binary pairs)."""
     if dataset in _CUSTOM:
         return _CUSTOM[dataset].num_outputs
-    return data.num_outputs(dataset)
+    return datasets.num_outputs(dataset)
 
 
 def default_cache_dir() -> Path:
     """``$TROPNNC_MODELS`` or ``data_dir()/models``."""
     env = os.environ.get("TROPNNC_MODELS")
-    return Path(env).expanduser() if env else data.data_dir() / "models"
+    return Path(env).expanduser() if env else datasets.data_dir() / "models"
 
 
 def _config_for(network: str, dataset: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -129,8 +131,8 @@ def trained_model(
     """The zoo ``network`` trained on ``dataset`` with ``seed`` (cached; see module doc).
 
     ``config`` overrides zoo constructor arguments; ``train_kw`` go to
-    :func:`tropnnc.train.train` over :data:`TRAIN_DEFAULTS`. The returned model is in eval
-    mode and carries ``train_meta`` (the JSON metadata, including ``test_accuracy``).
+    :func:`tropnnc.experiments.train.train` over :data:`TRAIN_DEFAULTS`. The returned model is
+    in eval mode and carries ``train_meta`` (the JSON metadata, including ``test_accuracy``).
     ``train_size`` trains on a seeded random subset of the train split (for slow networks).
     """
     sized = {} if train_size is None else {"train_size": int(train_size)}

@@ -2,8 +2,8 @@
 
 * Multi-class models (``C > 1`` outputs, integer labels) use cross-entropy; single-output
   models (one logit, labels 0/1 as ints or float32 ``(N, 1)`` as made by
-  :func:`tropnnc.data.binary_pair`) use ``BCEWithLogitsLoss`` and predict class 1 when the
-  logit is > 0.
+  :func:`tropnnc.experiments.datasets.binary_pair`) use ``BCEWithLogitsLoss`` and predict
+  class 1 when the logit is > 0.
 * Everything random is seeded from ``seed``: the train/validation split (:func:`split_train_val`)
   and the shuffling use private :class:`torch.Generator` objects, and dropout etc. run under
   :func:`torch.random.fork_rng` re-seeded with ``seed``, so the caller's global RNG state is left
@@ -239,7 +239,7 @@ def train(
 
     A trailing mini-batch of a single example is skipped (BatchNorm cannot train on it).  On
     return the model is in eval mode.  ``progress=True`` shows a tqdm bar when stderr is a
-    terminal; per-epoch summaries go to the ``tropnnc.train`` logger (INFO).
+    terminal; per-epoch summaries go to the ``tropnnc.experiments.train`` logger (INFO).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
