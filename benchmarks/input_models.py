@@ -25,9 +25,9 @@ import torch
 
 import tropnnc
 import tropnnc.moments as moments
+from tropnnc.experiments.train import evaluate
 from tropnnc.experiments.train_cache import load_split, trained_model
 from tropnnc.reconstruct import Reconstruction
-from tropnnc.train import evaluate
 
 MODES = ("local", "chained", "measured")
 
