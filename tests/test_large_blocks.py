@@ -10,7 +10,7 @@ from torch import nn
 
 import tropnnc
 import tropnnc.block as blk
-import tropnnc.cluster as cl
+import tropnnc.cluster.gram as cl_gram
 import tropnnc.surgery as surgery
 from tropnnc.api import compress_block
 from tropnnc.block import Block, certificate, merge_by_shares
@@ -70,7 +70,7 @@ def set_multiples(layer: nn.Module, k: int, seed: int = 0) -> None:
 
 
 def test_float32_gram_keeps_exact_collapse_exact(monkeypatch):
-    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 0)  # every Gram product in float32
+    monkeypatch.setattr(cl_gram, "_FLOAT32_GRAM_MACS", 0)  # every Gram product in float32
     for seed in range(3):
         block = multiples_block(5, 8, 12, 4, seed=seed)
         for steps in (1, 2):
@@ -86,7 +86,7 @@ def test_float32_gram_keeps_exact_collapse_exact(monkeypatch):
 def test_float32_gram_agrees_with_float64_on_a_random_block(monkeypatch):
     block = random_block(80, 12, 6, seed=4)
     ref = compress_block(get_method("tropnnc"), block, 20, gen(1))
-    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 0)
+    monkeypatch.setattr(cl_gram, "_FLOAT32_GRAM_MACS", 0)
     f32 = compress_block(get_method("tropnnc"), block, 20, gen(1))
     a, b = certificate(block, ref), certificate(block, f32)
     assert float(b.sum()) == pytest.approx(float(a.sum()), rel=1e-3)
