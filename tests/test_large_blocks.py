@@ -9,6 +9,7 @@ from conftest import ball_points, forward, multiples_block, random_block
 from torch import nn
 
 import tropnnc
+import tropnnc._memory as memory
 import tropnnc.block as blk
 import tropnnc.cluster.gram as cl_gram
 import tropnnc.surgery as surgery
@@ -189,8 +190,8 @@ def view_block(seed: int = 0) -> Block:
 
 @pytest.mark.parametrize("layout", ["contiguous", "view"])
 def test_block_helpers_match_plain_definitions(layout, monkeypatch):
-    monkeypatch.setattr(blk, "_CHUNK_BYTES", 64)  # many chunks
-    monkeypatch.setattr(blk, "_CACHE_BYTES", 300)  # consumer rows 2 at a time (5 = 2+2+1)
+    monkeypatch.setattr(memory, "SLICE_BYTES", 64)  # many chunks
+    monkeypatch.setattr(memory, "CACHE_BYTES", 300)  # consumer rows 2 at a time (5 = 2+2+1)
     block = view_block() if layout == "view" else random_block(9, 6, 5, seed=1, reads=4)
     assert block.out.is_contiguous() == (layout == "contiguous")
     out64 = block.out.double()
