@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.cluster.hierarchy import fcluster, linkage
 
+import tropnnc._memory as memory
 import tropnnc.cluster as cl
+import tropnnc.cluster._restarts as cl_restarts
+import tropnnc.cluster.degenerate as cl_degenerate
+import tropnnc.cluster.gram as cl_gram
+import tropnnc.cluster.lloyd as cl_lloyd
+import tropnnc.cluster.refine as cl_refine
+import tropnnc.cluster.seeding as cl_seeding
 from tropnnc.cluster import (
     Clustering,
     cosine_residual,
@@ -201,8 +208,8 @@ def test_gram_space_scores_match_direct_similarities():
     a = torch.stack([torch.arange(50) % k, torch.randperm(50, generator=gen(0)) % k])  # (2, n)
     alpha = torch.rand(2, 50, generator=gen(1), dtype=F64)
     g = d @ d.T
-    t = cl._scatter_columns(g, a, alpha, k)
-    used, own, new_a, new_own = cl._spherical_step(g, a, alpha, k)
+    t = cl_restarts._scatter_columns(g, a, alpha, k)
+    used, own, new_a, new_own = cl_lloyd._spherical_step(g, a, alpha, k)
     for r in range(2):
         u = torch.zeros(k, 9, dtype=F64).index_add_(0, a[r], alpha[r][:, None] * d)
         torch.testing.assert_close(t[r], u @ d.T)
@@ -210,7 +217,7 @@ def test_gram_space_scores_match_direct_similarities():
         torch.testing.assert_close(own[r], cos.gather(1, a[r][:, None]).squeeze(1))
         torch.testing.assert_close(new_own[r], cos.max(dim=1).values)
         assert torch.equal(new_a[r], cos.argmax(dim=1))
-        torch.testing.assert_close(cl._combine(d, a[r], alpha[r], k), u)
+        torch.testing.assert_close(cl_gram._combine(d, a[r], alpha[r], k), u)
 
 
 def test_block_operator_matches_dense_masked_gram():
@@ -219,7 +226,7 @@ def test_block_operator_matches_dense_masked_gram():
     a = torch.stack([torch.arange(30) % 4, torch.zeros(30, dtype=torch.long)])  # K=4 / one big
     x = torch.randn(2, 30, generator=gen(2), dtype=F64)
     include = torch.tensor([[True, False, True, True], [True, False, False, False]])
-    op = cl._block_operator(g, a, 4, include)
+    op = cl_refine._block_operator(g, a, 4, include)
     y = (op @ x.reshape(-1)).view(2, 30)
     for r in range(2):
         mask = (a[r][:, None] == a[r][None, :]) & include[r][a[r]][:, None]
@@ -229,15 +236,15 @@ def test_block_operator_matches_dense_masked_gram():
 
 @pytest.mark.parametrize("eigh_max", [64, 4, 0])  # exact eigh / mixed / power iteration only
 def test_top_eigen_coeffs_are_cluster_eigenvectors(eigh_max, monkeypatch):
-    monkeypatch.setattr(cl, "_EIGH_MAX_SIZE", eigh_max)
+    monkeypatch.setattr(cl_refine, "_EIGH_MAX_SIZE", eigh_max)
     d, m = random_dirs(8, 40, 6)
     m[:5] = 0.0
     a = (torch.arange(40) % 5)[None]
     a[0, :5] = 4  # cluster 4 has extra zero-weight members
     a[0, 35:] = 3
     m[torch.nonzero(a[0] == 0)[:, 0]] = 0.0  # cluster 0: all weights zero -> fallback
-    alpha, cos = cl._top_eigen_coeffs(d @ d.T, a, m, 5)
-    u = cl._combine(d, a[0], alpha[0], 5)
+    alpha, cos = cl_refine._top_eigen_coeffs(d @ d.T, a, m, 5)
+    u = cl_gram._combine(d, a[0], alpha[0], 5)
     torch.testing.assert_close(u.norm(dim=1), torch.ones(5, dtype=F64))
     torch.testing.assert_close(cos[0], torch.einsum("ij,ij->i", d, u[a[0]]))
     for k in range(1, 5):
@@ -277,7 +284,7 @@ def test_chunked_restarts_equal_batched(monkeypatch):
     d, w = random_dirs(9, 70, 5)
     batched = spherical_kmeans(d, w, 8, generator=gen(2), restarts=5, refine=3)
     kb = kmeans(d, 8, generator=gen(2), restarts=5)
-    monkeypatch.setattr(cl, "_MEMORY_BUDGET_BYTES", 1)
+    monkeypatch.setattr(memory, "RESTART_BUFFER_BYTES", 1)
     chunked = spherical_kmeans(d, w, 8, generator=gen(2), restarts=5, refine=3)
     kc = kmeans(d, 8, generator=gen(2), restarts=5)
     assert torch.equal(batched.assignment, chunked.assignment)
@@ -390,7 +397,7 @@ def test_kmeans_deterministic():
 def test_sample_rows_never_picks_zero_probability():
     p = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0], dtype=F64).expand(5, 5)
     u = torch.tensor([0.0, 1 / 3 - 1e-12, 1 / 3 + 1e-12, 0.999, 1 - 2**-53], dtype=F64)
-    assert cl._sample_rows(p, u).tolist() == [1, 1, 3, 3, 3]
+    assert cl_seeding._sample_rows(p, u).tolist() == [1, 1, 3, 3, 3]
 
 
 @pytest.mark.parametrize("case", ["duplicates", "zero_weights"])
@@ -402,7 +409,7 @@ def test_kpp_seeds_distinct(case):
         w[::2] = 0.0
     g = d @ d.T
     u = torch.rand(6, 15, generator=gen(0), dtype=F64)
-    seeds = cl._kpp_seeds(w, 15, u, lambda idx: (1.0 - g[idx]).clamp_min(0))
+    seeds = cl_seeding._kpp_seeds(w, 15, u, lambda idx: (1.0 - g[idx]).clamp_min(0))
     for row in seeds.tolist():
         assert len(set(row)) == 15
     if case == "zero_weights":  # positive-weight units are exhausted before zero-weight ones
@@ -418,10 +425,26 @@ def test_repair_empty_moves_largest_residual_distinct_units():
     a = torch.tensor([[0, 0, 0, 1, 1, 3], [2, 2, 2, 2, 2, 2]])  # cluster 2 / clusters 0,1,3 empty
     own = torch.tensor([[0.9, 0.5, 0.7, 0.8, 0.2, 1.0], [1.0, 0.1, 0.2, 0.3, 0.4, 0.5]], dtype=F64)
     res = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.8, 0.0], [0.0, 0.9, 0.8, 0.7, 0.6, 0.5]], dtype=F64)
-    out = cl._repair_empty(a, own, res, 4)
-    assert bool((cl._cluster_counts(out, 4) > 0).all())
+    out = cl_degenerate._repair_empty(a, own, res, 4)
+    assert bool((cl_restarts._cluster_counts(out, 4) > 0).all())
     assert out[0].tolist() == [0, 2, 0, 1, 1, 3]  # unit 1 (residual .9) fills cluster 2
     assert out[1].tolist() == [2, 0, 1, 3, 2, 2]  # the three largest residuals, anchor 0 kept
+
+
+def test_one_member_fallback_takes_the_largest_unit_of_each_vanished_cluster():
+    # clusters 0 (sum vanishes), 1 (fine), 2 (vanishes, padding entry -1), 3 (empty)
+    alpha = torch.tensor([1.0, -1.0, 2.0, 0.5, 0.0, 0.0, 0.0], dtype=F64)
+    cluster = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    unit = torch.tensor([5, 3, 2, 7, 4, 6, -1])
+    norm2 = torch.tensor([0.0, 4.0, 1e-40, 0.0], dtype=F64)
+    scale = torch.tensor([2.0, 2.5, 1.0, 0.0], dtype=F64)  # cluster 2: 1e-40 < (64 eps)^2
+    nonempty = torch.tensor([True, True, True, False])
+    one = cl_degenerate._one_member(alpha, cluster, unit, norm2, scale, 1e-16, nonempty)
+    assert one.alpha.tolist() == [1.0, 0.0, 2.0, 0.5, 0.0, 1.0, 0.0]
+    assert one.clusters.tolist() == [0, 2]
+    assert one.units.tolist() == [5, 6]
+    fine = torch.tensor([False, True, False, False])
+    assert cl_degenerate._one_member(alpha, cluster, unit, norm2, scale, 1e-16, fine) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -516,13 +539,13 @@ def clustered(seed: int, n: int = 90, k: int = 6, d: int = 40, spread: float = 0
 @pytest.mark.parametrize("n", [5, 37, 100])
 def test_gram_matrix_strips_and_column_chunks(n, monkeypatch):
     x = torch.randn(n, 23, generator=gen(n), dtype=F64)
-    monkeypatch.setattr(cl, "_GRAM_BLOCK", 8)  # several row strips
+    monkeypatch.setattr(cl_gram, "_GRAM_BLOCK", 8)  # several row strips
     g = cl.gram_matrix(x)
     assert g.dtype == F64
     torch.testing.assert_close(g, x @ x.T, rtol=1e-12, atol=1e-12)
     sc = torch.rand(n, generator=gen(0), dtype=F64)
     torch.testing.assert_close(cl.gram_matrix(x, scale=sc), sc[:, None] * (x @ x.T) * sc)
-    monkeypatch.setattr(cl, "_CHUNK_BYTES", 64)  # float32 conversion a few columns at a time
+    monkeypatch.setattr(memory, "CHUNK_BYTES", 64)  # float32 conversion a few columns at a time
     g32 = cl.gram_matrix(x, torch.float32)
     assert g32.dtype == torch.float32
     torch.testing.assert_close(g32, (x @ x.T).float(), rtol=1e-5, atol=1e-5)
@@ -535,7 +558,7 @@ def test_gram_dtype_policy(monkeypatch):
     assert cl.gram_dtype(small) == F64
     assert cl.gram_dtype(small.float()) == torch.float32
     assert cl.gram_dtype(small.half()) == torch.float32
-    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 100)  # 10 * 10 * 4 > 100: a "big" product
+    monkeypatch.setattr(cl_gram, "_FLOAT32_GRAM_MACS", 100)  # 10 * 10 * 4 > 100: a "big" product
     assert cl.gram_dtype(small) == torch.float32
     assert cl.gram_matrix(small).dtype == torch.float32
 
@@ -562,7 +585,7 @@ def test_float32_gram_agrees_with_float64_on_the_objective(seed):
     assert same_partition(a.assignment, labels) and same_partition(b.assignment, labels)
     assert b.objective == pytest.approx(a.objective, rel=1e-4)
     # the objective recomputed in float64 from the float32 run's centroids matches too
-    u = unit(cl._combine(d, b.assignment, b.coefficients.double(), 6))
+    u = unit(cl_gram._combine(d, b.assignment, b.coefficients.double(), 6))
     assert float(direct_residual(d, w, b.assignment, u).sum()) == pytest.approx(
         a.objective, rel=1e-6
     )
@@ -570,7 +593,7 @@ def test_float32_gram_agrees_with_float64_on_the_objective(seed):
 
 def test_spherical_kmeans_with_forced_float32_gram_is_exact_on_multiples(monkeypatch):
     d, w, labels = planted(3)
-    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 0)  # every Gram in float32
+    monkeypatch.setattr(cl_gram, "_FLOAT32_GRAM_MACS", 0)  # every Gram in float32
     c = spherical_kmeans(d, w, 5, generator=gen(4))
     assert same_partition(c.assignment, labels)
     assert c.centroids.dtype == F64  # combined from the float64 directions
@@ -582,7 +605,9 @@ def test_spherical_kmeans_gram_matches_spherical_kmeans():
     a = spherical_kmeans(d, w, 9, generator=gen(5), refine=2)
     b = cl.spherical_kmeans_gram(d @ d.T, w, 9, generator=gen(5), refine=2)
     assert torch.equal(a.assignment, b.assignment) and a.objective == b.objective
-    torch.testing.assert_close(a.centroids, unit(cl._combine(d, b.assignment, b.coefficients, 9)))
+    torch.testing.assert_close(
+        a.centroids, unit(cl_gram._combine(d, b.assignment, b.coefficients, 9))
+    )
     ident = cl.spherical_kmeans_gram(d @ d.T, w, 70, generator=gen(0))
     assert torch.equal(ident.assignment, torch.arange(70)) and ident.objective == 0.0
 
@@ -590,7 +615,7 @@ def test_spherical_kmeans_gram_matches_spherical_kmeans():
 def test_merged_gram_is_the_gram_of_the_merged_directions():
     d, w = random_dirs(13, 40, 5)
     c = cl.spherical_kmeans_gram(d @ d.T, w, 7, generator=gen(1))
-    u = unit(cl._combine(d, c.assignment, c.coefficients, 7))
+    u = unit(cl_gram._combine(d, c.assignment, c.coefficients, 7))
     torch.testing.assert_close(cl.merged_gram(d @ d.T, c.assignment, c.coefficients, 7), u @ u.T)
     ag = cl.combine_rows(d @ d.T, c.assignment, c.coefficients, 7)  # (7, 40) A G, given
     torch.testing.assert_close(
@@ -603,7 +628,7 @@ def test_merged_gram_is_the_gram_of_the_merged_directions():
 @pytest.mark.parametrize("spherical", [True, False])
 def test_incremental_lloyd_reaches_a_true_fixed_point(spherical, monkeypatch):
     """Only changed clusters are recomputed; the result must equal a from-scratch check."""
-    monkeypatch.setattr(cl, "_CHUNK_BYTES", 256)  # row chunks of a few rows
+    monkeypatch.setattr(memory, "CHUNK_BYTES", 256)  # row chunks of a few rows
     x = torch.randn(120, 4, generator=gen(7), dtype=F64)
     w = torch.rand(120, generator=gen(8), dtype=F64) + 0.1
     if spherical:
@@ -624,7 +649,7 @@ def test_row_chunk_size_does_not_change_results(monkeypatch):
     x = torch.randn(80, 3, generator=gen(3), dtype=F64)
     a = spherical_kmeans(d, w, 11, generator=gen(6))
     ka = kmeans(x, 7, generator=gen(6))
-    monkeypatch.setattr(cl, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(memory, "CHUNK_BYTES", 1)
     b = spherical_kmeans(d, w, 11, generator=gen(6))
     kb = kmeans(x, 7, generator=gen(6))
     assert torch.equal(a.assignment, b.assignment) and a.objective == b.objective
@@ -638,8 +663,8 @@ def test_kpp_nearest_is_the_seeds_voronoi_assignment():
     g = d @ d.T
     u = torch.rand(3, 12, generator=gen(0), dtype=F64)
     dis = lambda idx: (1.0 - g[idx]).clamp_min(0)  # noqa: E731
-    seeds, near = cl._kpp_seeds(w, 12, u, dis, nearest=True)
-    assert torch.equal(seeds, cl._kpp_seeds(w, 12, u, dis))
+    seeds, near = cl_seeding._kpp_seeds(w, 12, u, dis, nearest=True)
+    assert torch.equal(seeds, cl_seeding._kpp_seeds(w, 12, u, dis))
     for r in range(3):
         table = (1.0 - g[seeds[r]]).clamp_min(0)  # (k, n)
         best = table.min(dim=0).values
@@ -660,14 +685,14 @@ def test_spherical_kmeans_gram_value_errors():
 @pytest.mark.parametrize("truncated", [False, True])
 def test_greedy_seeds_are_distinct_with_their_voronoi_assignment(truncated, per_step, monkeypatch):
     if truncated:  # gains over each candidate's 4 nearest units only
-        monkeypatch.setattr(cl, "_GREEDY_EXACT_WORK", 0)
-        monkeypatch.setattr(cl, "_GREEDY_NEIGHBOURS", 4)
+        monkeypatch.setattr(cl_seeding, "_GREEDY_EXACT_WORK", 0)
+        monkeypatch.setattr(cl_seeding, "_GREEDY_NEIGHBOURS", 4)
     d, w, _ = clustered(16, n=60, k=5)
     d = d[torch.arange(60) % 30]  # duplicates
     w[7] = 50.0  # one unit with most of the mass: it straddles the slices of a step
     g = d @ d.T
-    u = torch.rand(3, 20, cl._local_trials(20), generator=gen(0), dtype=F64)
-    seeds, near = cl._greedy_cosine_seeds(g, w, 20, u, 1e-12, per_step=per_step)
+    u = torch.rand(3, 20, cl_seeding._local_trials(20), generator=gen(0), dtype=F64)
+    seeds, near = cl_seeding._greedy_cosine_seeds(g, w, 20, u, 1e-12, per_step=per_step)
     for r in range(3):
         assert len(set(seeds[r].tolist())) == 20
         table = g[seeds[r]]  # (k, n) cosines to the seeds
@@ -683,8 +708,8 @@ def test_greedy_seeds_of_one_step_do_not_split_a_direction():
         d, w, _ = clustered(16 + seed, n=60, k=5)
         d = d[torch.arange(60) % 30]  # every direction twice
         g = d @ d.T
-        u = torch.rand(4, 20, cl._local_trials(20), generator=gen(seed), dtype=F64)
-        seeds, _ = cl._greedy_cosine_seeds(g, w, 20, u, 1e-12, per_step=8)
+        u = torch.rand(4, 20, cl_seeding._local_trials(20), generator=gen(seed), dtype=F64)
+        seeds, _ = cl_seeding._greedy_cosine_seeds(g, w, 20, u, 1e-12, per_step=8)
         for r in range(4):
             cos = g[seeds[r]][:, seeds[r]] - 2 * torch.eye(20, dtype=F64)  # off-diagonal
             assert float(cos.max()) < 1 - 1e-12
@@ -698,8 +723,8 @@ def test_greedy_seeding_of_all_but_one_unit(per_step):
         x = torch.randn(40, 6, generator=gen(seed), dtype=F64)
         d = x / x.norm(dim=1, keepdim=True)
         w = torch.rand(40, generator=gen(seed + 100), dtype=F64)
-        u = torch.rand(3, 39, cl._local_trials(39), generator=gen(seed + 200), dtype=F64)
-        seeds, near = cl._greedy_cosine_seeds(d @ d.T, w, 39, u, 1e-12, per_step=per_step)
+        u = torch.rand(3, 39, cl_seeding._local_trials(39), generator=gen(seed + 200), dtype=F64)
+        seeds, near = cl_seeding._greedy_cosine_seeds(d @ d.T, w, 39, u, 1e-12, per_step=per_step)
         for r in range(3):
             assert len(set(seeds[r].tolist())) == 39
             table = (d @ d.T)[seeds[r]]
@@ -714,9 +739,9 @@ def test_greedy_seeding_lowers_the_seeding_potential():
     def potential(seeds):  # sum_j w_j min_s (1 - cos(s, j)) per restart
         return ((1 - g[seeds]).clamp_min(0).amin(dim=1) * w).sum(dim=1)
 
-    u = torch.rand(8, 30, cl._local_trials(30), generator=gen(1), dtype=F64)
-    greedy, _ = cl._greedy_cosine_seeds(g, w, 30, u, tol)
-    plain = cl._kpp_seeds(w, 30, u[:, :, 0], lambda idx: (1 - g[idx]).clamp_min(0))
+    u = torch.rand(8, 30, cl_seeding._local_trials(30), generator=gen(1), dtype=F64)
+    greedy, _ = cl_seeding._greedy_cosine_seeds(g, w, 30, u, tol)
+    plain = cl_seeding._kpp_seeds(w, 30, u[:, :, 0], lambda idx: (1 - g[idx]).clamp_min(0))
     assert float(potential(greedy).mean()) < 0.9 * float(potential(plain).mean())
 
 
@@ -741,13 +766,15 @@ def test_greedy_seeding_restarts_are_independent(per_step, exact_work, monkeypat
     rule counting the work of all restarts together would cross at 4 restarts but not at 1.
     """
     if exact_work is not None:
-        monkeypatch.setattr(cl, "_GREEDY_EXACT_WORK", exact_work)
-        monkeypatch.setattr(cl, "_GREEDY_NEIGHBOURS", 4)
+        monkeypatch.setattr(cl_seeding, "_GREEDY_EXACT_WORK", exact_work)
+        monkeypatch.setattr(cl_seeding, "_GREEDY_NEIGHBOURS", 4)
     d, w, _ = clustered(18, n=80, k=8)
     w[3] = 40.0  # repeated winners in early steps: restarts take different seed counts
     g = d @ d.T
-    u = torch.rand(4, 24, cl._local_trials(24), generator=gen(2), dtype=F64)
-    seeds, near = cl._greedy_cosine_seeds(g, w, 24, u, 1e-12, per_step=per_step)
+    u = torch.rand(4, 24, cl_seeding._local_trials(24), generator=gen(2), dtype=F64)
+    seeds, near = cl_seeding._greedy_cosine_seeds(g, w, 24, u, 1e-12, per_step=per_step)
     for r in range(4):
-        one, one_near = cl._greedy_cosine_seeds(g, w, 24, u[r : r + 1], 1e-12, per_step=per_step)
+        one, one_near = cl_seeding._greedy_cosine_seeds(
+            g, w, 24, u[r : r + 1], 1e-12, per_step=per_step
+        )
         assert torch.equal(seeds[r : r + 1], one) and torch.equal(near[r : r + 1], one_near)

@@ -9,8 +9,9 @@ from conftest import ball_points, forward, multiples_block, random_block
 from torch import nn
 
 import tropnnc
+import tropnnc._memory as memory
 import tropnnc.block as blk
-import tropnnc.cluster as cl
+import tropnnc.cluster.gram as cl_gram
 import tropnnc.surgery as surgery
 from tropnnc.api import compress_block
 from tropnnc.block import Block, certificate, merge_by_shares
@@ -70,7 +71,7 @@ def set_multiples(layer: nn.Module, k: int, seed: int = 0) -> None:
 
 
 def test_float32_gram_keeps_exact_collapse_exact(monkeypatch):
-    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 0)  # every Gram product in float32
+    monkeypatch.setattr(cl_gram, "_FLOAT32_GRAM_MACS", 0)  # every Gram product in float32
     for seed in range(3):
         block = multiples_block(5, 8, 12, 4, seed=seed)
         for steps in (1, 2):
@@ -86,7 +87,7 @@ def test_float32_gram_keeps_exact_collapse_exact(monkeypatch):
 def test_float32_gram_agrees_with_float64_on_a_random_block(monkeypatch):
     block = random_block(80, 12, 6, seed=4)
     ref = compress_block(get_method("tropnnc"), block, 20, gen(1))
-    monkeypatch.setattr(cl, "_FLOAT32_GRAM_MACS", 0)
+    monkeypatch.setattr(cl_gram, "_FLOAT32_GRAM_MACS", 0)
     f32 = compress_block(get_method("tropnnc"), block, 20, gen(1))
     a, b = certificate(block, ref), certificate(block, f32)
     assert float(b.sum()) == pytest.approx(float(a.sum()), rel=1e-3)
@@ -189,8 +190,8 @@ def view_block(seed: int = 0) -> Block:
 
 @pytest.mark.parametrize("layout", ["contiguous", "view"])
 def test_block_helpers_match_plain_definitions(layout, monkeypatch):
-    monkeypatch.setattr(blk, "_CHUNK_BYTES", 64)  # many chunks
-    monkeypatch.setattr(blk, "_CACHE_BYTES", 300)  # consumer rows 2 at a time (5 = 2+2+1)
+    monkeypatch.setattr(memory, "SLICE_BYTES", 64)  # many chunks
+    monkeypatch.setattr(memory, "CACHE_BYTES", 300)  # consumer rows 2 at a time (5 = 2+2+1)
     block = view_block() if layout == "view" else random_block(9, 6, 5, seed=1, reads=4)
     assert block.out.is_contiguous() == (layout == "contiguous")
     out64 = block.out.double()

@@ -1,6 +1,6 @@
 """The unit of compression: one hidden layer seen as producer rows and consumer slices.
 
-A block (spec section 1) is producer -> ReLU -> [channel-wise positively homogeneous ops] ->
+A block is producer -> ReLU -> [channel-wise positively homogeneous ops] ->
 consumer. Hidden unit i owns
 
 * ``weight[i]``: its input vector w_i = (incoming weights, bias) in R^{d+1}
@@ -11,7 +11,7 @@ consumer. Hidden unit i owns
 
 Every method turns a block into a :class:`Merge`: K new producer rows and K new consumer
 slices. Methods whose slices are share-weighted sums of the originals (all data-free ones)
-also return the shares, from which :func:`certificate` bounds the output error (spec P5).
+also return the shares, from which :func:`certificate` bounds the output error.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from . import _memory
 from .tropical import share_errors
 
-_CHUNK_BYTES = 1 << 22  # temporaries of chunked passes over consumer slices (4 MB: in cache)
-_CACHE_BYTES = 1 << 21  # consumer-row chunks whose transposes stay in cache
 _ABS_SUM_MIN_READS = 4  # consumer views with this many reads keep sum_t |c_jit| (m, n)
 #: norms of a unit's output slices c_i allowed in its mass m_i = ||w_i|| ||c_i||
 MASS_NORMS = ("l1", "l2", "max")
@@ -98,12 +97,12 @@ class Block:
         if cols is not None:
             e = weights.to(**f64).repeat_interleave(r)  # (n * r,)
             total = torch.empty(m, **f64)
-            step = max(1, _CHUNK_BYTES // max(1, n * r * 8))
+            step = _memory.rows_per_chunk(n * r * 8, _memory.SLICE_BYTES)
             for s in range(0, m, step):
                 total[s : s + step] = cols[s : s + step].to(**f64, copy=True).abs_() @ e
             return total
         total = torch.zeros(m, **f64)
-        step = max(1, _CHUNK_BYTES // max(1, m * r * 8))
+        step = _memory.rows_per_chunk(m * r * 8, _memory.SLICE_BYTES)
         for s in range(0, n, step):
             c = self.out[s : s + step].permute(1, 0, 2).reshape(m, -1)  # (m, units * r)
             c = c.to(**f64, copy=True).abs_()  # a private float64 copy
@@ -149,7 +148,7 @@ class Block:
             if r >= _ABS_SUM_MIN_READS
             else None
         )
-        step = max(1, _CHUNK_BYTES // max(1, n * r * self.out.element_size()))
+        step = _memory.rows_per_chunk(n * r * self.out.element_size(), _memory.SLICE_BYTES)
         for s in range(0, m, step):  # column sums of squares over consumer-row chunks
             c = cols[s : s + step]
             acc += (c * c).sum(dim=0)
@@ -225,7 +224,7 @@ def merge_by_shares(block: Block, assignment: Tensor, shares: Tensor, rows: Tens
     cols = block._consumer_layout()
     if cols is not None and k > 0:
         new = torch.empty(m, k, r, **like)  # the consumer's layout
-        step = max(1, _CACHE_BYTES // max(1, n * r * src.element_size()))
+        step = _memory.rows_per_chunk(n * r * src.element_size(), _memory.CACHE_BYTES)
         t = torch.empty(n, min(step, m), r, **like)
         acc = torch.empty(k, min(step, m), r, **like)
         lam3 = lam[:, None, None]
@@ -237,7 +236,7 @@ def merge_by_shares(block: Block, assignment: Tensor, shares: Tensor, rows: Tens
             new[s:e].copy_(ac.permute(1, 0, 2))
         return Merge(rows, new.permute(1, 0, 2), assignment, shares)
     out = torch.zeros(k, m, r, **like)
-    step = max(1, _CHUNK_BYTES // max(1, m * r * src.element_size()))
+    step = _memory.rows_per_chunk(m * r * src.element_size(), _memory.SLICE_BYTES)
     for s in range(0, n, step):  # unit chunks: temporaries stay small
         c = src[s : s + step]
         t = torch.empty(c.shape, **like)  # contiguous, whatever the layout of ``out``
@@ -352,7 +351,7 @@ def certificate(block: Block, merge: Merge) -> Tensor:
         lam = merge.shares.to(err.dtype)
         err = torch.where(merge.assignment >= 0, err + 6.0 * (1.0 - lam).abs(), err.clamp(max=6.0))
     bound = block.weighted_out_abs(err)
-    if merge.consumer_bias is not None:  # C3's |beta_j - beta~_j| (no consumer bias: 0)
+    if merge.consumer_bias is not None:  # plus |beta_j - beta~_j| (no consumer bias: 0)
         base = (
             block.consumer_bias
             if block.consumer_bias is not None

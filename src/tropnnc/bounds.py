@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from . import _memory
 from .graph import TraceError, trace
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 F64 = torch.float64
 #: default input domain: every element in [0, 1] (images as tensors, as tropnnc's datasets)
 UNIT_RANGE = (0.0, 1.0)
-_CHUNK_BYTES = 1 << 24  # float64 weight chunks of large Linear layers (16 MB)
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -464,7 +464,7 @@ def _affine(
 def _linear(x: Interval, mod: nn.Linear) -> Interval:
     """Linear in float64, a chunk of output rows at a time for large weights."""
     weight, bias = mod.weight, mod.bias
-    step = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * 8))
+    step = _memory.rows_per_chunk(weight.shape[1] * 8, _memory.CHUNK_BYTES)  # float64 rows
     if weight.shape[0] <= step:
         return _affine(x, F.linear, weight, bias)
     parts = [

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _memory
+
 _SQRT2 = math.sqrt(2.0)
 _TWO_PI = 2.0 * math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(_TWO_PI)
@@ -160,7 +162,7 @@ def member_maps(
     g = weight_gram(weight) if gram is None else gram.double()
     gc = g[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
     rhs = torch.empty(members.numel(), dtype=torch.float64)  # <w_i, u_a(i)>, in row chunks
-    step = max(1, _PAIR_ELEMENTS // max(1, weight.shape[1]))
+    step = _memory.rows_per_chunk(8 * weight.shape[1], _memory.CACHE_BYTES)  # 8 bytes an entry
     for start in range(0, members.numel(), step):
         part = slice(start, start + step)
         rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)).sum(
@@ -405,7 +407,8 @@ def _pairwise(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, cov: Tensor) -> Te
     """E[relu(z1_i) relu(z2_j)] (len(m1), len(m2)) from the covariance ``cov`` of the pairs,
     in row chunks that bound the quadrature's temporaries."""
     out = torch.empty(cov.shape, dtype=torch.float64)
-    step = max(1, _PAIR_ELEMENTS // max(1, cov.shape[1]))
+    # float64 (rows, width) planes of at most 2 MB; the quadrature makes several per node
+    step = _memory.rows_per_chunk(8 * cov.shape[1], _memory.CACHE_BYTES)
     for start in range(0, cov.shape[0], step):
         rows = slice(start, start + step)
         rho = _corr(cov[rows], s1[rows], s2)
@@ -449,8 +452,6 @@ def _sampled_moments(
 
 # ---------------------------------------------------------------------------------------
 # Clustering kernel and merged rows from the model
-
-_PAIR_ELEMENTS = 1 << 18  # pairs per chunk of pairwise moments (x 20 quadrature nodes)
 
 
 def activation_correlation(

@@ -1,23 +1,36 @@
 """Tropical geometry of one ReLU block, as pure functions on float64 tensors.
 
 A block with rows ``weight`` (n, D), D = d + 1 (incoming weights, bias last), and output weights
-``out`` (n, m) computes y_j(x) = sum_i c_ji relu(<w_i, (x, 1)>) + beta_j (spec section 1). Output
-j is the tropical rational function p_j - q_j + beta_j whose extended Newton polytopes are the
-zonotopes P_j = sum_{c_ji > 0} [0, c_ji w_i] and Q_j = sum_{c_ji < 0} [0, |c_ji| w_i] (section 2).
+``out`` (n, m) computes y_j(x) = sum_i c_ji relu(<w_i, (x, 1)>) + beta_j. Output j is the
+tropical rational function p_j - q_j + beta_j whose extended Newton polytopes are the zonotopes
+P_j = sum_{c_ji > 0} [0, c_ji w_i] and Q_j = sum_{c_ji < 0} [0, |c_ji| w_i]. On inputs with
+||(x, 1)|| <= rho, |y_j - y~_j| is at most rho times the Hausdorff distances of the P's and
+of the Q's (plus the change of beta_j), and the Hausdorff distance of two zonotopes with paired
+generators is at most the sum of the generators' distances: every bound below rests on that.
 
-This module holds the zonotope identities (support functions, tropical evaluation), exact and
-sampled Hausdorff distances of zonotopes in dimension D <= 3 (the test oracles for the bounds),
-and the error bounds P5, P5a and P5b of section 3, all *without* the factor rho.
+The library uses one function from here: :func:`share_errors`, the per-unit errors of a merge
+in which unit i hands its output slices to new row u_a(i) with share lambda_i (the certificate
+of :func:`tropnnc.block.certificate`). Everything else is the exact mathematics the tests hold
+the library to: the zonotope identities (support functions, tropical evaluation), exact and
+sampled Hausdorff distances of zonotopes in dimension D <= 3 (scipy, imported only by them),
+and the error bounds of the share merge (:func:`share_bound`) and of the two predecessors
+Zonotope K-means (:func:`p5a_bound`) and Neural Path K-means (:func:`p5b_bound`), all
+*without* the factor rho.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scipy.spatial import ConvexHull, QhullError, cKDTree
 from torch import Tensor
+
+from . import _memory
+
+if TYPE_CHECKING:
+    from scipy.spatial import ConvexHull
 
 __all__ = [
     "block_forward",
@@ -35,8 +48,6 @@ __all__ = [
 ]
 
 _FLAT_TOL = 1e-10  # relative singular value below which a point set counts as flat
-_CHUNK = 1 << 21  # max (points x facets) pairs handled at once in distance computations
-_CHUNK_ELEMENTS = 1 << 19  # float64 entries of one row chunk in share_errors (4 MB: in cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +94,7 @@ def block_forward(weight: Tensor, out: Tensor, bias: Tensor | None, x: Tensor) -
 def tropical_forward(weight: Tensor, out: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     """The block evaluated as p_j(x) - q_j(x) + beta_j through its zonotopes, (q, d) -> (q, m).
 
-    Equal to :func:`block_forward`; it exists to check the tropical picture (spec section 6).
+    Equal to :func:`block_forward`; it exists to check the tropical picture.
     """
     pos, neg = zonotope_generators(weight, out)  # (m, n, D) each
     z = extend(x)[None]  # (1, q, D)
@@ -100,7 +111,7 @@ def _check_dim(dim: int, name: str) -> None:
     if dim > 3:
         raise ValueError(
             f"{name}: exact zonotope geometry is only implemented for dimension D <= 3 "
-            f"(got D = {dim}); for larger blocks use the P5 bounds (share_bound, p5a_bound, "
+            f"(got D = {dim}); for larger blocks use the error bounds (share_bound, p5a_bound, "
             "p5b_bound) instead"
         )
 
@@ -126,6 +137,8 @@ def _affine_frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _hull(coords: np.ndarray) -> ConvexHull:
     """Convex hull of full-dimensional ``coords``; joggled input if Qhull reports degeneracy."""
+    from scipy.spatial import ConvexHull, QhullError  # only the exact oracles need scipy
+
     try:
         return ConvexHull(coords)
     except QhullError:
@@ -261,7 +274,9 @@ def _distance_to_polytope(points: np.ndarray, verts: np.ndarray) -> np.ndarray:
             axis=1
         )  # (N,)
         simplices = vc[hull.simplices]  # (F, r, r): edges in 2D, triangles in 3D
-        step = max(1, _CHUNK // max(len(simplices), 1))
+        step = _memory.rows_per_chunk(
+            8 * len(simplices), _memory.CHUNK_BYTES
+        )  # (points, facets) float64
         parts = []
         for start in range(0, len(points), step):  # memory bound only
             chunk = coords[start : start + step]
@@ -307,6 +322,8 @@ def _grid_local_maxima(u: np.ndarray, val: np.ndarray) -> np.ndarray:
     """Indices of grid directions whose value is >= that of their nearest grid neighbours."""
     if u.shape[1] == 2:  # circle: the two neighbours in angle order
         return np.flatnonzero((val >= np.roll(val, 1)) & (val >= np.roll(val, -1)))
+    from scipy.spatial import cKDTree
+
     _, near = cKDTree(u).query(u, k=min(9, len(u)))  # (N, k), the point itself included
     return np.flatnonzero((val[:, None] >= val[near]).all(axis=1))
 
@@ -332,9 +349,10 @@ def hausdorff_grid(
     Evaluates ``directions`` grid directions (2D circle, 3D Fibonacci sphere, exact in 1D),
     then climbs from every positive local maximum of the grid (up to 128 of them) by up to
     ``refine`` rounds of compass search on the sphere (step halved when nothing improves). Every
-    value is |h_A(u) - h_B(u)| for a unit u, so the result never exceeds H (spec L1): an
-    independent oracle for :func:`hausdorff_exact`, approached from below. (numpy inside: the
-    search is many tiny products, where torch's threading overhead dominates.)
+    value is |h_A(u) - h_B(u)| for a unit u, and H is the largest such gap over unit u, so the
+    result never exceeds H: an independent oracle for :func:`hausdorff_exact`, approached from
+    below. (numpy inside: the search is many tiny products, where torch's threading overhead
+    dominates.)
     """
     dim = gens_a.shape[-1]
     _check_dim(dim, "hausdorff_grid")
@@ -376,7 +394,7 @@ def hausdorff_grid(
 
 
 # --------------------------------------------------------------------------------------------
-# Error bounds (spec section 3), all without the factor rho
+# Error bounds of merges, all without the factor rho
 # --------------------------------------------------------------------------------------------
 
 
@@ -389,7 +407,7 @@ def share_errors(weight: Tensor, assignment: Tensor, shares: Tensor, rows: Tenso
     n, dim = weight.shape
     f64 = {"dtype": torch.float64, "device": weight.device}
     err = torch.empty(n, **f64)
-    step = max(1, _CHUNK_ELEMENTS // max(1, dim))
+    step = _memory.rows_per_chunk(8 * dim, _memory.SLICE_BYTES)  # float64 rows
     for s in range(0, n, step):
         a = assignment[s : s + step]
         w = weight[s : s + step].to(**f64, copy=True)  # (c, D) private float64 copy
@@ -404,16 +422,18 @@ def share_errors(weight: Tensor, assignment: Tensor, shares: Tensor, rows: Tenso
 def share_bound(
     weight: Tensor, out_abs: Tensor, assignment: Tensor, shares: Tensor, rows: Tensor
 ) -> Tensor:
-    """P5 per output (m,): sum_i out_abs[i, j] * ||w_i - lambda_i rows[a(i)]||, without rho.
+    """The share-merge bound per output (m,): sum_i out_abs[i, j] ||w_i - lambda_i rows[a(i)]||,
+    without rho.
 
     Unit i was merged into new row a(i) with share lambda_i = ``shares[i]`` >= 0 (the new
     slices are share-weighted sums of the old ones); a(i) = -1 means dropped, error ||w_i||.
-    Valid for any rows and nonnegative shares, by L4 and C3 applied per unit. float64, see
+    Valid for any rows and nonnegative shares: each unit's generator moves by at most its
+    share error, and zonotope distances add over generators. float64, see
     :func:`share_errors`.
     """
     err = share_errors(weight, assignment, shares, rows)  # (n,)
     bound = torch.zeros(out_abs.shape[1], dtype=torch.float64, device=weight.device)  # (m,)
-    step = max(1, _CHUNK_ELEMENTS // max(1, out_abs.shape[1]))
+    step = _memory.rows_per_chunk(8 * out_abs.shape[1], _memory.SLICE_BYTES)  # float64 rows
     for s in range(0, err.shape[0], step):
         bound += err[s : s + step] @ out_abs[s : s + step].to(torch.float64)
     return bound

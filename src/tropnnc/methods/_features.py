@@ -15,17 +15,16 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from .. import _memory
 from ..block import Block
 from ..cluster import gram_dtype, gram_of_chunks
-
-_CHUNK_BYTES = 1 << 24  # one column chunk of features (n, f)
 
 
 def feature_chunks(block: Block, with_out: bool) -> Iterator[Tensor]:
     """Column chunks (n, f) of [w_i | c_i flattened] (``with_out``) or of w_i alone, in the
     column order of ``torch.cat([block.weight, block.out.flatten(1)], 1)``."""
     n = block.n
-    step = max(1, _CHUNK_BYTES // max(1, n * block.weight.element_size()))
+    step = _memory.rows_per_chunk(n * block.weight.element_size(), _memory.CHUNK_BYTES)  # columns
     for s in range(0, block.weight.shape[1], step):
         yield block.weight[:, s : s + step]
     if with_out:

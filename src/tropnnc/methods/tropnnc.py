@@ -1,4 +1,4 @@
-"""TropNNC: merge units whose input vectors point the same way (spec section 4, bound P5).
+"""TropNNC: merge units whose input vectors point the same way (the paper's algorithm).
 
 Each unit is a generator direction d_i = w_i / ||w_i|| with mass m_i = ||w_i|| ||c_i||.
 Weighted spherical k-means groups the directions; cluster k becomes one unit of direction
@@ -22,13 +22,13 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from .. import _memory
 from ..block import MASS_NORMS, Block, Merge, compose, merge_by_shares
 from ..cluster import combine_rows, cosine_gram, member_cosines, merged_gram, spherical_kmeans_gram
 from ..moments import activation_correlation, moment_rows
 from . import register
 from ._base import Method, is_single_output, split_by_sign
 
-_CHUNK_BYTES = 1 << 24  # temporaries of the row-chunked point-space pass
 KERNELS = ("weights", "activations")
 ROWS = ("directions", "moments")
 
@@ -187,10 +187,10 @@ class TropNNC(Method):
 
 def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:
     """<w_i, rows[a(i)]> (the projection that minimises ||w_i - lambda u||), (n,), in
-    ``weight``'s dtype, in row chunks of at most ``_CHUNK_BYTES``."""
+    ``weight``'s dtype, in row chunks of at most ``_memory.CHUNK_BYTES``."""
     n, width = weight.shape
     out = torch.empty(n, dtype=weight.dtype, device=weight.device)
-    step = max(1, _CHUNK_BYTES // max(1, width * weight.element_size()))
+    step = _memory.rows_per_chunk(width * weight.element_size(), _memory.CHUNK_BYTES)
     for s in range(0, n, step):
         u = rows.index_select(0, a[s : s + step])
         out[s : s + step] = torch.einsum("ij,ij->i", weight[s : s + step], u)
