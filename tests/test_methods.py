@@ -1,4 +1,5 @@
-"""Every method against the oracles of spec section 6, on blocks built with known structure."""
+"""Every method against exact oracles (certificates, exact merges, known selections), on blocks
+built with known structure."""
 
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def test_tropnnc_collapses_positive_multiples_exactly():
 
 
 def test_tropnnc_joint_form_collapses_mixed_output_signs():
-    # one cluster may hold units whose output weights have opposite signs (P5)
+    # one cluster may hold units whose output weights have opposite signs: the shares are
+    # the positive scale factors, whatever the signs of the slices they carry
     block = multiples_block(4, 6, 5, 1, seed=3)
     joint = compress_block(get_method("tropnnc", split_signs=False), block, 4, gen())
     assert float(certificate(block, joint).max()) < 1e-9
