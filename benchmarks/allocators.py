@@ -96,7 +96,7 @@ def run_variant(model, variant: str, unit: str, budget: float, seed: int):
     budget_mod.FLOOR_FRACTION = fraction
     try:
         return tropnnc.compress(
-            model, budget=budget, budget_unit=unit, seed=seed, allocator=allocator
+            model, budget=tropnnc.Budget(budget, unit=unit, allocator=allocator), seed=seed
         )
     finally:
         budget_mod.FLOOR_FRACTION = saved

@@ -7,7 +7,7 @@ one process and side by side:
 * ``tropnnc.compress(model, keep, method)`` for every data-free method (thinet needs
   calibration data and zonotope-kmeans single-output blocks: both are left out), MAC
   counting off (it is two forwards, the same for every method);
-* budget mode, ``compress(model, budget=keep, budget_unit="macs")`` (tropnnc; it counts
+* budget mode, ``compress(model, budget=Budget(keep, unit="macs"))`` (tropnnc; it counts
   MACs, which the allocator needs);
 * the Gram products alone: :func:`tropnnc.cluster.gram_matrix` (float32) of exactly the row
   shapes (n, d+1) that tropnnc clusters in that network.
@@ -97,7 +97,7 @@ def run_phase(
             start = time.perf_counter()
             if phase == BUDGET:
                 result = tropnnc.compress(
-                    model, method="tropnnc", seed=seed, budget=keep, budget_unit="macs"
+                    model, method="tropnnc", seed=seed, budget=tropnnc.Budget(keep, unit="macs")
                 )
             else:
                 with without_input_shape(model):

@@ -199,9 +199,11 @@ def _variant(
     if variant == "budget":
         return tropnnc.compress(model, budget=budget, seed=seed)
     if variant == "budget-log":
-        return tropnnc.compress(model, budget=budget, seed=seed, allocator="tropnnc-log")
+        return tropnnc.compress(
+            model, budget=tropnnc.Budget(budget, allocator="tropnnc-log"), seed=seed
+        )
     if variant == "budget-r8":
-        return tropnnc.compress(model, budget=budget, seed=seed, round_to=8)
+        return tropnnc.compress(model, budget=tropnnc.Budget(budget, round_to=8), seed=seed)
     if variant == "cup-uniform":
         return tropnnc.compress(model, keep, "cup", seed=seed)
     if variant == "cup-threshold":

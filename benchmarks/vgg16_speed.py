@@ -233,7 +233,7 @@ def run_budget_mode(model: nn.Module, keep: float, seed: int) -> dict[str, dict]
         "plain+macs": (True, lambda: tropnnc.compress(model, keep, "tropnnc", seed=seed)),
         "budget-macs": (
             True,
-            lambda: tropnnc.compress(model, budget=keep, budget_unit="macs", seed=seed),
+            lambda: tropnnc.compress(model, budget=tropnnc.Budget(keep, unit="macs"), seed=seed),
         ),
     }
     out = {}

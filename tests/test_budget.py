@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,9 +12,16 @@ from scipy.cluster.hierarchy import linkage
 from torch import nn
 
 import tropnnc
-from tropnnc import zoo
+from tropnnc import Budget, zoo
 from tropnnc.block import Block
-from tropnnc.budget import FLOOR_FRACTION, agglomerate, certificate_curve, compressible_count
+from tropnnc.budget import (
+    FLOOR_FRACTION,
+    ThresholdRule,
+    agglomerate,
+    allocate,
+    certificate_curve,
+    compressible_count,
+)
 from tropnnc.cluster import cosine_residual
 from tropnnc.counting import count_macs
 from tropnnc.graph import discover
@@ -136,7 +144,7 @@ def test_budget_is_met_within_one_unit(name, unit):
     model = build(name)
     x = torch.zeros((1,) + tuple(model.input_shape))
     budget = 0.3
-    result = tropnnc.compress(model, budget=budget, budget_unit=unit)
+    result = tropnnc.compress(model, budget=Budget(budget, unit=unit))
     alloc = result.allocation
     total = layer_params(model) if unit == "params" else count_macs(model, x)
     achieved = layer_params(result.model) if unit == "params" else count_macs(result.model, x)
@@ -161,7 +169,7 @@ def test_small_budget_lenet_and_count_of_compressed_model():
 
 def test_round_to_and_min_width():
     model = build("lenet-300-100")
-    result = tropnnc.compress(model, budget=0.15, round_to=8, min_width=20)
+    result = tropnnc.compress(model, budget=Budget(0.15, round_to=8, min_width=20))
     alloc = result.allocation
     for layer in alloc.layers:
         assert layer.width == layer.units or (layer.width % 8 == 0 and layer.width >= 20)
@@ -215,14 +223,14 @@ def test_deterministic_and_reported():
 
 def test_log_allocator_and_other_methods_use_the_curves():
     model = build("lenet-300-100")
-    log = tropnnc.compress(model, budget=0.1, allocator="tropnnc-log")
+    log = tropnnc.compress(model, budget=Budget(0.1, allocator="tropnnc-log"))
     assert log.allocation.allocator == "tropnnc-log-curves"
     assert log.allocation.achieved <= log.allocation.target
     plain = tropnnc.compress(model, budget=0.1)
     for method in ("l1", "neural-path-kmeans"):
         other = tropnnc.compress(model, budget=0.1, method=method)
         assert other.allocation.widths == plain.allocation.widths
-    cup = tropnnc.compress(model, budget=0.1, method="cup", allocator="tropnnc")
+    cup = tropnnc.compress(model, budget=Budget(0.1, allocator="tropnnc"), method="cup")
     assert cup.allocation.widths == plain.allocation.widths
 
 
@@ -263,32 +271,88 @@ def test_budget_errors():
     model = build("lenet-300-100")
     with pytest.raises(ValueError, match="either keep or budget, not both"):
         tropnnc.compress(model, 0.5, budget=0.5)
-    with pytest.raises(ValueError, match="budget_unit must be one of 'params', 'macs'"):
-        tropnnc.compress(model, budget=0.5, budget_unit="flops")
+    with pytest.raises(ValueError, match="budget unit must be one of 'params', 'macs'"):
+        Budget(0.5, unit="flops")
     too_small = r"budget 0.0001 is below 0.00302689, .* minimum widths allow \(min_width=1: 807 "
     with pytest.raises(ValueError, match=too_small):
         tropnnc.compress(model, budget=1e-4)
     with pytest.raises(ValueError, match="min_width=50, round_to=8: "):
-        tropnnc.compress(model, budget=0.1, min_width=50, round_to=8)
+        tropnnc.compress(model, budget=Budget(0.1, min_width=50, round_to=8))
     with pytest.raises(ValueError, match="min_width must be an int >= 1"):
-        tropnnc.compress(model, budget=0.5, min_width=0)
-    with pytest.raises(ValueError, match="apply to a budget only"):
+        Budget(0.5, min_width=0)
+    with pytest.raises(
+        TypeError, match="round_to apply to a budget only; pass budget=tropnnc.Budget"
+    ):
         tropnnc.compress(model, 0.5, round_to=8)
+    with pytest.raises(TypeError, match="budget_unit, min_width apply to a budget only"):
+        tropnnc.compress(model, budget=0.5, budget_unit="macs", min_width=2)
     with pytest.raises(ValueError, match="allocator must be one of"):
-        tropnnc.compress(model, budget=0.5, allocator="magic")
+        Budget(0.5, allocator="magic")
     with pytest.raises(ValueError, match="'l1' has no allocator of its own"):
-        tropnnc.compress(model, budget=0.5, method="l1", allocator="method")
+        tropnnc.compress(model, budget=Budget(0.5, allocator="method"), method="l1")
     with pytest.raises(TypeError, match="budget must be a number"):
         tropnnc.compress(model, budget="half")
+
+
+def test_budget_is_checked_when_made_and_frozen():
+    b = Budget(1, unit="macs", allocator="tropnnc-log", min_width=2, round_to=4)
+    assert b.fraction == 1.0 and isinstance(b.fraction, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.fraction = 0.5
+    with pytest.raises(TypeError, match="budget must be a number"):
+        Budget("half")
+    with pytest.raises(ValueError, match="round_to must be an int >= 1, got 1.5"):
+        Budget(0.5, round_to=1.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'budget_unit'"):
+        Budget(0.5, budget_unit="macs")
+
+
+def test_a_number_is_a_budget_with_defaults():
+    model = build("e2-cnn")
+    a = tropnnc.compress(model, budget=0.25)
+    b = tropnnc.compress(model, budget=Budget(0.25, unit="params", allocator=None))
+    assert a.allocation == b.allocation
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_a_method_threshold_rule_against_a_brute_force_oracle():
+    """A toy method rule (block l's units merge at known heights): the allocation is the
+    smallest threshold whose widths meet the budget, found here by trying every height."""
+    model = build("lenet-300-100")  # blocks "1" (300 units) and "3" (100 units)
+    specs, _ = discover(model)
+    scale = {300: 1.0, 100: 3.5}
+
+    def heights(block: Block) -> np.ndarray:
+        return np.arange(block.n - 1, dtype=np.float64) * scale[block.n]
+
+    rule = ThresholdRule("toy-threshold", heights)
+    alloc = allocate(model, specs, Budget(0.3), own=rule)
+
+    def count(k1: int, k3: int) -> int:  # params of the Linear layers 784-k1-k3-10
+        return (784 * k1 + k1) + (k1 * k3 + k3) + (k3 * 10 + 10)
+
+    h1, h3 = np.arange(299.0), np.arange(99.0) * 3.5
+    for t in sorted({-math.inf, *h1, *h3}):
+        k1, k3 = 300 - int((h1 <= t).sum()), 100 - int((h3 <= t).sum())
+        if count(k1, k3) <= 0.3 * count(300, 100):
+            break
+    assert alloc.allocator == "toy-threshold" and alloc.threshold == t
+    assert alloc.widths == {"1": k1, "3": k3} and alloc.achieved == count(k1, k3)
+    # a curve allocator named in the budget wins over the method's own rule
+    curves = allocate(model, specs, Budget(0.3, allocator="tropnnc"), own=rule)
+    assert curves.allocator == "tropnnc-curves" and curves.threshold is None
+    with pytest.raises(ValueError, match="allocator='method' needs the method's own rule"):
+        allocate(model, specs, Budget(0.3, allocator="method"))
 
 
 def test_macs_budget_needs_an_input_shape():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    with pytest.raises(ValueError, match="budget_unit='macs' needs the input shape"):
-        tropnnc.compress(model, budget=0.5, budget_unit="macs")
+    with pytest.raises(ValueError, match=r"counting MACs \(unit='macs'\) needs the input shape"):
+        tropnnc.compress(model, budget=Budget(0.5, unit="macs"))
     result = tropnnc.compress(
-        model, budget=0.5, budget_unit="macs", example_inputs=torch.zeros(1, 1, 10, 10)
+        model, budget=Budget(0.5, unit="macs"), example_inputs=torch.zeros(1, 1, 10, 10)
     )
     x = torch.zeros(1, 1, 10, 10)
     assert result.allocation.total == count_macs(model, x)
@@ -435,18 +499,18 @@ def test_no_block_below_its_floor_of_the_uniform_width():
     u = ratios[lo]
     assert fits(u) and not fits(ratios[lo + 1])
     floors = uniform(FLOOR_FRACTION * u)
-    result = tropnnc.compress(model, budget=0.5, budget_unit="macs")
+    result = tropnnc.compress(model, budget=Budget(0.5, unit="macs"))
     alloc = result.allocation
     assert alloc.uniform_keep == pytest.approx(u)
     assert alloc.achieved <= alloc.target
     for layer in alloc.layers:
         assert layer.floor == floors[layer.layer]
         assert layer.width >= floors[layer.layer], layer
-    old = tropnnc.compress(model, budget=0.5, budget_unit="macs", allocator="tropnnc-sum")
+    old = tropnnc.compress(model, budget=Budget(0.5, unit="macs", allocator="tropnnc-sum"))
     starved = [la for la in old.allocation.layers if la.width < floors[la.layer]]
     assert starved and min(la.width / la.units for la in starved) < 0.05
     assert old.allocation.allocator == "tropnnc-sum-curves"
-    log = tropnnc.compress(model, budget=0.5, budget_unit="macs", allocator="tropnnc-log")
+    log = tropnnc.compress(model, budget=Budget(0.5, unit="macs", allocator="tropnnc-log"))
     assert all(la.width >= floors[la.layer] for la in log.allocation.layers)
 
 

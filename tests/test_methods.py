@@ -1,4 +1,5 @@
-"""Every method against the oracles of spec section 6, on blocks built with known structure."""
+"""Every method against exact oracles (certificates, exact merges, known selections), on blocks
+built with known structure."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from conftest import ball_points, forward, multiples_block, random_block
 
-from tropnnc.api import compress_block
+from tropnnc.api import compress, compress_block
 from tropnnc.block import Block, certificate
-from tropnnc.methods import get_method, methods
+from tropnnc.methods import get_method, method_class, methods
 from tropnnc.methods.neuron_merging import bn_merge_terms
 
 ALL = methods()
@@ -95,7 +96,8 @@ def test_tropnnc_collapses_positive_multiples_exactly():
 
 
 def test_tropnnc_joint_form_collapses_mixed_output_signs():
-    # one cluster may hold units whose output weights have opposite signs (P5)
+    # one cluster may hold units whose output weights have opposite signs: the shares are
+    # the positive scale factors, whatever the signs of the slices they carry
     block = multiples_block(4, 6, 5, 1, seed=3)
     joint = compress_block(get_method("tropnnc", split_signs=False), block, 4, gen())
     assert float(certificate(block, joint).max()) < 1e-9
@@ -233,7 +235,7 @@ def test_tropnnc_options():
     for norm in ("l2", "max"):
         assert compress_block(get_method("tropnnc", norm=norm), block, 12, gen()).k == 12
     with pytest.raises(ValueError, match="norm must be one of"):
-        get_method("tropnnc", norm="l3").merge(block, 12, gen())
+        get_method("tropnnc", norm="l3")  # checked once, when the method is made
     with pytest.raises(ValueError, match="split_signs=True needs a single-output block"):
         get_method("tropnnc", split_signs=True).merge(block, 12, gen())
 
@@ -268,3 +270,41 @@ def test_dead_units_are_dropped_without_error():
     merge = compress_block(get_method("tropnnc"), dead, 8, gen())
     assert float(certificate(dead, merge).max()) < 1e-12
     assert (merge.assignment[:4] == -1).all() and merge.k == 8
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("tropnnc", {"norm": "l3"}, "tropnnc: norm must be one of"),
+        ("tropnnc", {"steps": 0}, "tropnnc: steps must be >= 1 and refine >= 0"),
+        ("tropnnc", {"refine": -1}, "tropnnc: steps must be >= 1 and refine >= 0"),
+        ("tropnnc", {"kernel": "pixels"}, "tropnnc: kernel must be one of"),
+        ("tropnnc", {"rows": "moments", "steps": 2}, "tropnnc: steps > 1 needs kernel="),
+        ("model-folding", {"features": "all"}, "model-folding: features must be one of"),
+        ("neuron-merging", {"criterion": "l0"}, "neuron-merging: criterion must be one of"),
+        ("neuron-merging", {"bn_lambda": -0.1}, r"neuron-merging: bn_lambda must be in \[0, 1\]"),
+        ("thinet", {"ridge": -1.0}, "thinet: rows must be >= 1 and ridge >= 0"),
+        # adaptive checks the options of both methods it may run, whatever the blocks are
+        ("adaptive", {"features": "all"}, "model-folding: features must be one of"),
+        ("adaptive", {"norm": "l3"}, "tropnnc: norm must be one of"),
+    ],
+)
+def test_bad_options_fail_once_when_the_method_is_made(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        get_method(name, **options)
+    # compress makes the method before it looks at the model: no block is ever read
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=message):
+        compress(model, 0.5, name, **options)
+
+
+def test_method_declares_what_compress_needs():
+    """The base class declares every attribute compress reads, with data-free defaults."""
+    base = method_class("l1")
+    assert (base.multi_output, base.data_driven, base.device_aware) == (True, False, False)
+    assert get_method("l1").curve_norm() == "l2" and get_method("l1").own_allocation() is None
+    assert method_class("tropnnc").device_aware and not method_class("adaptive").device_aware
+    assert not method_class("zonotope-kmeans").multi_output and method_class("thinet").data_driven
+    assert get_method("tropnnc", norm="max").curve_norm() == "max"
+    assert get_method("tropnnc").own_allocation() == "tropnnc"
+    assert get_method("cup").own_allocation().name == "cup-threshold"

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from .block import Block, Merge, certificate, homogeneous, rescale_units, select
 from .bounds import block_radii
-from .budget import Allocation, allocate
+from .budget import Allocation, Budget, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
-from .graph import BlockSpec, GroupSpec, Skip, discover
-from .methods import get_method
+from .graph import BlockSpec, GroupSpec, Skip, discover, layer_width
+from .methods import Method, get_method, method_class, methods
 from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
 from .repair import bn_repair, check_repair
@@ -142,11 +142,7 @@ def compress(
     input_range: tuple[object, object] | None = None,
     input_stats: tuple[object, object] | None = None,
     calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
-    budget: float | None = None,
-    budget_unit: str = "params",
-    allocator: str | None = None,
-    min_width: int = 1,
-    round_to: int = 1,
+    budget: float | Budget | None = None,
     repair: str | None = None,
     reconstruct: str | Reconstruction | None = "auto",
     **options: object,
@@ -156,14 +152,15 @@ def compress(
     ``keep``: a float in (0, 1] is the fraction of units kept per block
     (K = max(1, round(keep * n))); an int is the width itself; a mapping from producer
     layer name to either compresses only the layers it names; None means 0.5, unless
-    ``budget`` is given. ``budget``: instead of ``keep``, the fraction in (0, 1] of the
-    parameters (``budget_unit='params'``) or MACs (``'macs'``) of the compressible layers
-    (every Linear/Conv2d that is a producer or consumer of a block; all blocks are then
-    compressed) to keep; per-block widths are chosen by :func:`tropnnc.budget.allocate`
+    ``budget`` is given. ``budget``: instead of ``keep``, a :class:`~tropnnc.budget.Budget`
+    (or just its fraction): keep that fraction in (0, 1] of the parameters
+    (``unit='params'``) or MACs (``'macs'``) of the compressible layers (every
+    Linear/Conv2d that is a producer or consumer of a block; all blocks are then
+    compressed); per-block widths are chosen by :func:`tropnnc.budget.allocate`
     (``allocator``: 'tropnnc' certificate curves with per-block floors, 'tropnnc-log',
-    'tropnnc-sum' (no floors), or 'method': the method's
-    own, e.g. CUP's global threshold; every width >= ``min_width`` and a multiple of
-    ``round_to`` or the full width) and reported in ``result.allocation``. ``method``: one of
+    'tropnnc-sum' (no floors), or 'method': the method's own, e.g. CUP's global
+    threshold; every width >= ``min_width`` and a multiple of ``round_to`` or the full
+    width) and reported in ``result.allocation``. ``method``: one of
     :func:`tropnnc.methods`; ``options`` go to the method. ``seed`` fixes every random
     choice. Certificates bound each block's output error for the inputs the network can
     see: every element of the network input in ``input_range=(lo, hi)`` (default (0, 1):
@@ -194,9 +191,83 @@ def compress(
     BN; data-free; the certificate covers the result). Exclusive with ``repair``; replaced
     by the refit when ``calibration`` is given.
     """
+    run = _settings(model, method, options, seed, budget, repair, reconstruct, calibration)
+    _check_finite(model)
+    _check_dtypes(model)
+    specs, skipped = _blocks(model, run, strict)
+    widths, allocation = _plan_widths(model, specs, keep, run, example_inputs)
+    _check_domain(radius, input_range, input_stats)
+    inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
+    unchanged = _unchanged(model, specs, widths, run)
+    work = _working_copy(model, specs, set(widths) - unchanged)
+    radius_of = (
+        block_radii(work, inputs, input_range, input_stats)
+        if radius is None
+        else lambda layer: radius
+    )
+    reports = _compress_blocks(work, specs, widths, unchanged, run, radius_of)
+    return CompressionResult(
+        work,
+        run.method,
+        run.algo.options(),
+        seed,
+        reports,
+        skipped,
+        count_params(model),
+        count_params(work),
+        None if inputs is None else count_macs(model, inputs),
+        None if inputs is None else count_macs(work, inputs),
+        allocation,
+        run.recon,
+        None if radius is not None else _domain_record(input_range, input_stats),
+    )
+
+
+#: compress() keywords that became fields of :class:`~tropnnc.budget.Budget`
+_BUDGET_FIELDS = {"budget_unit", "allocator", "min_width", "round_to"}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What :func:`compress` resolved from its arguments, shared by its steps."""
+
+    method: str
+    algo: Method
+    seed: int
+    budget: Budget | None
+    repair: str | None
+    recon: Reconstruction | None
+    batches: list[torch.Tensor] | None
+
+    @property
+    def refit(self) -> bool:
+        """Whether a least-squares refit on calibration data follows each merge (it
+        replaces a repair or reconstruction)."""
+        return self.batches is not None and not self.algo.data_driven
+
+
+def _settings(
+    model: nn.Module,
+    method: str | None,
+    options: dict[str, object],
+    seed: int,
+    budget: float | Budget | None,
+    repair: str | None,
+    reconstruct: str | Reconstruction | None,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+) -> _Settings:
+    """Check the arguments of :func:`compress` that need no block discovery, and resolve
+    the method (the default pipeline when None), its options and the corrections to run."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be a torch.nn.Module, got {type(model).__name__}")
     check_repair(repair)
+    moved = _BUDGET_FIELDS & set(options)
+    if moved:
+        raise TypeError(
+            f"compress: {', '.join(sorted(moved))} apply to a budget only; pass "
+            "budget=tropnnc.Budget(fraction, unit=..., allocator=..., min_width=..., "
+            "round_to=...)"
+        )
     if method is None:
         method, defaults, default_recon = DEFAULT_PIPELINE
         options = {**defaults, **options}
@@ -217,13 +288,45 @@ def compress(
             f"method {method!r} is data-driven: pass calibration=<unlabeled "
             "inputs> (a tensor or an iterable of batches)"
         )
-    _check_finite(model)
-    _check_dtypes(model)
     if not 0 <= int(seed) < 1 << 32:
         raise ValueError(f"compress: seed must be an integer in [0, 2**32), got {seed}")
+    if budget is not None and not isinstance(budget, Budget):
+        budget = Budget(budget)  # type: ignore[arg-type]  # Budget checks the value
+    return _Settings(method, algo, int(seed), budget, repair, recon, batches)
+
+
+def _check_domain(
+    radius: object,
+    input_range: tuple[object, object] | None,
+    input_stats: tuple[object, object] | None,
+) -> None:
+    """``radius`` (one norm bound for every block's input) excludes an input domain."""
+    if radius is None:
+        return
+    if input_range is not None or input_stats is not None:
+        raise ValueError(
+            "compress: pass either radius (one norm bound for every block's "
+            "input) or input_range/input_stats (derive each block's), not both"
+        )
+    if (
+        isinstance(radius, bool)
+        or not isinstance(radius, (int, float))
+        or radius <= 0
+        or not math.isfinite(radius)
+    ):
+        raise ValueError(f"compress: radius must be a positive number, got {radius!r}")
+    if not math.isfinite(radius * radius):  # sqrt(radius^2 + 1)
+        raise ValueError(
+            f"compress: radius {radius:g} is too large (its square overflows "
+            "float64): use a radius below 1e150"
+        )
+
+
+def _blocks(model: nn.Module, run: _Settings, strict: bool) -> tuple[list[BlockSpec], list[Skip]]:
+    """The blocks of ``model`` this run can compress, and the layers it skips (logged)."""
     specs, skipped = discover(model)
-    if budget is not None or batches is not None:  # (groups: data-free, keep only for now)
-        why = "a budget" if budget is not None else "calibration data"
+    if run.budget is not None or run.batches is not None:  # groups: data-free, keep only
+        why = "a budget" if run.budget is not None else "calibration data"
         skipped += [
             Skip(
                 s.producer,
@@ -253,190 +356,197 @@ def compress(
             f"compress: {type(model).__name__} has no compressible block "
             f"(producer -> ReLU -> consumer); {_skip_summary(skipped)}"
         )
+    return specs, skipped
+
+
+def _plan_widths(
+    model: nn.Module,
+    specs: list[BlockSpec],
+    keep: KeepSpec | None,
+    run: _Settings,
+    example_inputs: torch.Tensor | None,
+) -> tuple[dict[str, int], Allocation | None]:
+    """The width of every block to compress: from ``keep``, or allocated for the budget
+    (by the method's own rule when it has one)."""
     allocation = None
-    if budget is not None:
-        if keep is not None:
+    if run.budget is None:
+        widths = _widths(model, specs, 0.5 if keep is None else keep)
+    elif keep is not None:
+        raise ValueError(
+            "compress: pass either keep or budget, not both (with a budget "
+            "the per-layer widths are chosen by the allocator)"
+        )
+    else:
+        own = run.algo.own_allocation()
+        if run.budget.allocator == "method" and own is None:
             raise ValueError(
-                "compress: pass either keep or budget, not both (with a budget "
-                "the per-layer widths are chosen by the allocator)"
+                f"allocator='method': {run.method!r} has no allocator of its own; "
+                "use allocator='tropnnc'"
             )
         allocation = allocate(
             model,
             specs,
-            budget,
-            unit=budget_unit,
-            method=method,
-            options=algo.options(),
-            allocator=allocator,
-            min_width=min_width,
-            round_to=round_to,
+            run.budget,
+            norm=run.algo.curve_norm(),
+            own=own,
             example_inputs=example_inputs,
         )
         widths = allocation.widths
-    else:
-        if (min_width, round_to, allocator, budget_unit) != (1, 1, None, "params"):
-            raise ValueError(
-                "compress: budget_unit, allocator, min_width and round_to apply "
-                "to a budget only; pass budget=..."
-            )
-        widths = _widths(model, specs, 0.5 if keep is None else keep)
-    if not algo.multi_output:
-        _check_single_output(model, specs, widths, method)
-    if radius is not None and (input_range is not None or input_stats is not None):
-        raise ValueError(
-            "compress: pass either radius (one norm bound for every block's "
-            "input) or input_range/input_stats (derive each block's), not both"
-        )
-    if radius is not None and (
-        isinstance(radius, bool)
-        or not isinstance(radius, (int, float))
-        or radius <= 0
-        or not math.isfinite(radius)
-    ):
-        raise ValueError(f"compress: radius must be a positive number, got {radius!r}")
-    if radius is not None and not math.isfinite(radius * radius):  # sqrt(radius^2 + 1)
-        raise ValueError(
-            f"compress: radius {radius:g} is too large (its square overflows "
-            "float64): use a radius below 1e150"
-        )
+    if not run.algo.multi_output:
+        _check_single_output(model, specs, widths, run.method)
+    return widths, allocation
 
-    inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
-    # a block kept at full width without BatchNorm to fold, calibration or repair is left as
-    # it is (the merge would be the identity): no copy of its layers, no consumer rewrite
-    sizes = {s.producer: _units(get_module(model, s.producer)) for s in specs}
-    whole = (
-        {s.producer for s in specs if widths.get(s.producer) == sizes[s.producer] and s.bn is None}
-        if batches is None and repair is None
-        else set()
-    )
-    work = _working_copy(model, specs, {n: k for n, k in widths.items() if n not in whole})
-    radius_of = None if radius is not None else block_radii(work, inputs, input_range, input_stats)
-    domain = None if radius is not None else _domain_record(input_range, input_stats)
+
+def _compress_blocks(
+    work: nn.Module,
+    specs: list[BlockSpec],
+    widths: dict[str, int],
+    unchanged: set[str],
+    run: _Settings,
+    radius_of: Callable[[str], float],
+) -> list[BlockReport]:
+    """Compress the blocks in ``widths`` of ``work`` (the copy of the model being
+    compressed) in forward order, each read with the weights it has then, but the
+    ``unchanged`` ones; a report each."""
     # blocks stay on the weights' device (and GPU) for methods that merge there, unless a
-    # calibration refit or a BN repair (CPU float64 code) runs
-    on_device = (
-        None
-        if getattr(algo, "device_aware", False)
-        and batches is None
-        and repair is None
-        and recon is None
-        else "cpu"
-    )
+    # calibration refit, a repair or a reconstruction (CPU float64 code) runs
+    plain = run.batches is None and run.repair is None and run.recon is None
+    device = None if run.algo.device_aware and plain else "cpu"
+    todo = [s for s in specs if s.producer in widths]
     reports = []
     carried: dict[str, Gaussian] = {}  # modelled inputs of the next blocks of FC chains
-    bar = tqdm(
-        total=sum(s.producer in widths for s in specs),
-        desc="compress",
-        unit="block",
-        leave=False,
-        disable=not sys.stderr.isatty(),
-    )  # on a terminal only
-    for spec in specs:
-        if spec.producer not in widths:
-            continue
+    bar = tqdm(  # on a terminal only
+        total=len(todo), desc="compress", unit="block", leave=False, disable=not sys.stderr.isatty()
+    )
+    for spec in todo:
         bar.set_postfix_str(spec.producer, refresh=False)
-        if spec.producer in whole:
-            n = sizes[spec.producer]
-            kept_radius = radius if radius_of is None else radius_of(spec.producer)
-            reports.append(
-                BlockReport(
-                    spec.producer,
-                    spec.consumer,
-                    n,
-                    n,
-                    0.0,
-                    0.0,
-                    kept_radius,
-                    method,
-                    0.0,
-                    False,
-                    list(range(n)),
-                    [1.0] * n,
-                )
+        if spec.producer in unchanged:
+            n = widths[spec.producer]
+            report = BlockReport(
+                layer=spec.producer,
+                consumer=spec.consumer,
+                units_before=n,
+                units_after=n,
+                certificate=0.0,
+                certificate_sum=0.0,
+                radius=radius_of(spec.producer),
+                method=run.method,
+                seconds=0.0,
+                data_driven=False,
+                assignment=list(range(n)),
+                shares=[1.0] * n,
             )
-            bar.update(1)
-            continue
-        start = time.perf_counter()
-        generator = _generator(seed, spec.producer)
-        block_radius = radius if radius_of is None else radius_of(spec.producer)
-        block = extract(work, spec, block_radius, device=on_device)
-        positions = None
-        if batches is not None:
-            reads, positions = capture_reads(work, spec, batches, None, generator)
-            block = replace(block, reads=reads)
-        merge = compress_block(algo, block, widths[spec.producer], generator)
-        if not homogeneous(block.activation):  # keep merged units at their members' scale
-            merge = rescale_units(merge)
-        repair_note = None
-        if repair is not None:
-            if batches is not None and not algo.data_driven:
-                repair_note = "replaced by the least-squares refit on calibration data"
-            else:
-                merge, repair_note = bn_repair(block, merge, variance=repair == "bn-var")
-        recon_note = None
-        if recon is not None:
-            if batches is not None and not algo.data_driven:
-                recon_note = "replaced by the least-squares refit on calibration data"
-            elif isinstance(spec, GroupSpec):  # rows of several producers: no input model
-                recon_note = "a channel group keeps the method's slices"
-            else:
-                merge, recon_note, activations = reconstruct_merge(
-                    block, merge, recon, generator, carried.pop(spec.producer, None)
-                )
-                if activations is not None and _reads_directly(work, spec):
-                    carried[spec.consumer] = activations  # the next block's input model
-                if recon_note is not None:
-                    log.warning("%s: reconstruction skipped: %s", spec.producer, recon_note)
-        apply(work, spec, merge)
-        if batches is not None and not algo.data_driven:
-            new_reads, _ = capture_reads(work, spec, batches, positions, generator)
-            merge = refit(merge, new_reads, consumer_targets(block, block.reads))
-            apply(work, spec, merge)
-        bound = certificate(block, merge)
-        reports.append(
-            BlockReport(
-                spec.producer,
-                spec.consumer,
-                block.n,
-                merge.k,
-                float(bound.max()),
-                float(bound.sum()),
-                block_radius,
-                method,
-                time.perf_counter() - start,
-                batches is not None,
-                merge.assignment.tolist(),
-                None if merge.shares is None else merge.shares.tolist(),
-                repair is not None and repair_note is None,
-                repair_note,
-                recon is not None and recon_note is None,
-                recon_note,
+        else:
+            report = _compress_one(
+                work, spec, widths[spec.producer], radius_of, run, device, carried
             )
-        )
-        log.info(
-            "%s: %d -> %d units, certificate %.4g",
-            spec.producer,
-            block.n,
-            merge.k,
-            reports[-1].certificate,
-        )
+        reports.append(report)
         bar.update(1)
     bar.close()
-    return CompressionResult(
-        work,
-        method,
-        algo.options(),
-        seed,
-        reports,
-        skipped,
-        count_params(model),
-        count_params(work),
-        None if inputs is None else count_macs(model, inputs),
-        None if inputs is None else count_macs(work, inputs),
-        allocation,
-        recon,
-        domain,
+    return reports
+
+
+def _unchanged(
+    model: nn.Module, specs: list[BlockSpec], widths: dict[str, int], run: _Settings
+) -> set[str]:
+    """The blocks left as they are: kept at full width, with no BatchNorm to fold and no
+    calibration or repair (the merge would be the identity), so no copy of their layers and
+    no consumer rewrite."""
+    if run.batches is not None or run.repair is not None:
+        return set()
+    return {
+        s.producer
+        for s in specs
+        if s.bn is None and widths.get(s.producer) == layer_width(get_module(model, s.producer))
+    }
+
+
+def _compress_one(
+    work: nn.Module,
+    spec: BlockSpec,
+    k: int,
+    radius_of: Callable[[str], float],
+    run: _Settings,
+    device: str | None,
+    carried: dict[str, Gaussian],
+) -> BlockReport:
+    """Merge one block of ``work`` to width ``k``, correct it, write it back, certify it.
+    ``carried``: modelled inputs of blocks in FC chains, read for this block and written for
+    the block its consumer starts (chained input models, docs/expected-error.md)."""
+    start = time.perf_counter()
+    generator = _generator(run.seed, spec.producer)
+    block_radius = radius_of(spec.producer)
+    block = extract(work, spec, block_radius, device=device)
+    positions = None
+    if run.batches is not None:
+        reads, positions = capture_reads(work, spec, run.batches, None, generator)
+        block = replace(block, reads=reads)
+    merge = compress_block(run.algo, block, k, generator)
+    if not homogeneous(block.activation):  # keep merged units at their members' scale
+        merge = rescale_units(merge)
+    merge, repair_note, recon_note, activations = _correct(
+        block, merge, spec, run, generator, carried.pop(spec.producer, None)
     )
+    if activations is not None and _reads_directly(work, spec):
+        carried[spec.consumer] = activations  # the next block's input model
+    apply(work, spec, merge)
+    if run.refit:
+        new_reads, _ = capture_reads(work, spec, run.batches, positions, generator)
+        merge = refit(merge, new_reads, consumer_targets(block, block.reads))
+        apply(work, spec, merge)
+    bound = certificate(block, merge)
+    worst = float(bound.max())
+    log.info("%s: %d -> %d units, certificate %.4g", spec.producer, block.n, merge.k, worst)
+    return BlockReport(
+        spec.producer,
+        spec.consumer,
+        block.n,
+        merge.k,
+        worst,
+        float(bound.sum()),
+        block_radius,
+        run.method,
+        time.perf_counter() - start,
+        run.batches is not None,
+        merge.assignment.tolist(),
+        None if merge.shares is None else merge.shares.tolist(),
+        run.repair is not None and repair_note is None,
+        repair_note,
+        run.recon is not None and recon_note is None,
+        recon_note,
+    )
+
+
+def _correct(
+    block: Block,
+    merge: Merge,
+    spec: BlockSpec,
+    run: _Settings,
+    generator: torch.Generator,
+    inputs: Gaussian | None,
+) -> tuple[Merge, str | None, str | None, Gaussian | None]:
+    """The merge after the requested BatchNorm repair or reconstruction (under the modelled
+    block input ``inputs``, None: the block's own model), why either was not done (None:
+    done, or not asked), and the merged units' modelled activations (None: not modelled)."""
+    repair_note = recon_note = activations = None
+    refit_note = "replaced by the least-squares refit on calibration data"
+    if run.repair is not None:
+        if run.refit:
+            repair_note = refit_note
+        else:
+            merge, repair_note = bn_repair(block, merge, variance=run.repair == "bn-var")
+    if run.recon is not None:
+        if run.refit:
+            recon_note = refit_note
+        elif isinstance(spec, GroupSpec):  # rows of several producers: no input model
+            recon_note = "a channel group keeps the method's slices"
+        else:
+            merge, recon_note, activations = reconstruct_merge(
+                block, merge, run.recon, generator, inputs
+            )
+            if recon_note is not None:
+                log.warning("%s: reconstruction skipped: %s", spec.producer, recon_note)
+    return merge, repair_note, recon_note, activations
 
 
 _IDENTITIES = (nn.Dropout, nn.Identity)  # ops that are the identity at inference
@@ -515,16 +625,16 @@ def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Me
     return Merge(inner.rows, inner.out, assignment, shares, kept)
 
 
-def _working_copy(model: nn.Module, specs: list[BlockSpec], widths: dict[str, int]) -> nn.Module:
+def _working_copy(model: nn.Module, specs: list[BlockSpec], changed: set[str]) -> nn.Module:
     """A deep copy of ``model`` that shares, instead of copying, the parameters and buffers
     of the modules compression replaces (producer, consumer and folded BatchNorm of every
-    block in ``widths``): they are only read, then swapped for new modules by
+    block in ``changed``): they are only read, then swapped for new modules by
     :func:`tropnnc.surgery.apply`, so the result still owns all its tensors and the input
     is never modified, without a transient copy of its largest layers. Tensors that any
     other module also uses are copied as usual."""
     replaced = set()
     for spec in specs:
-        if spec.producer in widths:
+        if spec.producer in changed:
             replaced.update(n for n in (spec.producer, spec.consumer, spec.bn) if n)
     shared: dict[int, torch.Tensor] = {}
     used_elsewhere: set[int] = set()
@@ -545,7 +655,7 @@ def _generator(seed: int, layer: str) -> torch.Generator:
 
 def _widths(model: nn.Module, specs: list[BlockSpec], keep: KeepSpec) -> dict[str, int]:
     """Target width per producer layer; ValueError for anything out of range."""
-    sizes = {s.producer: _units(get_module(model, s.producer)) for s in specs}
+    sizes = {s.producer: layer_width(get_module(model, s.producer)) for s in specs}
     if isinstance(keep, Mapping):
         unknown = sorted(set(keep) - set(sizes))
         if unknown:
@@ -587,28 +697,25 @@ def _width(layer: str, n: int, keep: Keep) -> int:
     return max(1, round(keep * n))
 
 
-def _units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 def _check_single_output(
     model: nn.Module, specs: list[BlockSpec], widths: dict[str, int], method: str
 ) -> None:
     """Fail before any work when a single-output method meets a multi-output block."""
     for spec in specs:
         consumer = get_module(model, spec.consumer)
-        n = _units(get_module(model, spec.producer))
+        n = layer_width(get_module(model, spec.producer))
         reads = (
             consumer.in_features // n
             if isinstance(consumer, nn.Linear)
             else consumer.weight[0, 0].numel()
         )
         if spec.producer in widths and consumer.weight.shape[0] * reads != 1:
+            several = [name for name in methods() if method_class(name).multi_output]
             raise ValueError(
                 f"{method} handles single-output blocks only; block "
                 f"{spec.producer} -> {spec.consumer} has "
-                f"{consumer.weight.shape[0]} outputs: use 'tropnnc' or "
-                "'neural-path-kmeans'"
+                f"{consumer.weight.shape[0]} outputs: use a multi-output method "
+                f"({', '.join(several)})"
             )
 
 

@@ -9,12 +9,14 @@ removing one unit of block l saves its producer row (whose length depends on the
 block before) and its consumer slice (whose height depends on the width of the block after),
 and every saving is computed exactly from the shapes at the current widths.
 
-Two allocators (spec section 4, "Non-uniform widths"; baselines.md, CUP):
+A :class:`Budget` names the fraction, the unit, the allocator and the width constraints.
+Two kinds of allocator:
 
 * ``tropnnc`` curves: for each block, the certificate curve e_l(K), K = 1..n, is the tropnnc
   clustering objective sum_i m_i r_i (r_i = sin of the angle between unit i's direction and
   its cluster's direction u = normalize(sum m_i d_i), 1 when the cosine is negative; with
-  norm='l1' this is the P5 certificate summed over outputs, without rho) divided by sum_i m_i.
+  norm='l1' this is the merge certificate, the bound on one block's output error summed over
+  outputs, without the input-radius factor rho) divided by sum_i m_i.
   It is measured along one agglomerative hierarchy per layer (see :func:`agglomerate`), on the
   block's original weights (before any other block is merged), dead units dropping first at no
   cost. Widths are then allocated greedily: starting from the full widths, repeatedly shrink
@@ -36,10 +38,14 @@ Two allocators (spec section 4, "Non-uniform widths"; baselines.md, CUP):
   FLOOR_FRACTION of the width uniform compression gives it at the same budget (the largest
   keep ratio u whose widths meet the budget, ``Allocation.uniform_keep``); those floors meet
   the budget by construction, so the budget never forces a block below them.
-* CUP's global threshold: one Ward linkage per block on CUP's unit features; at threshold t a
-  block keeps K_l(t) = n_l - #{merge heights <= t} units (dead units have height 0). The
-  count is monotone in t, so a bisection over the sorted merge heights finds the smallest t
-  whose widths meet the budget.
+* A method's own rule (``allocator='method'``), which the method supplies through
+  :meth:`tropnnc.methods.Method.own_allocation`: either one of the curve allocators above
+  (with the method's :meth:`~tropnnc.methods.Method.curve_norm`), or a
+  :class:`ThresholdRule`, one global threshold over per-block merge heights (e.g. the
+  heights of a Ward linkage of the units): at threshold t a block keeps
+  K_l(t) = n_l - #{merge heights <= t} units (dead units have height 0). The count is
+  monotone in t, so a bisection over the sorted merge heights finds the smallest t whose
+  widths meet the budget.
 
 ``min_width`` bounds every width from below and ``round_to`` restricts widths to multiples of
 it (or the full width), for hardware-friendly shapes. The greedy allocation ends at most one
@@ -51,7 +57,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,12 +67,14 @@ from torch import Tensor, nn
 from .block import Block
 from .cluster import cosine_gram
 from .counting import infer_example_inputs, output_positions
-from .graph import BlockSpec
+from .graph import BlockSpec, layer_width
 from .surgery import extract, get_module
 
 __all__ = [
     "Allocation",
+    "Budget",
     "LayerAllocation",
+    "ThresholdRule",
     "agglomerate",
     "allocate",
     "certificate_curve",
@@ -75,12 +83,51 @@ __all__ = [
 ]
 
 UNITS = ("params", "macs")
-ALLOCATORS = ("tropnnc", "tropnnc-log", "tropnnc-sum", "method")
+#: the greedy allocators on certificate curves (see :func:`allocate`)
+CURVE_ALLOCATORS = ("tropnnc", "tropnnc-log", "tropnnc-sum")
+ALLOCATORS = (*CURVE_ALLOCATORS, "method")
 #: no block narrower than this fraction of the width uniform compression gives it at the
 #: same budget (greedy allocators but ``tropnnc-sum``)
 FLOOR_FRACTION = 0.25
 _TINY = np.finfo(np.float64).tiny
 _WARD_ROWS = 256  # rows per chunk when the Ward costs are made from the cosines
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What ``compress(model, budget=...)`` keeps: ``fraction`` in (0, 1] of the params
+    (``unit='params'``) or MACs (``'macs'``) of the compressible layers, with per-block
+    widths chosen by ``allocator`` (None: the method's own rule when it has one, else
+    ``'tropnnc'``; see :func:`allocate`), every width at least ``min_width`` and a multiple
+    of ``round_to`` or the full width. Checked when made: a bad value fails here."""
+
+    fraction: float
+    unit: str = "params"
+    allocator: str | None = None
+    min_width: int = 1
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fraction", _check_budget(self.fraction))
+        _check_unit(self.unit)
+        _check_int("min_width", self.min_width)
+        _check_int("round_to", self.round_to)
+        if self.allocator is not None and self.allocator not in ALLOCATORS:
+            raise ValueError(
+                f"allocator must be one of {', '.join(map(repr, ALLOCATORS))} or None, "
+                f"got {self.allocator!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A method's own allocation by one global threshold t over all blocks: ``heights(block)``
+    gives, ascending, the heights at which the block's units merge (0 for a dead unit); at
+    t a block of n units keeps n - #{heights <= t}, and the smallest t whose widths meet the
+    budget wins. ``name`` is reported as ``Allocation.allocator``."""
+
+    name: str
+    heights: Callable[[Block], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -103,15 +150,16 @@ class Allocation:
     ``total``: params or MACs of the compressible layers at full width; ``target`` =
     budget * total; ``achieved``: the count at the chosen widths (<= target).
     ``max_step_saving`` bounds target - achieved for the greedy allocator. ``threshold``:
-    CUP's global Ward distance (threshold allocator only). ``uniform_keep``: the largest
-    keep ratio u whose uniform widths (each block's smallest allowed width >= u n_l) meet
-    the budget; the greedy allocators but ``tropnnc-sum`` give no block less than its
-    allowed width at FLOOR_FRACTION * u (its ``floor``). ``curves``: e_l(K), K = 1..n.
+    the global merge height chosen (a method's :class:`ThresholdRule` only).
+    ``uniform_keep``: the largest keep ratio u whose uniform widths (each block's smallest
+    allowed width >= u n_l) meet the budget; the greedy allocators but ``tropnnc-sum`` give
+    no block less than its allowed width at FLOOR_FRACTION * u (its ``floor``).
+    ``curves``: e_l(K), K = 1..n.
     """
 
     unit: str
     budget: float
-    allocator: str  # "tropnnc-curves", "tropnnc-log-curves" or "cup-threshold"
+    allocator: str  # "tropnnc-curves", "tropnnc-log-curves", ... or a ThresholdRule's name
     total: int
     target: float
     achieved: int
@@ -141,9 +189,10 @@ def agglomerate(
 
     ``directions`` (n, D) unit rows d_i, ``mass`` (n,) weights m_i > 0. Clusters are merged
     by the weighted Ward criterion M_A M_B / (M_A + M_B) ||mu_A - mu_B||^2 (mu: m-weighted
-    mean direction): a squared surrogate of the P5 increase, zero for units pointing the
-    same way. The objective sum_i m_i r_i of every partition along the hierarchy is computed
-    exactly from Gram-space sums (u_C = normalize(sum_{i in C} m_i d_i)).
+    mean direction): a squared surrogate of the increase of the merge certificate, zero
+    for units pointing the same way. The objective sum_i m_i r_i of every partition along
+    the hierarchy is computed exactly from Gram-space sums (u_C = normalize(sum_{i in C}
+    m_i d_i)).
 
     Returns ``merges`` (n-1, 2): the pair (a, b), a < b, merged at each step, a cluster
     being labelled by its smallest member (b joins a), and ``cost`` (n,):
@@ -338,12 +387,12 @@ def _layout(model: nn.Module, specs: list[BlockSpec], unit: str, inputs: Tensor 
         out_block[index[s.producer]] = b
         in_block[index[s.consumer]] = b
         folded[index[s.producer]] = s.bn is not None
-        units = _units(get_module(model, s.producer))
+        units = layer_width(get_module(model, s.producer))
         consumer = get_module(model, s.consumer)
         if isinstance(consumer, nn.Linear):
             reads[index[s.consumer]] = consumer.in_features // units
     mods = [get_module(model, name) for name in names]
-    out_dim = np.array([_units(mod) for mod in mods], dtype=np.int64)
+    out_dim = np.array([layer_width(mod) for mod in mods], dtype=np.int64)
     in_dim = np.array(
         [mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels for mod in mods],
         dtype=np.int64,
@@ -364,17 +413,13 @@ def _layout(model: nn.Module, specs: list[BlockSpec], unit: str, inputs: Tensor 
     return _Layout(names, out_block, in_block, out_dim, in_dim, reads, coef, bias)
 
 
-def _units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 def _inputs_for(model: nn.Module, unit: str, example_inputs: Tensor | None) -> Tensor | None:
     if unit != "macs":
         return None
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     if inputs is None:
         raise ValueError(
-            f"budget_unit='macs' needs the input shape of {type(model).__name__}: "
+            f"counting MACs (unit='macs') needs the input shape of {type(model).__name__}: "
             "set model.input_shape (one sample, e.g. (3, 32, 32)) or pass "
             "example_inputs=<a batch of inputs>"
         )
@@ -392,7 +437,7 @@ def compressible_count(
     paths are unchanged). A producer followed by a BatchNorm counts its folded bias."""
     _check_unit(unit)
     layout = _layout(model, specs, unit, _inputs_for(model, unit, example_inputs))
-    widths = np.array([_units(get_module(model, s.producer)) for s in specs], dtype=np.int64)
+    widths = np.array([layer_width(get_module(model, s.producer)) for s in specs], dtype=np.int64)
     return layout.count(widths)
 
 
@@ -403,7 +448,7 @@ def compressible_count(
 
 def _check_unit(unit: str) -> None:
     if unit not in UNITS:
-        raise ValueError(f"budget_unit must be one of {', '.join(map(repr, UNITS))}, got {unit!r}")
+        raise ValueError(f"budget unit must be one of {', '.join(map(repr, UNITS))}, got {unit!r}")
 
 
 def _check_budget(budget: object) -> float:
@@ -436,81 +481,59 @@ def _allowed(n: int, min_width: int, round_to: int) -> np.ndarray:
 def allocate(
     model: nn.Module,
     specs: list[BlockSpec],
-    budget: float,
+    budget: Budget,
     *,
-    unit: str = "params",
-    method: str = "tropnnc",
-    options: Mapping[str, object] | None = None,
-    allocator: str | None = None,
-    min_width: int = 1,
-    round_to: int = 1,
+    norm: str = "l2",
+    own: str | ThresholdRule | None = None,
     example_inputs: Tensor | None = None,
 ) -> Allocation:
     """Choose the width of every block in ``specs`` so the compressible layers of ``model``
-    keep at most ``budget`` of their params (``unit='params'``) or MACs (``'macs'``).
+    keep at most ``budget.fraction`` of their params or MACs (``budget.unit``).
 
-    ``allocator``: ``'tropnnc'`` (greedy on tropnnc certificate curves, for any method, so
-    methods compare at equal budgets, with no block pushed beyond the certificate cap),
-    ``'tropnnc-log'`` (the same on -log(1 - e)), ``'tropnnc-sum'`` (the plain greedy on the
-    sum of the curves, without the cap: it can empty a layer), ``'method'`` (the method's
-    own: CUP's global Ward threshold for ``cup``, the certificate curves with the method's
-    ``norm`` for ``tropnnc``), or None: ``'method'`` for cup and tropnnc, ``'tropnnc'``
-    otherwise. ``options``: the method's options (tropnnc's ``norm``, cup's
-    ``include_bias``). The curves are computed on the original weights of each block.
+    ``budget.allocator``: ``'tropnnc'`` (greedy on tropnnc certificate curves, for any
+    method, so methods compare at equal budgets, with no block pushed beyond the
+    certificate cap), ``'tropnnc-log'`` (the same on -log(1 - e)), ``'tropnnc-sum'`` (the
+    plain greedy on the sum of the curves, without the cap: it can empty a layer),
+    ``'method'`` (``own``, the method's own rule: the name of one of the allocators above,
+    or a :class:`ThresholdRule`), or None: ``own`` when given, ``'tropnnc'`` otherwise.
+    ``norm``: the norm of the output slices in the curves' unit masses (the method's
+    :meth:`~tropnnc.methods.Method.curve_norm`). The curves are computed on the original
+    weights of each block.
     """
-    value = _check_budget(budget)
-    _check_unit(unit)
-    min_width = _check_int("min_width", min_width)
-    round_to = _check_int("round_to", round_to)
-    if allocator is not None and allocator not in ALLOCATORS:
-        raise ValueError(
-            f"allocator must be one of {', '.join(map(repr, ALLOCATORS))} or None, "
-            f"got {allocator!r}"
-        )
-    options = dict(options or {})
-    mode = allocator or ("method" if method in ("cup", "tropnnc") else "tropnnc")
-    if mode == "method" and method not in ("cup", "tropnnc"):
-        raise ValueError(
-            f"allocator='method': {method!r} has no allocator of its own "
-            "(only cup and tropnnc do); use allocator='tropnnc'"
-        )
-    threshold_mode = mode == "method" and method == "cup"
-    norm = str(options.get("norm", "l2")) if method == "tropnnc" else "l2"
-
+    rule = _rule(budget.allocator, own)
+    unit, min_width, round_to = budget.unit, budget.min_width, budget.round_to
     layout = _layout(model, specs, unit, _inputs_for(model, unit, example_inputs))
-    full = np.array([_units(get_module(model, s.producer)) for s in specs], dtype=np.int64)
+    full = np.array([layer_width(get_module(model, s.producer)) for s in specs], dtype=np.int64)
     allowed = [_allowed(int(n), min_width, round_to) for n in full]
     total = layout.count(full)
-    target = value * total
-    floor = layout.count(np.array([a[-1] for a in allowed], dtype=np.int64))
+    target = budget.fraction * total
+    floors = np.array([a[-1] for a in allowed], dtype=np.int64)
+    floor = layout.count(floors)
     if floor > target:
         extra = f", round_to={round_to}" if round_to > 1 else ""
         raise ValueError(
-            f"budget {budget} is below {floor / total:.6g}, the smallest fraction "
+            f"budget {budget.fraction} is below {floor / total:.6g}, the smallest fraction "
             f"of the compressible layers' {unit} that the minimum widths allow "
             f"(min_width={min_width}{extra}: {floor} of {total})"
         )
     # one block at a time: only one block's float copies are alive while its curve is made
     curves = [certificate_curve(extract(model, s), norm).numpy() for s in specs]
     threshold = uniform = None
-    floors = np.array([a[-1] for a in allowed], dtype=np.int64)
-    if threshold_mode:
-        include_bias = bool(options.get("include_bias", False))
-        widths, threshold = _threshold_widths(model, specs, allowed, layout, target, include_bias)
-        name = "cup-threshold"
+    if isinstance(rule, ThresholdRule):
+        widths, threshold = _threshold_widths(model, specs, allowed, layout, target, rule)
+        name = rule.name
     else:
-        log = mode == "tropnnc-log"
-        if mode != "tropnnc-sum":
+        if rule != "tropnnc-sum":
             uniform = _uniform_keep(allowed, layout, target)
             floors = _uniform_widths(allowed, FLOOR_FRACTION * uniform)
-        costs = [-np.log(np.maximum(1.0 - c, 1e-12)) if log else c for c in curves]
+        if rule == "tropnnc-log":  # maximise the product of the fractions of mass kept
+            costs = [-np.log(np.maximum(1.0 - c, 1e-12)) for c in curves]
+        else:
+            costs = curves
         widths = _greedy(costs, allowed, layout, target, floors)
-        name = {"tropnnc-log": "tropnnc-log-curves", "tropnnc-sum": "tropnnc-sum-curves"}.get(
-            mode, "tropnnc-curves"
-        )
+        name = f"{rule}-curves"
     counts = layout.counts(widths)
     achieved = int(counts.sum())
-    step = _max_step_saving(allowed, layout, full)
     index = {n: i for i, n in enumerate(layout.names)}
     layers = [
         LayerAllocation(
@@ -526,12 +549,12 @@ def allocate(
     ]
     return Allocation(
         unit,
-        value,
+        budget.fraction,
         name,
         total,
         target,
         achieved,
-        step,
+        _max_step_saving(allowed, layout, full),
         min_width,
         round_to,
         threshold,
@@ -539,6 +562,22 @@ def allocate(
         layers,
         {s.producer: c.tolist() for s, c in zip(specs, curves, strict=True)},
     )
+
+
+def _rule(allocator: str | None, own: str | ThresholdRule | None) -> str | ThresholdRule:
+    """The rule to run: a curve allocator's name, or the method's own rule ``own``."""
+    if allocator not in (None, "method"):
+        return allocator
+    if own is None:
+        if allocator == "method":
+            raise ValueError("allocator='method' needs the method's own rule (own=...)")
+        return "tropnnc"
+    if not isinstance(own, ThresholdRule) and own not in CURVE_ALLOCATORS:
+        raise ValueError(
+            f"a method's own allocator must be a ThresholdRule or one of "
+            f"{', '.join(map(repr, CURVE_ALLOCATORS))}, got {own!r}"
+        )
+    return own
 
 
 def _uniform_widths(allowed: list[np.ndarray], keep: float) -> np.ndarray:
@@ -677,26 +716,17 @@ def _threshold_widths(
     allowed: list[np.ndarray],
     layout: _Layout,
     target: float,
-    include_bias: bool,
+    rule: ThresholdRule,
 ) -> tuple[np.ndarray, float]:
-    """CUP's global threshold: bisection over the sorted Ward merge heights of all blocks for
-    the smallest t whose widths K_l(t) (clamped to the allowed widths) meet the target."""
-    from scipy.cluster.hierarchy import linkage
-
-    from .methods.cup import features
-
+    """One global threshold: bisection over the sorted merge heights of all blocks (from
+    ``rule``) for the smallest t whose widths K_l(t) (clamped to the allowed widths) meet
+    the target."""
     events = []
     sizes = []
     for spec in specs:
         block = extract(model, spec)
         sizes.append(block.n)
-        live = (block.weight.abs().sum(1) > 0) & (block.out.flatten(1).abs().sum(1) > 0)
-        idx = live.nonzero().squeeze(1)
-        heights = np.zeros(0)
-        if idx.numel() > 1:
-            feats = features(block.subset(idx), include_bias).numpy()
-            heights = np.sort(linkage(feats, method="ward")[:, 2])
-        events.append(np.concatenate([np.zeros(block.n - idx.numel()), heights]))
+        events.append(rule.heights(block))
     ascending = [a[::-1] for a in allowed]
 
     def widths_at(t: float) -> np.ndarray:

@@ -312,7 +312,7 @@ def _follow(
     """Walk from a producer node to its consumer, or say why the walk stops."""
     name = node.target
     producer = modules[name]
-    units = _units(producer)
+    units = layer_width(producer)
     if calls[name] > 1:
         return Skip(name, f"{name} is called {calls[name]} times (shared weights)")
     if getattr(producer, "groups", 1) != 1:
@@ -407,7 +407,7 @@ def _consumer(
     activation: str = "relu",
 ) -> BlockSpec | Skip:
     """The block ending at consumer ``target``, or why that consumer cannot read the units."""
-    units = _units(producer)
+    units = layer_width(producer)
     kind = type(consumer).__name__
     if calls[target] > 1:
         return Skip(
@@ -455,7 +455,8 @@ def _consumer(
     return BlockSpec(name, target, bn, between, is_flat, activation)
 
 
-def _units(module: nn.Module) -> int:
+def layer_width(module: nn.Module) -> int:
+    """The number of units of a Linear (output features) or Conv2d (output channels) layer."""
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
@@ -973,7 +974,7 @@ def _groups(
                                 (order, node.target, segs[src], i, src in flat)
                             )
             if calls[node.target] == 1:
-                space = _Space(_units(mod), order)
+                space = _Space(layer_width(mod), order)
                 space.producers.append((order, Producer(node.target, None)))
                 spaces.append(space)
                 segs[node] = ((space, space.width),)

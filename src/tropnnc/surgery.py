@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from .block import Block, Merge
-from .graph import BlockSpec, Consumer, GroupSpec
+from .graph import BlockSpec, Consumer, GroupSpec, layer_width
 
 #: blocks with more weights than this (producer + consumer) are extracted in the model's dtype
 FLOAT64_MAX_WEIGHTS = 1 << 21  # 2M: float32 from VGG-16's 512-channel convs on (-50 ms there)
@@ -227,7 +227,7 @@ def _read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
     from the widths the model has now (earlier groups of a concatenation may have shrunk)."""
     mod = get_module(model, consumer.layer)
     widths = [
-        _units(get_module(model, name)) if name is not None else width
+        layer_width(get_module(model, name)) if name is not None else width
         for name, width in consumer.segments
     ]
     if isinstance(mod, nn.Linear):
@@ -240,10 +240,6 @@ def _read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
     if None in widths:  # channels of no layer: whatever the input holds besides the others
         widths[widths.index(None)] = total - sum(w for w in widths if w is not None)
     return sum(widths[: consumer.index]), widths[consumer.index], reads
-
-
-def _units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def group_radius(radius: float, producers: int) -> float:

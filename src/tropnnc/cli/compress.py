@@ -7,7 +7,7 @@ import argparse
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from .common import (
     load_model,
     read_config,
 )
+
+if TYPE_CHECKING:
+    from ..budget import Budget
 
 log = logging.getLogger(__name__)
 
@@ -329,17 +332,10 @@ def run(args: argparse.Namespace) -> int:
         kwargs["input_stats"] = (s["input_mean"], s["input_std"])
     if s["keep"] is not None:
         kwargs["keep"] = s["keep"]
-    for key in (
-        "budget",
-        "budget_unit",
-        "allocator",
-        "min_width",
-        "round_to",
-        "repair",
-        "reconstruct",
-    ):
+    for key in ("repair", "reconstruct"):
         if s[key] is not None:
             kwargs[key] = None if s[key] == "none" else s[key]
+    kwargs["budget"] = _budget(s)
     if (
         s["budget_unit"] == "macs"
         and args.input_shape is None
@@ -384,6 +380,27 @@ def run(args: argparse.Namespace) -> int:
         block.pop("shares", None)
     emit(args, f"{result.table()}\nwrote {out}", {"out": str(out), **report})
     return 0
+
+
+def _budget(s: dict[str, Any]) -> Budget | None:
+    """The :class:`~tropnnc.budget.Budget` the settings ask for (None: no --budget)."""
+    from ..budget import Budget
+
+    fields = {
+        "unit": s["budget_unit"],
+        "allocator": s["allocator"],
+        "min_width": s["min_width"],
+        "round_to": s["round_to"],
+    }
+    given = {k: v for k, v in fields.items() if v not in (None, "none")}
+    if s["budget"] is None:
+        if given:
+            raise ValueError(
+                "--budget-unit, --allocator, --min-width and --round-to apply to a "
+                "budget only; pass --budget"
+            )
+        return None
+    return Budget(s["budget"], **given)
 
 
 def _data_driven(method: str) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..api import CompressionResult, _widths
 from ..counting import count_macs, count_params, infer_example_inputs
-from ..graph import discover
+from ..graph import discover, layer_width
 from ..surgery import get_module
 
 ANCHOR_EXTRA = "anchor"
@@ -35,10 +35,6 @@ def _import_tp():
             f"torch-pruning: pip install 'tropnnc[{ANCHOR_EXTRA}]'"
         ) from err
     return torch_pruning
-
-
-def _units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def torch_pruning(
@@ -65,7 +61,7 @@ def torch_pruning(
     targets = {name: get_module(work, name) for name in widths}
     ratios = {}
     for name, mod in targets.items():
-        n = _units(mod)
+        n = layer_width(mod)
         # the pruner keeps int(n * (1 - ratio)) channels: aim half a channel above K
         ratios[mod] = 1.0 - (widths[name] + 0.5) / n
     ignored = [
@@ -83,7 +79,7 @@ def torch_pruning(
         iterative_steps=1,
     )
     pruner.step()
-    got = {name: _units(mod) for name, mod in targets.items()}
+    got = {name: layer_width(mod) for name, mod in targets.items()}
     if got != widths:
         raise RuntimeError(f"torch-pruning pruned to {got}, expected {widths}")
     return CompressionResult(

@@ -1,7 +1,11 @@
 """The common interface of every compression method: a block in, a merge out.
 
-Methods follow scikit-learn's discipline: the constructor only stores options, all work
+Methods follow scikit-learn's discipline: the constructor stores the options and checks
+them (a bad option fails once, when the method is made, not once per block), all work
 happens in :meth:`Method.merge`, and every random choice comes from the generator passed in.
+Everything method-specific lives on the method: the class attributes below tell
+:func:`tropnnc.compress` what the method needs, and the two budget hooks say how it weighs
+units and whether it has its own way to choose widths (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
@@ -12,20 +16,39 @@ from typing import ClassVar
 import torch
 
 from ..block import Block, Merge
+from ..budget import ThresholdRule
 
 
 class Method:
-    """Base class. Subclasses set ``name`` and implement :meth:`merge`."""
+    """Base class. Subclasses set ``name``, check their options in ``__init__`` and
+    implement :meth:`merge`; the class attributes and hooks below have defaults that suit
+    a data-free, multi-output method with no budget rule of its own."""
 
     name: ClassVar[str] = ""
-    #: handles blocks whose consumer has several outputs
+    #: handles blocks whose consumer has several outputs; False: compress refuses a model
+    #: with such a block before any work
     multi_output: ClassVar[bool] = True
-    #: reads calibration data (reported as data-driven)
+    #: reads calibration data (``block.reads``; compress then requires ``calibration=``)
     data_driven: ClassVar[bool] = False
+    #: merges blocks on the weights' own device and dtype (e.g. a GPU); False: compress
+    #: extracts every block to the CPU first (see :func:`tropnnc.surgery.extract`)
+    device_aware: ClassVar[bool] = False
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         """Compress ``block`` (n units, no dead ones) to exactly ``k`` < n units."""
         raise NotImplementedError
+
+    def curve_norm(self) -> str:
+        """The norm of a unit's output slices in the unit masses of the certificate curves
+        that a budget allocates widths by (:func:`tropnnc.budget.certificate_curve`)."""
+        return "l2"
+
+    def own_allocation(self) -> str | ThresholdRule | None:
+        """This method's own way to choose widths under a budget (``allocator='method'``,
+        and the default when there is one): the name of one of
+        :data:`tropnnc.budget.CURVE_ALLOCATORS`, a :class:`tropnnc.budget.ThresholdRule`,
+        or None (no rule of its own: budgets then use the ``tropnnc`` curves)."""
+        return None
 
     def options(self) -> dict[str, object]:
         """The constructor options as stored (for reports and manifests)."""

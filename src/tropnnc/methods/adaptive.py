@@ -55,24 +55,20 @@ class Adaptive(Method):
         self.features = features
         self.normalize = normalize
         self.approx_repair = approx_repair
+        common = {"restarts": restarts, "iters": iters}  # both check their options here
+        self._folding = ModelFolding(
+            features=features, normalize=normalize, approx_repair=approx_repair, **common
+        )
+        self._tropnnc = TropNNC(
+            norm=norm,
+            refine=refine,
+            steps=steps,
+            split_signs=split_signs,
+            kernel=kernel,
+            rows=rows,
+            **common,
+        )
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        common = {"restarts": self.restarts, "iters": self.iters}
-        if block.bn is not None:
-            inner: Method = ModelFolding(
-                features=self.features,
-                normalize=self.normalize,
-                approx_repair=self.approx_repair,
-                **common,
-            )
-        else:
-            inner = TropNNC(
-                norm=self.norm,
-                refine=self.refine,
-                steps=self.steps,
-                split_signs=self.split_signs,
-                kernel=self.kernel,
-                rows=self.rows,
-                **common,
-            )
+        inner: Method = self._folding if block.bn is not None else self._tropnnc
         return inner.merge(block, k, generator)

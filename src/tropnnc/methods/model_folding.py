@@ -18,7 +18,8 @@ marza96/ModelFolding) do for one producer -> ReLU -> consumer block:
    and Lloyd iterations with ``restarts``, from :func:`tropnnc.cluster.kmeans`).
 3. Merge ("fold"): the merged producer row is the cluster mean of the members' rows, the
    merged consumer slice the sum of theirs (``(M M^T)^-1 M W`` and ``M W_next`` in the
-   code). In the library's share form: shares lambda_i = 1, so the P5 certificate applies.
+   code). In the library's share form: shares lambda_i = 1, so the library's merge certificate
+   (the bound it reports for any share-form merge) applies.
 4. Data-free REPAIR (``approx_repair=True``, the paper's Fold-AR): the mean row's output
    z~ = mean_i z_i has a smaller variance than its members'. With the correlation of two
    units' pre-activations approximated by the cosine similarity of their incoming weights
@@ -74,12 +75,10 @@ class ModelFolding(Method):
         self.approx_repair = approx_repair
         self.restarts = restarts
         self.iters = iters
+        if features not in FEATURES:
+            raise ValueError(f"model-folding: features must be one of {FEATURES}, got {features!r}")
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        if self.features not in FEATURES:
-            raise ValueError(
-                f"model-folding: features must be one of {FEATURES}, got {self.features!r}"
-            )
         normalize = self.approx_repair if self.normalize is None else self.normalize
         gram = centred_feature_gram(
             block, with_out=self.features == "both", transform=robust_scale if normalize else None

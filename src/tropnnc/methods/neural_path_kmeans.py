@@ -1,8 +1,9 @@
 """Neural Path K-means (Misiakos et al., ICLR 2022): the predecessor's multi-output method.
 
 Each unit is the path vector (w_i, c_i); Euclidean k-means clusters them, and a cluster
-becomes one unit with the mean input vector and the summed output slices (bound P5b; the
-share-form certificate lambda_i = 1 reported by the library is never larger). The path
+becomes one unit with the mean input vector and the summed output slices. The paper bounds
+output j's error by rho * sum_i (|c_ji| ||w_i - mean(w)|| + ||mean(w)|| |c_ji - mean_j(c)|);
+the share-form certificate with lambda_i = 1 that the library reports is never larger. The path
 vectors are never concatenated: k-means runs on their centred Gram matrix
 (:func:`tropnnc.methods._features.centred_feature_gram`).
 """

@@ -51,14 +51,14 @@ class NeuronMerging(Method):
         self.threshold = threshold
         self.bn_aware = bn_aware
         self.bn_lambda = bn_lambda
+        if criterion not in CRITERIA:
+            raise ValueError(
+                f"neuron-merging: criterion must be one of {CRITERIA}, got {criterion!r}"
+            )
+        if not 0.0 <= bn_lambda <= 1.0:
+            raise ValueError(f"neuron-merging: bn_lambda must be in [0, 1], got {bn_lambda}")
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        if self.criterion not in CRITERIA:
-            raise ValueError(
-                f"neuron-merging: criterion must be one of {CRITERIA}, got {self.criterion!r}"
-            )
-        if not 0.0 <= self.bn_lambda <= 1.0:
-            raise ValueError(f"neuron-merging: bn_lambda must be in [0, 1], got {self.bn_lambda}")
         t = DEFAULT_THRESHOLD[block.kind] if self.threshold is None else self.threshold
         if self.bn_aware and block.bn is not None:
             return self._merge_bn(block, k, t)

@@ -34,6 +34,8 @@ class ThiNet(Method):
         self.rows = rows
         self.ridge = ridge
         self.rescale = rescale
+        if rows < 1 or ridge < 0:
+            raise ValueError("thinet: rows must be >= 1 and ridge >= 0")
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         if block.reads is None:
@@ -43,8 +45,6 @@ class ThiNet(Method):
             )
         if not 1 <= k <= block.n:
             raise ValueError(f"thinet: k must be in 1..{block.n}, got {k}")
-        if self.rows < 1 or self.ridge < 0:
-            raise ValueError("thinet: rows must be >= 1 and ridge >= 0")
         reads = block.reads.to(torch.float64)
         if reads.shape[1:] != (block.n, block.out.shape[2]):
             raise ValueError(

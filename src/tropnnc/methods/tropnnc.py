@@ -72,19 +72,27 @@ class TropNNC(Method):
         self.iters = iters
         self.kernel = kernel
         self.rows = rows
-
-    def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        if self.norm not in MASS_NORMS:
-            raise ValueError(f"tropnnc: norm must be one of {MASS_NORMS}, got {self.norm!r}")
-        if self.steps < 1 or self.refine < 0:
+        if norm not in MASS_NORMS:
+            raise ValueError(f"tropnnc: norm must be one of {MASS_NORMS}, got {norm!r}")
+        if steps < 1 or refine < 0:
             raise ValueError("tropnnc: steps must be >= 1 and refine >= 0")
-        if self.kernel not in KERNELS or self.rows not in ROWS:
+        if kernel not in KERNELS or rows not in ROWS:
             raise ValueError(
                 f"tropnnc: kernel must be one of {KERNELS} and rows one of "
-                f"{ROWS}, got {self.kernel!r} and {self.rows!r}"
+                f"{ROWS}, got {kernel!r} and {rows!r}"
             )
-        if (self.kernel, self.rows) != ("weights", "directions") and self.steps != 1:
+        if (kernel, rows) != ("weights", "directions") and steps != 1:
             raise ValueError("tropnnc: steps > 1 needs kernel='weights', rows='directions'")
+
+    def curve_norm(self) -> str:
+        """Budgets weigh units as this method does: with its ``norm``."""
+        return self.norm
+
+    def own_allocation(self) -> str:
+        """The certificate curves (with this method's norm) are its own allocator."""
+        return "tropnnc"
+
+    def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
         split = is_single_output(block) if self.split_signs is None else self.split_signs
         if split and not is_single_output(block):
             raise ValueError(

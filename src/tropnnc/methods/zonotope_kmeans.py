@@ -3,7 +3,9 @@
 The generators g_i = |c_i| w_i of P (c_i > 0) and of Q (c_i < 0) are clustered separately
 by Euclidean k-means; each cluster becomes one unit whose hidden row is the cluster mean of
 the generators and whose output weight is +/- the cluster size, so the merged generator is
-the cluster sum (bound P5a). In share form: lambda_i = 1 / |c_i|, row = mean generator.
+the cluster sum; the paper bounds the error by rho times the k-means distortion
+sum_i ||g_i - mean of g over i's cluster||. In share form: lambda_i = 1 / |c_i|, row = mean
+generator.
 """
 
 from __future__ import annotations
