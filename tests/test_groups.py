@@ -14,6 +14,9 @@ import tropnnc
 from tropnnc import zoo
 from tropnnc.block import Block, Merge, certificate, rescale_units
 from tropnnc.graph import GroupSpec, discover
+from tropnnc.methods import get_method
+from tropnnc.methods.adaptive import has_batchnorm
+from tropnnc.surgery import extract
 
 CERTIFIED = ["tropnnc", "neural-path-kmeans", "neuron-merging", "l1", "random"]
 
@@ -153,7 +156,7 @@ def test_residual_group_duplicates_collapse_exactly():
     for g in groups:  # every producer of the stream (stem, branches, projection) duplicates
         duplicate(model, [(p.layer, p.bn) for p in g.producers], [(0, 1), (2, 3)])
         keep[g.producer] = model.get_submodule(g.producer).out_channels - 2
-    result = tropnnc.compress(model, keep, radius=1.0)  # float residue x radius
+    result = tropnnc.compress(model, keep, "tropnnc", radius=1.0)  # float residue x radius
     assert all(b.certificate < 1e-9 for b in result.blocks)
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)
@@ -174,7 +177,7 @@ def test_concatenation_duplicates_collapse_exactly():
     duplicate(model, [("dense.0.0", "dense.0.1")], [(1, 4)])
     duplicate(model, [("dense.1.0", "dense.1.1")], [(0, 2), (3, 5)])
     keep = {"stem.0": 7, "dense.0.0": 5, "dense.1.0": 4}
-    result = tropnnc.compress(model, keep, radius=1.0)
+    result = tropnnc.compress(model, keep, "tropnnc", radius=1.0)
     x = torch.rand(3, *model.input_shape, dtype=torch.float64)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)
     assert result.model.transition[0].in_channels == 7 + 5 + 4 + 6
@@ -328,3 +331,25 @@ def test_cli_info_names_each_group_member(capsys):
         "channel group layer2.0.downsample.0 (3 layers) (folds layer2.0.downsample.1)"
         in lines["layer2.0.downsample.0"]
     )
+
+
+def test_default_pipeline_folds_batchnorm_streams_with_model_folding():
+    """The adaptive merge treats a ReLU group whose members all have BN (a ResNet stream)
+    as a BN block (Model Folding), and MobileNet's depthwise groups as TropNNC does."""
+    torch.manual_seed(0)
+    resnet = zoo.build("resnet-mini").eval()
+    randomize_bn(resnet)
+    mobile = zoo.build("mobilenetv2-mini").eval()
+    cases = [
+        (resnet, "conv1", "model-folding"),
+        (mobile, "features.4.conv.0", "tropnnc"),
+    ]
+    for model, name, expected in cases:
+        spec = next(s for s in discover(model)[0] if s.producer == name)
+        block = extract(model, spec)
+        assert has_batchnorm(block) == (expected == "model-folding")
+        k = block.n - 2
+        got = get_method("adaptive").merge(block, k, torch.Generator().manual_seed(1))
+        ref = get_method(expected).merge(block, k, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(got.rows, ref.rows)
+        torch.testing.assert_close(got.assignment, ref.assignment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,9 +11,12 @@ from conftest import ball_points, forward, random_block
 from torch import nn
 
 import tropnnc
-from tropnnc.block import Block, certificate
+from tropnnc import zoo
+from tropnnc.block import Block, Member, certificate
+from tropnnc.graph import GroupSpec, discover
 from tropnnc.methods import get_method, methods
 from tropnnc.methods.model_folding import fold_repair, robust_scale
+from tropnnc.surgery import extract
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -132,3 +136,75 @@ def test_conv_widths_and_same_seed_same_result():
     assert all(math.isfinite(blk.certificate) for blk in a.blocks)
     with pytest.raises(ValueError, match="features"):
         tropnnc.compress(model, 0.5, "model-folding", features="all")
+
+
+def test_fold_repair_of_a_group_repairs_each_member_with_its_own_batchnorm():
+    """Joined rows [A | B]: A's two rows point the same way (mean row already has its
+    members' std: scale 1), B's are orthogonal (scale sqrt(2)); each member's bias moves
+    about its own BN beta. The whole-row repair would use one scale for both."""
+    a = torch.tensor([[1.0, 1.0, 0.2], [2.0, 2.0, -0.4]], dtype=torch.float64)
+    b = torch.tensor([[3.0, 0.0, 0.5], [0.0, 3.0, 0.1]], dtype=torch.float64)
+
+    def stats(gamma: list[float], beta: list[float]) -> dict[str, torch.Tensor]:
+        f64 = {"dtype": torch.float64}
+        return {
+            "weight": torch.tensor(gamma, **f64),
+            "bias": torch.tensor(beta, **f64),
+            "running_mean": torch.zeros(2, **f64),
+            "running_var": torch.ones(2, **f64),
+            "eps": torch.zeros(2, **f64),
+        }
+
+    members = (
+        Member(0, 3, stats([1.0, 1.0], [0.2, -0.4])),
+        Member(3, 6, stats([2.0, -2.0], [0.5, 0.1])),
+    )
+    w = torch.cat([a, b], dim=1)
+    block = Block(
+        "g", w, torch.ones(2, 1, 1, dtype=torch.float64), None, 1.0, "conv", (5,), members=members
+    )
+    mean_row = w.mean(0, keepdim=True)
+    fixed = fold_repair(block, torch.tensor([0, 0]), mean_row)
+    torch.testing.assert_close(fixed[0, :3], mean_row[0, :3])  # A: cos 1, std kept
+    torch.testing.assert_close(fixed[0, 3:5], mean_row[0, 3:5] * math.sqrt(2))
+    beta = 0.3  # mean of B's betas: the repaired bias keeps the members' mean
+    assert float(fixed[0, 5]) == pytest.approx(math.sqrt(2) * 0.3 + (1 - math.sqrt(2)) * beta)
+    whole = fold_repair(replace(block, members=None), torch.tensor([0, 0]), mean_row)
+    assert not torch.allclose(whole, fixed)
+
+
+def test_group_members_cover_the_joined_rows_with_their_batchnorms():
+    torch.manual_seed(0)
+    model = zoo.build("resnet-mini").eval()
+    spec = next(s for s in discover(model)[0] if isinstance(s, GroupSpec))
+    block = extract(model, spec)
+    assert [(m.start, m.stop, m.channelwise) for m in block.members] == [
+        (0, 10, False),
+        (10, 83, False),
+    ]  # the stem reads 1 x 3 x 3 pixels (+ bias), the block's conv2 8 x 3 x 3 channels
+    bn = model.get_submodule("layer1.0.bn2")
+    torch.testing.assert_close(block.members[1].bn["running_var"], bn.running_var.double())
+    sub = block.subset(torch.tensor([3, 1]))
+    torch.testing.assert_close(sub.members[1].bn["weight"], bn.weight.double()[[3, 1]])
+
+
+def test_residual_group_duplicates_collapse_exactly_with_model_folding():
+    """Every producer of the stage-1 stream duplicates channels (0, 1) and (2, 3):
+    k-means on the rows pairs them, the per-member repair keeps scale 1: exact."""
+    torch.manual_seed(0)
+    model = zoo.build("resnet-mini").eval().double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_var.copy_(torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
+                mod.bias.copy_(torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
+        for layer, bn in [("conv1", "bn1"), ("layer1.0.conv2", "layer1.0.bn2")]:
+            b = model.get_submodule(bn)
+            for t in (model.get_submodule(layer).weight, b.weight, b.bias, b.running_var):
+                t[1], t[3] = t[0], t[2]
+    result = tropnnc.compress(model, {"conv1": 6}, "model-folding", features="producer", radius=1.0)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)
+    assert result.model.layer1[0].conv1.in_channels == 6

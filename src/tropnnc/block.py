@@ -33,6 +33,19 @@ _MASS_ORDS = {"l1": 1, "max": math.inf}
 
 
 @dataclass(frozen=True)
+class Member:
+    """One layer's columns in a channel group's joined rows: ``weight[:, start:stop]`` are
+    its incoming weights then its bias (BatchNorm folded); ``bn`` its BatchNorm statistics
+    per channel (as :attr:`Block.bn`, without ``raw``) or None; ``channelwise`` marks a
+    depthwise member, which reads the group's own channels."""
+
+    start: int
+    stop: int
+    bn: dict[str, Tensor] | None = None
+    channelwise: bool = False
+
+
+@dataclass(frozen=True)
 class Block:
     """One hidden layer, in float64, detached from any module.
 
@@ -55,6 +68,8 @@ class Block:
     #: "gelu", "silu", "hardswish", "leaky_relu:<slope>", or for a channel group the
     #: channel-wise ops joined by "+" (e.g. "relu6+depthwise"); see :func:`certificate`
     activation: str = "relu"
+    #: a channel group's member layers, in the order of their columns in ``weight``
+    members: tuple[Member, ...] | None = field(default=None, compare=False)
 
     @property
     def n(self) -> int:
@@ -174,7 +189,20 @@ class Block:
         """The block restricted to the units in ``index`` (same outputs)."""
         bn = None if self.bn is None else {k: v[index] for k, v in self.bn.items()}
         reads = None if self.reads is None else self.reads[:, index]
-        return replace(self, weight=self.weight[index], out=self.out[index], bn=bn, reads=reads)
+        members = None
+        if self.members is not None:
+            members = tuple(
+                replace(m, bn=None if m.bn is None else {k: v[index] for k, v in m.bn.items()})
+                for m in self.members
+            )
+        return replace(
+            self,
+            weight=self.weight[index],
+            out=self.out[index],
+            bn=bn,
+            reads=reads,
+            members=members,
+        )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
-from .block import Block, Merge
+from .block import Block, Member, Merge
 from .graph import BlockSpec, Consumer, GroupSpec, layer_width
 
 #: blocks with more weights than this (producer + consumer) are extracted in the model's dtype
@@ -272,6 +272,13 @@ def extract_group(
         )
     to = {"dtype": dtype, "device": first.weight.device if device is None else device}
     rows = [_rows(model, p.layer, p.bn, to) for p in spec.producers + spec.channelwise]
+    members, col = [], 0
+    for i, (p, part) in enumerate(zip(spec.producers + spec.channelwise, rows, strict=True)):
+        stats = None
+        if p.bn is not None:
+            stats = {key: v.to(**to) for key, v in _bn_stats(get_module(model, p.bn)).items()}
+        members.append(Member(col, col + part.shape[1], stats, i >= len(spec.producers)))
+        col += part.shape[1]
     n = rows[0].shape[0]
     slices, biases = [], []
     for consumer in spec.consumers:
@@ -300,6 +307,7 @@ def extract_group(
         kind,
         (weight.shape[1] - 1,),
         activation=spec.activation,
+        members=tuple(members),
     )
 
 

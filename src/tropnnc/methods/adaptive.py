@@ -3,8 +3,10 @@
 Measured (README "Results", results/expected-error): on blocks whose producer had BatchNorm,
 Model Folding's clustering of [row, consumer slices] with its data-free repair (exact in mean
 and std through the BN statistics) held up best at strong compression; on blocks without BN,
-TropNNC's clustering of unit directions did. Followed by ``compress(reconstruct=...)``, as
-the default pipeline runs it.
+TropNNC's clustering of unit directions did. A ReLU channel group whose producers all had BN
+(a ResNet stream) counts as a BN block, each producer's columns repaired with its own BN
+(results/architectures). Followed by ``compress(reconstruct=...)``, as the default pipeline
+runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from .tropnnc import TropNNC
 
 @register
 class Adaptive(Method):
-    """Per block: ``model-folding`` when the producer had BatchNorm, ``tropnnc`` otherwise.
+    """Per block: ``model-folding`` when the producer (every producer of a channel group) had
+    BatchNorm, ``tropnnc`` otherwise.
 
     Takes the options of both: ``restarts`` and ``iters`` go to either, ``norm``,
     ``refine``, ``steps``, ``split_signs``, ``kernel`` and ``rows`` to tropnnc, ``features``,
@@ -70,5 +73,17 @@ class Adaptive(Method):
         )
 
     def merge(self, block: Block, k: int, generator: torch.Generator) -> Merge:
-        inner: Method = self._folding if block.bn is not None else self._tropnnc
+        inner: Method = self._folding if has_batchnorm(block) else self._tropnnc
         return inner.merge(block, k, generator)
+
+
+def has_batchnorm(block: Block) -> bool:
+    """The block's producer had BatchNorm, or it is a ReLU channel group (a residual stream
+    or a concatenation) whose every member is a layer with BatchNorm. Groups with depthwise
+    members or other activations (MobileNet's expansions and linear bottlenecks) stay with
+    TropNNC: not measured with Model Folding."""
+    if block.members is not None:
+        return block.activation == "relu" and all(
+            m.bn is not None and not m.channelwise for m in block.members
+        )
+    return block.bn is not None

@@ -122,14 +122,30 @@ def fold_repair(block: Block, assignment: Tensor, rows: Tensor) -> Tensor:
     Predicted Var of the mean row's output: (1/n_c^2) sum_ij cos(a_i, a_j) s_i s_j with a_i
     the incoming weights (bias excluded); target std mean(s_i); see the module docstring.
     The double sum is ||sum_i s_i a_i / ||a_i||| ^2, so every cluster's prediction comes
-    from one pass over the rows (no per-cluster Gram block).
+    from one pass over the rows (no per-cluster Gram block). A channel group's joined rows
+    are repaired member by member (each layer's columns with its own BatchNorm): the
+    members read different inputs and each has its own pre-activation statistics.
     """
-    a_in = block.weight[:, :-1]
+    if block.members is None:
+        return _repair_columns(block.weight, block.bn, assignment, rows)
+    out = rows.clone()
+    for m in block.members:
+        part = slice(m.start, m.stop)
+        out[:, part] = _repair_columns(block.weight[:, part], m.bn, assignment, rows[:, part])
+    return out
+
+
+def _repair_columns(
+    weight: Tensor, bn: dict[str, Tensor] | None, assignment: Tensor, rows: Tensor
+) -> Tensor:
+    """:func:`fold_repair` for one layer: ``weight`` its (n, d+1) rows (bias last), ``bn``
+    its BatchNorm statistics or None, ``rows`` the (k, d+1) cluster means."""
+    a_in = weight[:, :-1]
     k = rows.shape[0]
-    if block.bn is not None:
-        var = block.bn["running_var"].clamp(min=0)
-        s = block.bn["weight"].abs() * (var / (var + block.bn["eps"])).sqrt()
-        mu = block.bn["bias"]
+    if bn is not None:
+        var = bn["running_var"].clamp(min=0)
+        s = bn["weight"].abs() * (var / (var + bn["eps"])).sqrt()
+        mu = bn["bias"]
     else:
         s = torch.linalg.vector_norm(a_in, dim=1)
         mu = torch.zeros_like(s)
