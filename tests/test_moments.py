@@ -14,6 +14,7 @@ from tropnnc.moments import (
     block_statistics,
     bvn_upper,
     member_maps,
+    relu_cov_pairs,
     relu_cross,
     relu_mean,
     relu_second,
@@ -98,6 +99,29 @@ def test_relu_cross_at_zero_mean_is_the_arc_cosine_kernel():
     q = (1 - rho * rho).clamp(min=0).sqrt()
     want = 6.0 * (q + rho * (math.pi - torch.arccos(rho))) / (2 * math.pi)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_relu_cov_pairs_series_equals_the_exact_formula(symmetric):
+    """The Hermite series (with exact fallback for strongly correlated pairs) against the
+    closed form for every pair: correlations over [-1, 1], means far in both tails, and
+    constant units (std 0)."""
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    root = torch.randn(n, 6, generator=g, dtype=F64)
+    cov = root @ root.T  # rank 6: many pairs with |rho| near 1
+    cov[5], cov[:, 5] = 0.0, 0.0  # a constant unit
+    m = 3.0 * torch.randn(n, generator=g, dtype=F64)
+    m[:3] = torch.tensor([-9.0, 9.0, 0.0], dtype=F64)
+    s = cov.diagonal().sqrt()
+    m2, s2, cross = (m, s, cov) if symmetric else (m[:17] + 0.3, s[:17] * 1.5, cov[:, :17] * 1.5)
+    got = relu_cov_pairs(m, s, m2, s2, cross, symmetric)
+    den = torch.outer(s, s2)
+    rho = torch.where(den > 0, cross / torch.where(den > 0, den, 1.0), 0.0).clamp(-1, 1)
+    exact = relu_cross(m[:, None], s[:, None], m2[None, :], s2[None, :], rho)
+    exact = exact - torch.outer(relu_mean(m, s), relu_mean(m2, s2))
+    torch.testing.assert_close(got, exact, atol=1e-11 * float(den.max()), rtol=0)
+    assert float(got[5].abs().max()) == 0.0  # a constant has no covariance
 
 
 def test_relu_cross_with_a_constant_unit_factorises():

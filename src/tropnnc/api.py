@@ -612,7 +612,9 @@ def compress_block(algo, block: Block, k: int, generator: torch.Generator) -> Me
         return select(block, kept.sort().values)
     if n_live == block.n:  # nothing to drop: no subset copy of the block
         inner = algo.merge(block, k, generator)
-        return Merge(inner.rows, inner.out, inner.assignment, inner.shares, inner.kept)
+        return Merge(
+            inner.rows, inner.out, inner.assignment, inner.shares, inner.kept, gram=inner.gram
+        )
     idx = live.nonzero().squeeze(1)
     inner = algo.merge(block.subset(idx), k, generator)
     assignment = torch.full((block.n,), -1, dtype=torch.long, device=idx.device)

@@ -225,6 +225,9 @@ class Merge:
     # (K, n) P with out[k] = sum_i P_ki c_i (a reconstruction, :mod:`tropnnc.reconstruct`);
     # certifies merges that are not of share form
     projection: Tensor | None = None
+    # (n, n) cosines of the block's rows (bias included) when the method computed them;
+    # the reconstruction reuses them instead of a second product over the rows
+    gram: Tensor | None = None
 
     @property
     def k(self) -> int:

@@ -83,9 +83,22 @@ class Gaussian:
     cov: Tensor
 
 
-def weight_gram(weight: Tensor) -> Tensor:
-    """<w_i, w_j> (n, n) of the incoming weights (bias excluded), computed in the rows' dtype
-    (float32 for large blocks: the one O(n^2 d) product) and returned in float64."""
+def weight_gram(weight: Tensor, cosine: Tensor | None = None) -> Tensor:
+    """<w_i, w_j> (n, n) of the incoming weights (bias excluded), in float64.
+
+    Computed in the rows' dtype (float32 for large blocks: the one O(n^2 d) product), or,
+    when ``cosine`` (the cosines of the full rows (w_i, b_i), bias included, as tropnnc's
+    clustering computes them) is given, from it in O(n^2): |r_i| |r_j| cos_ij - b_i b_j.
+    The cosine is not used where biases dominate the rows (|b| > 0.9 |r|), since the
+    subtraction would then lose the weights' part to rounding.
+    """
+    if cosine is not None:
+        w = weight.double()
+        norms = torch.linalg.vector_norm(w, dim=1)  # of the full rows
+        bias = w[:, -1]
+        if bool((bias.abs() <= 0.9 * norms).all()):
+            g = norms[:, None] * cosine.to(device=w.device, dtype=torch.float64) * norms[None, :]
+            return g.sub_(bias[:, None] * bias[None, :])
     w = weight[:, :-1]
     return (w @ w.T).double()
 
@@ -152,15 +165,9 @@ def member_maps(
     order = torch.argsort(a, stable=True)
     members, labels = live[order], a[order]  # members grouped by cluster
     sizes = torch.bincount(labels, minlength=k)
-    width = int(sizes.max())
     starts = torch.cumsum(sizes, 0) - sizes
     slot = torch.arange(members.numel()) - starts[labels]  # position inside its cluster
-    index = torch.full((k, width), -1, dtype=torch.long)
-    index[labels, slot] = members  # (k, L) members of each cluster, -1 padding
-    valid = index >= 0
-    safe = index.clamp(min=0)
     g = weight_gram(weight) if gram is None else gram.double()
-    gc = g[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
     rhs = torch.empty(members.numel(), dtype=torch.float64)  # <w_i, u_a(i)>, in row chunks
     step = _memory.rows_per_chunk(8 * weight.shape[1], _memory.CACHE_BYTES)  # 8 bytes an entry
     for start in range(0, members.numel(), step):
@@ -168,13 +175,27 @@ def member_maps(
         rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)).sum(
             dim=1, dtype=torch.float64
         )
-    b = torch.zeros(k, width, dtype=torch.float64)
-    b[labels, slot] = rhs
-    evals, evecs = torch.linalg.eigh(gc)  # (k, L), (k, L, L): min-norm pseudo-inverse
-    cut = rcond * evals.abs().amax(dim=1, keepdim=True)
-    inv = torch.where(evals > cut, 1.0 / torch.where(evals > cut, evals, 1.0), 0.0)
-    sol = evecs @ (inv * (evecs.transpose(1, 2) @ b[:, :, None]).squeeze(2))[:, :, None]
-    alpha[members] = sol.squeeze(2)[labels, slot]
+    # clusters batched by size, padded to the next power of two (not to the largest
+    # cluster: one big family would make every cluster's eigh as costly as its own)
+    width_of = torch.where(sizes > 1, 2 ** torch.ceil(torch.log2(sizes.double())), 1.0).long()
+    for width in torch.unique(width_of[sizes > 0]).tolist():
+        chosen = ((width_of == width) & (sizes > 0)).nonzero().squeeze(1)  # (c,) clusters
+        rank = torch.full((k,), -1, dtype=torch.long)
+        rank[chosen] = torch.arange(chosen.numel())
+        mine = rank[labels] >= 0  # members of the chosen clusters
+        row, col = rank[labels[mine]], slot[mine]
+        index = torch.full((chosen.numel(), width), -1, dtype=torch.long)
+        index[row, col] = members[mine]  # (c, L) members of each cluster, -1 padding
+        valid = index >= 0
+        safe = index.clamp(min=0)
+        gc = g[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+        b = torch.zeros(chosen.numel(), width, dtype=torch.float64)
+        b[row, col] = rhs[mine]
+        evals, evecs = torch.linalg.eigh(gc)  # (c, L), (c, L, L): min-norm pseudo-inverse
+        cut = rcond * evals.abs().amax(dim=1, keepdim=True)
+        inv = torch.where(evals > cut, 1.0 / torch.where(evals > cut, evals, 1.0), 0.0)
+        sol = evecs @ (inv * (evecs.transpose(1, 2) @ b[:, :, None]).squeeze(2))[:, :, None]
+        alpha[members[mine]] = sol.squeeze(2)[row, col]
     return alpha
 
 
@@ -185,12 +206,15 @@ def unit_model(
     assignment: Tensor,
     sigma: float = 1.0,
     inputs: Gaussian | None = None,
+    cosine: Tensor | None = None,
 ) -> UnitModel:
     """The joint Gaussian model of the original rows ``weight`` (n, d+1) and the merged
-    ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring);
-    ``inputs``: the modelled input of a block without BatchNorm (None: isotropic)."""
+    ``rows`` (k, d+1) with the cluster ``assignment`` (n,) (see the module docstring).
+    ``inputs``: the modelled input of a block without BatchNorm (None: isotropic);
+    ``cosine``: the cosine Gram of the full rows when the merge computed it (saves the
+    O(n^2 d) product, see :func:`weight_gram`)."""
     k = rows.shape[0]
-    gram = weight_gram(weight)
+    gram = weight_gram(weight, cosine)
     mean, cov = block_statistics(weight, bn, sigma, gram, inputs)
     alpha = member_maps(weight, rows, assignment, k, gram)
     a = assignment.clamp(min=0)
@@ -201,8 +225,8 @@ def unit_model(
         0, a, coef[:, None] * cov
     )  # (k, n) = A S
     new_cov = torch.zeros(k, k, dtype=torch.float64).index_add_(
-        1, a, cross * coef[None, :]
-    )  # A S A^T
+        0, a, coef[:, None] * cross.T
+    )  # (A S A^T)^T, rows gathered (a column index_add is slow on large matrices)
     return UnitModel(mean, cov, new_mean, cross, 0.5 * (new_cov + new_cov.T), assignment, coef)
 
 
@@ -403,16 +427,94 @@ def _corr(cov: Tensor, s_rows: Tensor, s_cols: Tensor) -> Tensor:
     return torch.where(den > 0, cov / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
 
 
-def _pairwise(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, cov: Tensor) -> Tensor:
-    """E[relu(z1_i) relu(z2_j)] (len(m1), len(m2)) from the covariance ``cov`` of the pairs,
-    in row chunks that bound the quadrature's temporaries."""
-    out = torch.empty(cov.shape, dtype=torch.float64)
-    # float64 (rows, width) planes of at most 2 MB; the quadrature makes several per node
-    step = _memory.rows_per_chunk(8 * cov.shape[1], _memory.CACHE_BYTES)
-    for start in range(0, cov.shape[0], step):
-        rows = slice(start, start + step)
-        rho = _corr(cov[rows], s1[rows], s2)
-        out[rows] = relu_cross(m1[rows, None], s1[rows, None], m2[None, :], s2[None, :], rho)
+def relu_hermite(h: Tensor, terms: int) -> Tensor:
+    """Hermite coefficients (terms, len(h)) of relu(h + g), g ~ N(0, 1), h (n,).
+
+    relu(h + g) = sum_j a_j(h) He_j(g) / sqrt(j!) with a_1 = Phi(h) and, for j >= 2,
+    a_j = (-1)^j phi(h) He_{j-2}(h) / sqrt(j!) (Stein's lemma twice: the second derivative
+    of relu(h + g) is a point mass at g = -h). Rows j = 1..terms; the normalised
+    polynomials come from their three-term recurrence. |h| is capped at 40, where phi(h)
+    is 0 in float64 and the coefficients vanish anyway.
+    """
+    h = h.double().clamp(-40.0, 40.0)
+    out = torch.empty(terms, h.numel(), dtype=torch.float64)
+    if terms == 0:
+        return out
+    out[0] = _Phi(h)
+    density = _phi(h)
+    prev, cur = torch.zeros_like(h), torch.ones_like(h)  # He_{m-1}/sqrt((m-1)!), He_m/sqrt(m!)
+    for j in range(2, terms + 1):
+        m = j - 2
+        out[j - 1] = ((-1.0) ** j / math.sqrt(j * (j - 1))) * density * cur
+        prev, cur = cur, (h * cur - math.sqrt(m) * prev) / math.sqrt(m + 1)
+    return out
+
+
+#: terms of the Hermite series of the ReLU covariances, and the error allowed for each pair,
+#: relative to s1 s2; pairs whose guaranteed error would exceed it use the exact formula
+#: (1e-13: the least-squares P then matches the exact formula to ~1e-9 on ill-conditioned
+#: blocks, tests/test_reconstruct_reference.py; 1e-10 left 1e-6 there; VGG-16 equally fast)
+_SERIES_TERMS = 16
+_SERIES_TOL = 1e-13
+_SERIES_CHUNK = 1 << 16  # pairs per chunk of the series (fits in a core's cache)
+
+
+def relu_cov_pairs(
+    m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, cov: Tensor, symmetric: bool = False
+) -> Tensor:
+    """Cov(relu(z1_i), relu(z2_j)) (len(m1), len(m2)) for Gaussian pre-activations with
+    means ``m``, stds ``s`` and pair covariances ``cov``. ``symmetric``: the two sides are
+    the same units (only the upper triangle is computed; the diagonal is exact).
+
+    With h = m / s and rho the correlation, Mehler's formula gives
+    Cov = s1 s2 sum_{j >= 1} a_j(h1) a_j(h2) rho^j (:func:`relu_hermite`), a sum of
+    rank-one matrices times powers of rho: J terms cost 2 J elementwise passes instead of
+    the bivariate normal CDF of every pair. The tail after J terms is at most
+    |rho|^(J+1) sqrt(T1 T2), T = Var(relu(h + g)) - sum_{j<=J} a_j^2 (Cauchy-Schwarz);
+    pairs where that exceeds ``_SERIES_TOL`` (in units of s1 s2: strongly correlated
+    pairs, typically a merged unit and its own members) get :func:`relu_cross` instead.
+    """
+    terms = _SERIES_TERMS
+    m1, s1, m2, s2 = (t.double() for t in (m1, s1.abs(), m2, s2.abs()))
+    on1, on2 = s1 > 0, s2 > 0  # units with s = 0 are constants: no covariance
+    t1, t2 = torch.where(on1, s1, 1.0), torch.where(on2, s2, 1.0)
+    h1, h2 = m1 / t1, m2 / t2
+    c1, c2 = relu_hermite(h1, terms), relu_hermite(h2, terms)
+    var1 = relu_second(h1, torch.ones_like(h1)) - relu_mean(h1, torch.ones_like(h1)) ** 2
+    var2 = relu_second(h2, torch.ones_like(h2)) - relu_mean(h2, torch.ones_like(h2)) ** 2
+    # tails of the series; the slack covers the rounding of the subtraction
+    tail1 = (var1 - (c1 * c1).sum(0)).clamp(min=0) + 1e-15
+    tail2 = (var2 - (c2 * c2).sum(0)).clamp(min=0) + 1e-15
+    power = 0.5 / (terms + 1)  # exact iff |rho| > (tol / tail1)^power (tol / tail2)^power
+    limit1 = (_SERIES_TOL / tail1) ** power
+    limit2 = (_SERIES_TOL / tail2) ** power
+    c1 = c1 * torch.where(on1, s1, 0.0)
+    c2 = c2 * torch.where(on2, s2, 0.0)
+    mu1, mu2 = relu_mean(m1, s1), relu_mean(m2, s2)
+    rows, cols = cov.shape
+    out = torch.empty(rows, cols, dtype=torch.float64)
+    step = max(1, _SERIES_CHUNK // max(1, cols))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        first = start if symmetric else 0  # upper triangle (and a little more) only
+        r, c = slice(start, stop), slice(first, cols)
+        rho = _corr(cov[r, c], s1[r], s2[c])
+        acc = torch.outer(c1[terms - 1, r], c2[terms - 1, c])
+        for j in range(terms - 2, -1, -1):  # Horner in rho
+            acc.mul_(rho).addr_(c1[j, r], c2[j, c])
+        acc.mul_(rho)
+        exact = (rho.abs() > limit1[r, None] * limit2[None, c]).nonzero()
+        if exact.numel():
+            i, j = exact[:, 0] + start, exact[:, 1] + first
+            acc[exact[:, 0], exact[:, 1]] = (
+                relu_cross(m1[i], s1[i], m2[j], s2[j], rho[exact[:, 0], exact[:, 1]])
+                - mu1[i] * mu2[j]
+            )
+        out[r, c] = acc
+    if symmetric:
+        out = out.triu(1)
+        out = out + out.T
+        out.diagonal().copy_(relu_second(m1, s1) - mu1 * mu1)
     return out
 
 
@@ -421,13 +523,9 @@ def _relu_moments(model: UnitModel) -> ActivationMoments:
     s_new = _std(model.new_cov)
     mean = relu_mean(model.mean, s)
     new_mean = relu_mean(model.new_mean, s_new)
-    e_cross = _pairwise(model.new_mean, s_new, model.mean, s, model.cross)  # (k, n)
-    e_new = _pairwise(model.new_mean, s_new, model.new_mean, s_new, model.new_cov)  # (k, k)
-    diag = relu_second(model.new_mean, s_new)
-    e_new = e_new - torch.diag(e_new.diagonal()) + torch.diag(diag)
-    cross = e_cross - new_mean[:, None] * mean[None, :]
-    new_cov = e_new - new_mean[:, None] * new_mean[None, :]
-    return ActivationMoments(mean, new_mean, cross, 0.5 * (new_cov + new_cov.T))
+    cross = relu_cov_pairs(model.new_mean, s_new, model.mean, s, model.cross)  # (k, n)
+    new_cov = relu_cov_pairs(model.new_mean, s_new, model.new_mean, s_new, model.new_cov, True)
+    return ActivationMoments(mean, new_mean, cross, new_cov)
 
 
 def _sampled_moments(
@@ -466,10 +564,7 @@ def activation_correlation(
     """
     mean, cov = block_statistics(weight, bn, sigma)
     s = _std(cov)
-    mu = relu_mean(mean, s)
-    second = _pairwise(mean, s, mean, s, cov)
-    second.diagonal().copy_(relu_second(mean, s))
-    act_cov = second - mu[:, None] * mu[None, :]
+    act_cov = relu_cov_pairs(mean, s, mean, s, cov, symmetric=True)
     sd = act_cov.diagonal().clamp(min=0).sqrt()
     corr = _corr(act_cov, sd, sd)
     corr.diagonal().fill_(1.0)

@@ -27,7 +27,16 @@ import torch
 from torch import Tensor
 
 from .block import Block, Merge
-from .moments import ACTIVATIONS, ActivationMoments, Gaussian, activation_moments, unit_model
+from .moments import (
+    ACTIVATIONS,
+    ActivationMoments,
+    Gaussian,
+    activation_moments,
+    bn_unit_stats,
+    relu_cross,
+    relu_mean,
+    unit_model,
+)
 
 #: where a block without BatchNorm gets its input model: "chained" carries the modelled
 #: activations of the block compressed just before it where it reads them directly (fully
@@ -86,6 +95,7 @@ def least_squares_projection(
 ) -> tuple[Tensor, ActivationMoments] | str:
     """P (K, n) and the activation moments under the block's input model (``inputs``, or
     isotropic), float64; or the reason (a string) why the model is degenerate."""
+    cosine = None if merge.gram is None else merge.gram.cpu()
     model = unit_model(
         block.weight.cpu(),
         block.bn,
@@ -93,6 +103,7 @@ def least_squares_projection(
         merge.assignment.cpu(),
         options.sigma,
         inputs if options.inputs == "chained" else None,
+        cosine,
     )
     moments = activation_moments(model, block.activation, options.samples, generator)
     cov = moments.new_cov
@@ -167,9 +178,66 @@ def reconstruct_merge(
             merge,
             out=out,
             shares=None,
+            gram=None,
             projection=p.to(block.weight.device),
             consumer_bias=(base + delta).to(block.weight.device),
         ),
         None,
         Gaussian(new_mean, moments.new_cov),
     )
+
+
+def reconstruct_reference(
+    block: Block,
+    merge: Merge,
+    options: Reconstruction | None = None,
+    inputs: Gaussian | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The least-squares reconstruction written plainly (ReLU, closed form), as an oracle for
+    :func:`reconstruct_merge`: new slices (K, m, r), consumer bias (m,) and P (K, n).
+    ``inputs``: a modelled block input x ~ N(m, C) (a chained input model)."""
+    options = Reconstruction() if options is None else options
+    w, b = block.weight[:, :-1].double().cpu(), block.weight[:, -1].double().cpu()  # (n, d), (n,)
+    u, e = merge.rows[:, :-1].double().cpu(), merge.rows[:, -1].double().cpu()  # (K, d), (K,)
+    n, k, assign = w.shape[0], u.shape[0], merge.assignment.cpu()
+    # 1. z = W x + b: mean mu (n,), covariance S (n, n) (BN statistics, or x ~ N(m, C) when
+    # given, or x ~ N(0, sigma^2 I))
+    mu, S = b, options.sigma**2 * (w @ w.T)
+    if block.bn is None and inputs is not None and options.inputs == "chained":
+        mu, S = w @ inputs.mean.double() + b, w @ inputs.cov.double() @ w.T
+    if block.bn is not None:
+        mu, std = (t.double().cpu() for t in bn_unit_stats(block.bn))
+        cos = (w @ w.T) / torch.outer(w.norm(dim=1), w.norm(dim=1))
+        S = torch.outer(std, std) * cos
+    # 2. merged unit c = its members' map: u_c = sum_i A_ci w_i (min-norm), z~ = e + A (z - b)
+    A = torch.zeros(k, n, dtype=torch.float64)
+    for c in range(k):
+        members = (assign == c).nonzero().squeeze(1)
+        A[c, members] = torch.linalg.pinv(w[members].T, rtol=1e-10) @ u[c]
+    mu_new, S_cross, S_new = e + A @ (mu - b), A @ S, A @ S @ A.T  # (K,), (K, n), (K, K)
+    # 3. activation moments E a (n,), E a~ (K,), Cov(a~, a) (K, n), Cov(a~, a~) (K, K)
+    s, s_new = S.diagonal().sqrt(), S_new.diagonal().sqrt()
+    Ea, Ea_new = relu_mean(mu, s), relu_mean(mu_new, s_new)
+
+    def cov(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, c12: Tensor) -> Tensor:
+        rho = (c12 / torch.outer(s1, s2)).clamp(-1.0, 1.0)
+        second = relu_cross(m1[:, None], s1[:, None], m2[None, :], s2[None, :], rho)
+        return second - torch.outer(relu_mean(m1, s1), relu_mean(m2, s2))
+
+    C_cross = cov(mu_new, s_new, mu, s, S_cross)
+    C_new = cov(mu_new, s_new, mu_new, s_new, S_new)
+    # 4. P = (C_new + lam I)^-1 (C_cross + lam P_share), blended toward P_share by the shrink
+    share = _share_projection(merge, k, n)
+    lam = max(options.ridge, 1e-12) * float(C_new.diagonal().mean())
+    P = torch.linalg.solve(C_new + lam * torch.eye(k, dtype=torch.float64), C_cross + lam * share)
+    t = options.bn_shrink if block.bn is not None and options.bn_shrink is not None else None
+    t = options.shrink if t is None else t
+    P = (1.0 - t) * P + t * share
+    # 5. slices out~[c] = sum_i P_ci out[i]; bias keeps the expected output (interior reads)
+    out = block.out.double().cpu()  # (n, m, r)
+    new_out = torch.einsum("cn,nmr->cmr", P, out)
+    base = torch.zeros(out.shape[1], dtype=torch.float64)
+    if block.consumer_bias is not None:
+        base = block.consumer_bias.double().cpu()
+    bias = base + out.sum(2).T @ Ea - new_out.sum(2).T @ Ea_new
+    return new_out, bias, P

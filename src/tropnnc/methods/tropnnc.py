@@ -190,7 +190,10 @@ class TropNNC(Method):
             )
             shares = _row_dots(weight, rows, assignment).clamp(min=0)
         next_gram = merged_gram(gram, assignment, alpha, k, product=product) if want_gram else None
-        return merge_by_shares(block, assignment, shares, rows), next_gram
+        merge = merge_by_shares(block, assignment, shares, rows)
+        if self.kernel == "weights":  # the rows' cosines: the reconstruction reuses them
+            merge = replace(merge, gram=gram)
+        return merge, next_gram
 
 
 def _row_dots(weight: Tensor, rows: Tensor, a: Tensor) -> Tensor:
