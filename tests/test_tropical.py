@@ -280,7 +280,7 @@ def test_triangle_inequality() -> None:
 @pytest.mark.parametrize("fn", [hausdorff_exact, hausdorff_grid])
 def test_hausdorff_rejects_high_dimension(fn) -> None:
     a = torch.ones(3, 4, dtype=F64)
-    with pytest.raises(ValueError, match=rf"{fn.__name__}.*D <= 3.*P5 bounds"):
+    with pytest.raises(ValueError, match=rf"{fn.__name__}.*D <= 3.*error bounds \(share_bound"):
         fn(a, a)
 
 
