@@ -92,13 +92,12 @@ def weight_gram(weight: Tensor, cosine: Tensor | None = None) -> Tensor:
     The cosine is not used where biases dominate the rows (|b| > 0.9 |r|), since the
     subtraction would then lose the weights' part to rounding.
     """
-    if cosine is not None:
-        w = weight.double()
-        norms = torch.linalg.vector_norm(w, dim=1)  # of the full rows
-        bias = w[:, -1]
+    if cosine is not None:  # norms in the rows' dtype: no float64 copy of a large block
+        norms = torch.linalg.vector_norm(weight, dim=1).double()  # of the full rows
+        bias = weight[:, -1].double()
         if bool((bias.abs() <= 0.9 * norms).all()):
-            g = norms[:, None] * cosine.to(device=w.device, dtype=torch.float64) * norms[None, :]
-            return g.sub_(bias[:, None] * bias[None, :])
+            g = norms[:, None] * cosine.to(device=norms.device, dtype=torch.float64)
+            return g.mul_(norms[None, :]).sub_(bias[:, None] * bias[None, :])
     w = weight[:, :-1]
     return (w @ w.T).double()
 
@@ -172,9 +171,11 @@ def member_maps(
     step = _memory.rows_per_chunk(8 * weight.shape[1], _memory.CACHE_BYTES)  # 8 bytes an entry
     for start in range(0, members.numel(), step):
         part = slice(start, start + step)
-        rhs[part] = (weight[members[part], :-1] * rows[labels[part], :-1].to(weight.dtype)).sum(
-            dim=1, dtype=torch.float64
-        )
+        w, u = weight[members[part], :-1], rows[labels[part], :-1].to(weight.dtype)
+        if weight.dtype == torch.float64:
+            rhs[part] = (w * u).sum(dim=1)
+        else:  # in the rows' dtype, as their Gram (a batched dot: no float64 product copy)
+            rhs[part] = torch.einsum("nd,nd->n", w, u).double()
     # clusters batched by size, padded to the next power of two (not to the largest
     # cluster: one big family would make every cluster's eigh as costly as its own)
     width_of = torch.where(sizes > 1, 2 ** torch.ceil(torch.log2(sizes.double())), 1.0).long()

@@ -166,7 +166,7 @@ def reconstruct_merge(
     flat = src.reshape(n, m * r) if src.is_contiguous() else src.contiguous().view(n, m * r)
     out = (p.to(**like) @ flat).view(-1, m, r)  # (K, m, r) = sum_i P_ki out[i]
     # match the consumer's expected output: c~ = c0 + sum_i E a_i cbar_i - sum_k E a~_k cbar~_k
-    cbar = src.sum(dim=2, dtype=torch.float64).cpu()  # (n, m)
+    cbar = flat.view(n, m, r).sum(dim=2).double().cpu()  # (n, m), in the slices' dtype
     delta = cbar.T @ mean - (p @ cbar).T @ new_mean
     base = (
         block.consumer_bias.double().cpu()
