@@ -45,7 +45,7 @@ import tropnnc  # noqa: E402
 DPI = 120
 #: the committed sweeps figure (c) reads, and the rows it draws (label in the CSV, legend)
 SWEEPS = (
-    ("E3", "E3: LeNet-300-100, both hidden layers"),
+    ("E3-chained", "E3: LeNet-300-100, both hidden layers"),
     ("E2", "E2: e2-cnn, FC hidden layer"),
     ("E4", "E4: vgg-small with BatchNorm, conv layers"),
 )
