@@ -9,7 +9,8 @@ from torch import nn
 
 import tropnnc
 from tropnnc.block import Block, Merge, certificate, merge_by_shares, projection_errors
-from tropnnc.graph import discover
+from tropnnc.bounds import domain_std
+from tropnnc.graph import discover, input_readers
 from tropnnc.methods import get_method
 from tropnnc.moments import Gaussian, block_statistics
 from tropnnc.reconstruct import Reconstruction, least_squares_projection, reconstruct_merge
@@ -210,7 +211,7 @@ def test_compress_with_reconstruction_reports_and_certifies():
     assert result.to_dict()["reconstruction"] == {
         "ridge": 1e-6,
         "shrink": 0.0,
-        "sigma": 1.0,
+        "sigma": None,
         "samples": 0,
         "bn_shrink": None,
         "inputs": "chained",
@@ -287,3 +288,50 @@ def test_fc_chains_carry_the_modelled_activations_to_the_next_block():
     assert not torch.allclose(chained[5].weight, local[5].weight)
     with pytest.raises(ValueError, match="reconstruction inputs must be one of chained, local"):
         Reconstruction(inputs="global")
+
+
+def test_domain_std_is_half_the_input_width_in_the_networks_units():
+    assert domain_std() == 0.5  # pixels in [0, 1]
+    assert domain_std((-1.0, 3.0)) == 2.0
+    assert domain_std((0.0, 1.0), (0.5, 0.25)) == 2.0  # read as (x - 0.5) / 0.25
+    per_channel = domain_std((0.0, 1.0), ([0.48, 0.46, 0.41], [0.2, 0.25, 0.5]))
+    assert per_channel == pytest.approx((2.5 + 2.0 + 1.0) / 3)
+
+
+def test_input_readers_are_the_layers_reading_the_network_input():
+    mlp = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert input_readers(mlp) == {"2"}
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    assert input_readers(cnn) == {"0"}
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else x
+
+    assert input_readers(Untraceable()) == set()
+
+
+def test_blocks_reading_the_network_input_model_it_from_the_input_domain():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).eval()
+
+    def first(result):
+        return result.model[1].weight, result.model[3].weight
+
+    auto = tropnnc.compress(model, 0.5, "tropnnc", reconstruct="ls")
+    half = tropnnc.compress(model, 0.5, "tropnnc", reconstruct=Reconstruction(sigma=0.5))
+    one = tropnnc.compress(model, 0.5, "tropnnc", reconstruct=Reconstruction(sigma=1.0))
+    # [0, 1] inputs: the first block's input std is 0.5 (the second reads the first's
+    # modelled activations, so it follows); an explicit sigma wins
+    for a, b in zip(first(auto), first(half), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.allclose(auto.model[3].weight, one.model[3].weight)
+    wide = tropnnc.compress(model, 0.5, "tropnnc", reconstruct="ls", input_range=(-1.0, 1.0))
+    for a, b in zip(first(wide), first(one), strict=True):
+        assert torch.equal(a, b)  # half-width 1

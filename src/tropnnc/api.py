@@ -22,11 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block import Block, Merge, certificate, homogeneous, rescale_units, select
-from .bounds import block_radii
+from .bounds import block_radii, domain_std
 from .budget import Allocation, Budget, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
-from .graph import BlockSpec, GroupSpec, Skip, discover, layer_width
+from .graph import BlockSpec, GroupSpec, Skip, discover, input_readers, layer_width
 from .methods import Method, get_method, method_class, methods
 from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
@@ -197,6 +197,9 @@ def compress(
     specs, skipped = _blocks(model, run, strict)
     widths, allocation = _plan_widths(model, specs, keep, run, example_inputs)
     _check_domain(radius, input_range, input_stats)
+    if run.recon is not None and run.recon.sigma is None:  # the input domain's std
+        std = domain_std(input_range, input_stats)
+        run = replace(run, input_sigma=dict.fromkeys(input_readers(model), std))
     inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
     unchanged = _unchanged(model, specs, widths, run)
     work = _working_copy(model, specs, set(widths) - unchanged)
@@ -238,6 +241,8 @@ class _Settings:
     repair: str | None
     recon: Reconstruction | None
     batches: list[torch.Tensor] | None
+    #: the reconstruction's input std of blocks that read the network input (sigma None)
+    input_sigma: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def refit(self) -> bool:
@@ -541,8 +546,11 @@ def _correct(
         elif isinstance(spec, GroupSpec):  # rows of several producers: no input model
             recon_note = "a channel group keeps the method's slices"
         else:
+            recon = run.recon
+            if recon.sigma is None:
+                recon = replace(recon, sigma=run.input_sigma.get(spec.producer, 1.0))
             merge, recon_note, activations = reconstruct_merge(
-                block, merge, run.recon, generator, inputs
+                block, merge, recon, generator, inputs
             )
             if recon_note is not None:
                 log.warning("%s: reconstruction skipped: %s", spec.producer, recon_note)

@@ -214,6 +214,20 @@ class Interval:
         return self.centre.abs() + self.radius
 
 
+def domain_std(
+    input_range: tuple[Any, Any] | None = None, input_stats: tuple[Any, Any] | None = None
+) -> float:
+    """Half the mean width of the input domain in the units the network reads ((hi - lo) / 2,
+    divided by the std of ``input_stats``; 0.5 for the default [0, 1]): the largest std an
+    input element can have, the std of the isotropic input model of blocks that read the
+    network input (docs/expected-error.md, "The first block's input model")."""
+    lo, hi = UNIT_RANGE if input_range is None else input_range
+    width = torch.as_tensor(hi, dtype=torch.float64) - torch.as_tensor(lo, dtype=torch.float64)
+    if input_stats is not None:
+        width = width / torch.as_tensor(input_stats[1], dtype=torch.float64)
+    return 0.5 * float(width.mean())
+
+
 def input_domain(
     shape: Sequence[int],
     input_range: tuple[Any, Any] | None = None,

@@ -275,6 +275,27 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
+def input_readers(model: nn.Module) -> set[str]:
+    """The Linear and Conv layers that read the network's (first) input as it is, or
+    through flattens, reshapes, dropout and identities only: their input's distribution is
+    the input domain's. Empty when the model cannot be traced."""
+    try:
+        gm = trace(model)
+    except TraceError:
+        return set()
+    modules = dict(gm.named_modules())
+    frontier = [n for n in gm.graph.nodes if n.op == "placeholder"][:1]
+    readers: set[str] = set()
+    while frontier:
+        for user in frontier.pop().users:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                readers.add(str(user.target))
+            elif isinstance(module, (nn.Dropout, nn.Identity)) or _is_flatten(user, modules):
+                frontier.append(user)
+    return readers
+
+
 def discover(model: nn.Module) -> tuple[list[BlockSpec | GroupSpec], list[Skip]]:
     """All compressible blocks and channel groups of ``model`` in forward order, and the
     skipped producers."""

@@ -51,7 +51,9 @@ class Reconstruction:
     ``ridge``: lambda relative to the mean variance of the new units; it pulls P toward the
     method's own share-form projection (toward 0 for merges without shares). ``shrink`` in [0, 1]:
     weight of the method's share-form projection in the final one (0: pure least squares).
-    ``sigma``: std of the isotropic input of blocks without BatchNorm. ``samples``: Monte
+    ``sigma``: std of the isotropic input of blocks without BatchNorm (None: 1, and
+    :func:`tropnnc.compress` sets the input domain's half-width, 0.5 for pixels in [0, 1], for
+    blocks that read the network input; docs/expected-error.md). ``samples``: Monte
     Carlo draws (0: closed form for ReLU; other activations always sample). ``bn_shrink``:
     the shrink of blocks whose model comes from BatchNorm statistics (None: ``shrink``).
     ``inputs``: one of :data:`INPUT_MODELS` (docs/expected-error.md, "Chained input models").
@@ -59,7 +61,7 @@ class Reconstruction:
 
     ridge: float = 1e-6
     shrink: float = 0.0
-    sigma: float = 1.0
+    sigma: float | None = None
     samples: int = 0
     bn_shrink: float | None = None
     inputs: str = "chained"
@@ -67,6 +69,8 @@ class Reconstruction:
     def __post_init__(self) -> None:
         for name in ("ridge", "sigma"):
             value = getattr(self, name)
+            if value is None and name == "sigma":
+                continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(
                     f"reconstruction {name} must be a finite number >= 0, got {value!r}"
@@ -101,7 +105,7 @@ def least_squares_projection(
         block.bn,
         merge.rows.cpu(),
         merge.assignment.cpu(),
-        options.sigma,
+        1.0 if options.sigma is None else options.sigma,
         inputs if options.inputs == "chained" else None,
         cosine,
     )
@@ -202,7 +206,8 @@ def reconstruct_reference(
     n, k, assign = w.shape[0], u.shape[0], merge.assignment.cpu()
     # 1. z = W x + b: mean mu (n,), covariance S (n, n) (BN statistics, or x ~ N(m, C) when
     # given, or x ~ N(0, sigma^2 I))
-    mu, S = b, options.sigma**2 * (w @ w.T)
+    sigma = 1.0 if options.sigma is None else options.sigma
+    mu, S = b, sigma**2 * (w @ w.T)
     if block.bn is None and inputs is not None and options.inputs == "chained":
         mu, S = w @ inputs.mean.double() + b, w @ inputs.cov.double() @ w.T
     if block.bn is not None:
