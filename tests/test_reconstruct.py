@@ -296,6 +296,8 @@ def test_domain_std_is_half_the_input_width_in_the_networks_units():
     assert domain_std((0.0, 1.0), (0.5, 0.25)) == 2.0  # read as (x - 0.5) / 0.25
     per_channel = domain_std((0.0, 1.0), ([0.48, 0.46, 0.41], [0.2, 0.25, 0.5]))
     assert per_channel == pytest.approx((2.5 + 2.0 + 1.0) / 3)
+    with pytest.raises(TypeError, match="input_range low end must be a number"):
+        domain_std(("a", 1.0))
 
 
 def test_input_readers_are_the_layers_reading_the_network_input():

@@ -222,9 +222,15 @@ def domain_std(
     input element can have, the std of the isotropic input model of blocks that read the
     network input (docs/expected-error.md, "The first block's input model")."""
     lo, hi = UNIT_RANGE if input_range is None else input_range
-    width = torch.as_tensor(hi, dtype=torch.float64) - torch.as_tensor(lo, dtype=torch.float64)
+    parts = [_as_f64(lo, "input_range low end"), _as_f64(hi, "input_range high end")]
     if input_stats is not None:
-        width = width / torch.as_tensor(input_stats[1], dtype=torch.float64)
+        parts.append(_as_f64(input_stats[1], "input_stats std"))
+    try:
+        width = parts[1] - parts[0]
+        if input_stats is not None:
+            width = width / parts[2]
+    except RuntimeError:  # per-channel values against a tensor of the input's shape
+        width = (parts[1].mean() - parts[0].mean()) / (parts[2].mean() if input_stats else 1.0)
     return 0.5 * float(width.mean())
 
 
@@ -261,15 +267,20 @@ def input_domain(
     return Interval.from_ends(lo.expand(shape)[None].clone(), hi.expand(shape)[None].clone())
 
 
-def _per_channel(value: Any, shape: tuple[int, ...], what: str) -> Tensor:
-    """``value`` as a float64 tensor broadcastable to ``shape``: numbers as they are,
-    a 1-D sequence with one entry per channel (``shape[0]``) along the channel dimension."""
+def _as_f64(value: Any, what: str) -> Tensor:
+    """``value`` (a number, a sequence of numbers or a tensor) as a float64 CPU tensor."""
     try:
-        t = torch.as_tensor(value, dtype=F64).detach().cpu()
+        return torch.as_tensor(value, dtype=F64).detach().cpu()
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
             f"{what} must be a number, a sequence of numbers or a tensor, got {value!r}"
         ) from None
+
+
+def _per_channel(value: Any, shape: tuple[int, ...], what: str) -> Tensor:
+    """``value`` as a float64 tensor broadcastable to ``shape``: numbers as they are,
+    a 1-D sequence with one entry per channel (``shape[0]``) along the channel dimension."""
+    t = _as_f64(value, what)
     if t.dim() == 1 and len(shape) > 1 and t.numel() == shape[0]:
         t = t.view(-1, *([1] * (len(shape) - 1)))
     try:
