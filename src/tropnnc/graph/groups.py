@@ -24,6 +24,17 @@ from .group_specs import _finish
 from .spaces import _Space, _union
 from .specs import BlockSpec, GroupSpec, Producer, Skip, layer_width
 
+#: why channels reaching an unsupported op of each category are blocked: (reason, refused)
+_UNSUPPORTED = {
+    "attention": (
+        "is read by {label}, which multiplies activations (attention or gating); left alone",
+        False,
+    ),
+    "reshape": ("is reshaped by {label}, which mixes channels", False),
+    "activation": ("passes through {label}, not a supported activation", True),
+    "batchnorm": ("passes through {label}", False),
+}
+
 
 def _groups(
     graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]
@@ -32,182 +43,236 @@ def _groups(
     be merged (and of linear bottlenecks, blocks without an activation), the Skip of every
     producer of a group that cannot, and the depthwise convolutions that are members of a
     group."""
-    segs: dict[fx.Node, tuple[tuple[_Space | None, int | None], ...]] = {}
-    flat: set[fx.Node] = set()
-    layer_of: dict[fx.Node, Producer] = {}  # producer / depthwise nodes, for BN folding
-    spaces: list[_Space] = []
+    walk = _Walk(modules, calls)
+    for order, node in enumerate(graph.nodes):
+        walk.visit(order, node)
+    return _finish(walk.spaces, modules)
 
-    def block_inputs(node: fx.Node, reason: str, refused: bool = False) -> None:
+
+class _Walk:
+    """One pass over the graph in forward order, recording which channel spaces every tensor
+    carries (``segs``: one (space, width) per channel segment, space None for channels of no
+    layer) and blocking the spaces whose channels reach an op a group cannot contain."""
+
+    def __init__(self, modules: dict[str, nn.Module], calls: dict[str, int]) -> None:
+        self.modules = modules
+        self.calls = calls
+        self.segs: dict[fx.Node, tuple[tuple[_Space | None, int | None], ...]] = {}
+        self.flat: set[fx.Node] = set()  # tensors read through a flatten (or a global mean)
+        self.layer_of: dict[fx.Node, Producer] = {}  # producer / depthwise nodes, for BN folding
+        self.spaces: list[_Space] = []
+
+    def block_inputs(self, node: fx.Node, reason: str, refused: bool = False) -> None:
+        """Block every space that ``node`` reads: its channels cannot be merged."""
         for arg in node.all_input_nodes:
-            for space, _ in segs.get(arg, ()):
+            for space, _ in self.segs.get(arg, ()):
                 if space is not None:
                     space.block(reason, refused)
 
-    for order, node in enumerate(graph.nodes):
+    def visit(self, order: int, node: fx.Node) -> None:
+        """Record what ``node`` (at forward position ``order``) does to the channels it reads:
+        dispatch on the kind of op, in the order the checks must run."""
         if _is_metadata(node) or node.op in ("placeholder", "get_attr"):
-            continue
+            return
         if node.op == "output":
-            block_inputs(node, "feeds the model output")
-            continue
-        has_input = any(a in segs for a in node.all_input_nodes)
-        mod = modules.get(node.target) if node.op == "call_module" else None
+            self.block_inputs(node, "feeds the model output")
+            return
+        has_input = any(a in self.segs for a in node.all_input_nodes)
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
         if isinstance(mod, PRODUCERS) and getattr(mod, "groups", 1) == 1:
             if has_input:
-                src = node.args[0]
-                if calls[node.target] > 1:
-                    block_inputs(
-                        node,
-                        f"is read by {node.target}, which is called {calls[node.target]} times",
-                    )
-                else:
-                    for i, (space, _) in enumerate(segs[src]):
-                        if space is not None:
-                            space.find().consumers.append(
-                                (order, node.target, segs[src], i, src in flat)
-                            )
-            if calls[node.target] == 1:
-                space = _Space(layer_width(mod), order)
-                space.producers.append((order, Producer(node.target, None)))
-                spaces.append(space)
-                segs[node] = ((space, space.width),)
-                layer_of[node] = space.producers[-1][1]
-            continue
+                self.read_by_layer(order, node)
+            if self.calls[node.target] == 1:
+                self.new_space(order, node, mod)
+            return
         if not has_input:
-            continue
+            return
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        label = _kind(node, modules)
+        label = _kind(node, self.modules)
         if isinstance(mod, nn.Conv2d):  # grouped (a plain conv is a producer, above)
-            depthwise = mod.groups == mod.in_channels == mod.out_channels
-            if (
-                depthwise
-                and src in segs
-                and len(segs[src]) == 1
-                and segs[src][0][0] is not None
-                and calls[node.target] == 1
-            ):
-                space = segs[src][0][0].find()
-                space.channelwise.append((order, Producer(node.target, None)))
-                layer_of[node] = space.channelwise[-1][1]
-                segs[node] = segs[src]
-            else:
-                block_inputs(
-                    node,
-                    f"is read by {label}, a grouped convolution (groups={mod.groups})",
-                    refused=True,
-                )
-            continue
+            self.grouped_conv(order, node, mod, src, label)
+            return
         if isinstance(mod, BATCHNORMS):
-            users = [u for u in src.users if not _is_metadata(u)] if src is not None else []
-            owner = layer_of.get(src)
-            if (
-                owner is not None
-                and users == [node]
-                and calls[node.target] == 1
-                and mod.track_running_stats
-                and mod.running_mean is not None
-                and mod.num_features == segs[src][0][1]
-            ):
-                space = segs[src][0][0].find()
-                for entries in (space.producers, space.channelwise):
-                    for j, (pos, p) in enumerate(entries):
-                        if p is owner:
-                            entries[j] = (pos, Producer(p.layer, node.target))
-                segs[node] = segs[src]
-            else:
-                block_inputs(
-                    node,
-                    f"passes through {label} away from its producer (a "
-                    "BatchNorm is folded only directly after the producer)",
+            self.batchnorm(node, mod, src, label)
+            return
+        if self.pass_through(node, src):
+            return
+        category = _category(node, mod)
+        if category == "residual" or _is_product(node):
+            self.combine(node, _is_product(node), label)
+        elif category == "concat" and node.target is not torch.stack:
+            self.concat(node, label)
+        else:
+            self.block_inputs(node, *_unsupported(node, mod, category, label))
+
+    def read_by_layer(self, order: int, node: fx.Node) -> None:
+        """An ungrouped Linear/Conv2d reads its input's spaces: it becomes their consumer (a
+        layer called several times blocks them instead: its weights serve other inputs)."""
+        src = node.args[0]
+        if self.calls[node.target] > 1:
+            self.block_inputs(
+                node,
+                f"is read by {node.target}, which is called {self.calls[node.target]} times",
+            )
+            return
+        for i, (space, _) in enumerate(self.segs[src]):
+            if space is not None:
+                space.find().consumers.append(
+                    (order, node.target, self.segs[src], i, src in self.flat)
                 )
-            continue
-        activation = _activation(node, modules) or _gate(node, modules)
+
+    def new_space(self, order: int, node: fx.Node, mod: nn.Module) -> None:
+        """A producer called once writes a new space of its own channels."""
+        space = _Space(layer_width(mod), order)
+        space.producers.append((order, Producer(node.target, None)))
+        self.spaces.append(space)
+        self.segs[node] = ((space, space.width),)
+        self.layer_of[node] = space.producers[-1][1]
+
+    def grouped_conv(
+        self, order: int, node: fx.Node, mod: nn.Conv2d, src: fx.Node | None, label: str
+    ) -> None:
+        """A depthwise convolution on one space joins it as a channel-wise member (its
+        per-channel filters merge with the channels); any other grouped convolution blocks
+        what it reads."""
+        depthwise = mod.groups == mod.in_channels == mod.out_channels
         if (
+            depthwise
+            and src in self.segs
+            and len(self.segs[src]) == 1
+            and self.segs[src][0][0] is not None
+            and self.calls[node.target] == 1
+        ):
+            space = self.segs[src][0][0].find()
+            space.channelwise.append((order, Producer(node.target, None)))
+            self.layer_of[node] = space.channelwise[-1][1]
+            self.segs[node] = self.segs[src]
+        else:
+            self.block_inputs(
+                node,
+                f"is read by {label}, a grouped convolution (groups={mod.groups})",
+                refused=True,
+            )
+
+    def batchnorm(self, node: fx.Node, mod: nn.Module, src: fx.Node | None, label: str) -> None:
+        """A BatchNorm directly after its producer (or depthwise convolution), its only
+        reader, folds into that member; anywhere else it blocks what it reads."""
+        users = [u for u in src.users if not _is_metadata(u)] if src is not None else []
+        owner = self.layer_of.get(src)
+        if (
+            owner is not None
+            and users == [node]
+            and self.calls[node.target] == 1
+            and mod.track_running_stats
+            and mod.running_mean is not None
+            and mod.num_features == self.segs[src][0][1]
+        ):
+            space = self.segs[src][0][0].find()
+            for entries in (space.producers, space.channelwise):
+                for j, (pos, p) in enumerate(entries):
+                    if p is owner:
+                        entries[j] = (pos, Producer(p.layer, node.target))
+            self.segs[node] = self.segs[src]
+        else:
+            self.block_inputs(
+                node,
+                f"passes through {label} away from its producer (a "
+                "BatchNorm is folded only directly after the producer)",
+            )
+
+    def pass_through(self, node: fx.Node, src: fx.Node | None) -> bool:
+        """Whether ``node`` is a channel-wise op (an activation, a gate, a pool, dropout, a
+        flatten); if so its output carries its input's spaces, and an activation or gate is
+        recorded on them."""
+        activation = _activation(node, self.modules) or _gate(node, self.modules)
+        if not (
             activation is not None
-            or _is_pass(node, modules)
-            or _is_pre_relu(node, modules)
+            or _is_pass(node, self.modules)
+            or _is_pre_relu(node, self.modules)
             or _label(node) == "stochastic_depth"
         ):  # (torchvision: identity in eval)
-            if src not in segs:
-                continue
-            if activation is not None:
-                for space, _ in segs[src]:
+            return False
+        if src not in self.segs:
+            return True
+        if activation is not None:
+            for space, _ in self.segs[src]:
+                if space is not None:
+                    space.find().acts.add(activation)
+        elif _is_flatten(node, self.modules):
+            self.flat.add(node)
+        if src in self.flat:
+            self.flat.add(node)
+        self.segs[node] = self.segs[src]
+        return True
+
+    def combine(self, node: fx.Node, is_mul: bool, label: str) -> None:
+        """An addition (residual stream) or a product (gate) of two tensors with the same
+        segment widths merges their spaces segment by segment; anything else it touches is
+        blocked (channels of no layer, or a tensor of another layout)."""
+        operands = list(node.args[:2])
+        if not (
+            len(operands) == 2
+            and all(isinstance(a, fx.Node) and a in self.segs for a in operands)
+            and [w for _, w in self.segs[operands[0]]] == [w for _, w in self.segs[operands[1]]]
+        ):
+            what = "multiplied by" if is_mul else "added to"
+            self.block_inputs(node, f"is {what} a tensor that is not a layer's channels ({label})")
+            return
+        for (s1, _), (s2, _) in zip(self.segs[operands[0]], self.segs[operands[1]], strict=True):
+            if s1 is None or s2 is None:
+                for space in (s1, s2):
                     if space is not None:
-                        space.find().acts.add(activation)
-            elif _is_flatten(node, modules):
-                flat.add(node)
-            if src in flat:
-                flat.add(node)
-            segs[node] = segs[src]
-            continue
-        category = _category(node, mod)
-        is_add = category == "residual"
-        is_mul = (node.op == "call_function" and node.target in MUL_OPS) or (
-            node.op == "call_method" and node.target in ("mul", "mul_")
-        )
-        if is_add or is_mul:
-            operands = list(node.args[:2])
-            if (
-                len(operands) == 2
-                and all(isinstance(a, fx.Node) and a in segs for a in operands)
-                and [w for _, w in segs[operands[0]]] == [w for _, w in segs[operands[1]]]
-            ):
-                for (s1, _), (s2, _) in zip(segs[operands[0]], segs[operands[1]], strict=True):
-                    if s1 is None or s2 is None:
-                        for space in (s1, s2):
-                            if space is not None:
-                                space.block(f"is combined by {label} with channels of no layer")
-                        continue
-                    root = _union(s1, s2, label)
-                    root.ops.append(_label(node))
-                    root.gated |= is_mul
-                segs[node] = segs[operands[0]]
-                if any(o in flat for o in operands):
-                    flat.add(node)
-            else:
-                what = "added to" if is_add else "multiplied by"
-                block_inputs(node, f"is {what} a tensor that is not a layer's channels ({label})")
-            continue
-        if category == "concat" and node.target is not torch.stack:
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            parts = node.args[0] if node.args else ()
-            if dim in (1, -3) and isinstance(parts, (list, tuple)):
-                joined: list[tuple[_Space | None, int | None]] = []
-                for part in parts:
-                    joined += (
-                        list(segs.get(part, ((None, None),)))
-                        if isinstance(part, fx.Node)
-                        else [(None, None)]
-                    )
-                for space, _ in joined:
-                    if space is not None:
-                        space.find().ops.append(_label(node))
-                segs[node] = tuple(joined)
+                        space.block(f"is combined by {label} with channels of no layer")
                 continue
-            block_inputs(
+            root = _union(s1, s2, label)
+            root.ops.append(_label(node))
+            root.gated |= is_mul
+        self.segs[node] = self.segs[operands[0]]
+        if any(o in self.flat for o in operands):
+            self.flat.add(node)
+
+    def concat(self, node: fx.Node, label: str) -> None:
+        """A concatenation along the channels carries its parts' segments side by side (a
+        consumer then reads each space as a range of its input); along any other dimension it
+        blocks them."""
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        parts = node.args[0] if node.args else ()
+        if not (dim in (1, -3) and isinstance(parts, (list, tuple))):
+            self.block_inputs(
                 node, f"is concatenated by {label} along dimension {dim}, not the channels"
             )
-            continue
-        reasons = {
-            "attention": (
-                f"is read by {label}, which multiplies activations (attention or "
-                "gating); left alone",
-                False,
-            ),
-            "reshape": (f"is reshaped by {label}, which mixes channels", False),
-            "activation": (f"passes through {label}, not a supported activation", True),
-            "batchnorm": (f"passes through {label}", False),
-        }
-        if isinstance(mod, nn.LayerNorm) or (
-            node.op == "call_function" and node.target is F.layer_norm
-        ):
-            reason = (f"is normalised by {label}, which mixes channels; left alone", False)
-        else:
-            reason = reasons.get(
-                category,
-                (
-                    f"is read by {label}, which is not supported on a channel group; left alone",
-                    False,
-                ),
+            return
+        joined: list[tuple[_Space | None, int | None]] = []
+        for part in parts:
+            joined += (
+                list(self.segs.get(part, ((None, None),)))
+                if isinstance(part, fx.Node)
+                else [(None, None)]
             )
-        block_inputs(node, *reason)
-    return _finish(spaces, modules)
+        for space, _ in joined:
+            if space is not None:
+                space.find().ops.append(_label(node))
+        self.segs[node] = tuple(joined)
+
+
+def _is_product(node: fx.Node) -> bool:
+    """An element-wise product (``x * y``, ``torch.mul``, ``x.mul(y)``): a gate when both
+    operands carry channels of layers."""
+    return (node.op == "call_function" and node.target in MUL_OPS) or (
+        node.op == "call_method" and node.target in ("mul", "mul_")
+    )
+
+
+def _unsupported(
+    node: fx.Node, mod: nn.Module | None, category: str | None, label: str
+) -> tuple[str, bool]:
+    """(reason, refused) for channels reaching an op a group cannot contain."""
+    if isinstance(mod, nn.LayerNorm) or (
+        node.op == "call_function" and node.target is F.layer_norm
+    ):
+        return (f"is normalised by {label}, which mixes channels; left alone", False)
+    reason, refused = _UNSUPPORTED.get(
+        category,
+        ("is read by {label}, which is not supported on a channel group; left alone", False),
+    )
+    return (reason.format(label=label), refused)
