@@ -94,26 +94,10 @@ def _stop(
             return Skip(name, f"{name} is an output layer (never compressed)")
         return Skip(name, f"{name} feeds the model output with no consumer layer")
     mod = modules.get(node.target) if node.op == "call_module" else None
-    label = _label(node)
     category = _category(node, mod)
     source = f"{name} (through {via})" if via else name
-    if category == "residual":
-        role = (
-            "is a shortcut (downsample) projection"
-            if origin is not None and _is_shortcut(*origin, node)
-            else "is the last layer of a residual branch"
-        )
-        return Skip(
-            name,
-            f"{source} {role}: it feeds a residual addition ({label}), and the "
-            "residual stream keeps its width",
-        )
-    if category == "concat":
-        return Skip(
-            name,
-            f"{source} feeds a concatenation ({label}): its units are read "
-            "by other branches too, so it keeps its width",
-        )
+    if category in ("residual", "concat"):
+        return _coupled(name, node, category, source, origin)
     described = _kind(node, modules)
     if category == "activation":
         return Skip(
@@ -129,56 +113,103 @@ def _stop(
             "gating): not a fixed linear read of the units; left alone",
         )
     if category == "reshape":
-        attention = _attention_ahead(node, modules)
-        if attention is not None:
-            return Skip(
-                name,
-                f"{name} feeds {_kind(attention, modules)} through {described}: "
-                "attention (query, key, value) is left alone",
-            )
-        if _is_token_flatten(node, modules):
-            return Skip(
-                name,
-                f"{described} after {name} turns its channels into the features "
-                "of tokens (a flatten of H, W); left alone",
-            )
-        return Skip(
-            name,
-            f"{described} after {name} is a reshape that mixes channels (only "
-            "a per-sample flatten of C, H, W is allowed)",
-            refused=True,
-        )
+        return _reshaped(name, node, modules, described)
     if category == "batchnorm":
-        if what == "activation":  # a second BatchNorm directly after the folded one
-            return Skip(
-                name,
-                f"{described} after {source} cannot be folded (only one "
-                "BatchNorm directly after the producer)",
-                refused=True,
-            )
+        return _batchnorm_on_path(name, described, source, what)
+    if what == "activation":
+        return _before_activation(name, mod, described, source)
+    return Skip(
+        name,
+        f"{described} after {name} is not supported on a block's path (allowed: "
+        "ReLU, max/avg/adaptive pools, dropout, flatten)",
+        refused=True,
+    )
+
+
+def _coupled(
+    name: str,
+    node: fx.Node,
+    category: str,
+    source: str,
+    origin: tuple[fx.Node, fx.Node] | None,
+) -> Skip:
+    """A walk reaching a residual addition or a concatenation: the producer's units are
+    coupled to other channels and keep their width (left alone, not refused)."""
+    label = _label(node)
+    if category == "concat":
         return Skip(
             name,
-            f"{described} after the activation of {name} is not positively homogeneous",
+            f"{source} feeds a concatenation ({label}): its units are read "
+            "by other branches too, so it keeps its width",
+        )
+    role = (
+        "is a shortcut (downsample) projection"
+        if origin is not None and _is_shortcut(*origin, node)
+        else "is the last layer of a residual branch"
+    )
+    return Skip(
+        name,
+        f"{source} {role}: it feeds a residual addition ({label}), and the "
+        "residual stream keeps its width",
+    )
+
+
+def _reshaped(name: str, node: fx.Node, modules: dict[str, nn.Module], described: str) -> Skip:
+    """A walk reaching a reshape: left alone when it leads to attention or turns channels
+    into token features (a patch embedding); refused otherwise (it mixes channels)."""
+    attention = _attention_ahead(node, modules)
+    if attention is not None:
+        return Skip(
+            name,
+            f"{name} feeds {_kind(attention, modules)} through {described}: "
+            "attention (query, key, value) is left alone",
+        )
+    if _is_token_flatten(node, modules):
+        return Skip(
+            name,
+            f"{described} after {name} turns its channels into the features "
+            "of tokens (a flatten of H, W); left alone",
+        )
+    return Skip(
+        name,
+        f"{described} after {name} is a reshape that mixes channels (only "
+        "a per-sample flatten of C, H, W is allowed)",
+        refused=True,
+    )
+
+
+def _batchnorm_on_path(name: str, described: str, source: str, what: str) -> Skip:
+    """A walk reaching a BatchNorm that cannot fold: a second one directly after the
+    producer's, or one after the activation (not positively homogeneous)."""
+    if what == "activation":  # a second BatchNorm directly after the folded one
+        return Skip(
+            name,
+            f"{described} after {source} cannot be folded (only one "
+            "BatchNorm directly after the producer)",
             refused=True,
         )
-    if what == "activation" and isinstance(mod, PRODUCERS):
+    return Skip(
+        name,
+        f"{described} after the activation of {name} is not positively homogeneous",
+        refused=True,
+    )
+
+
+def _before_activation(name: str, mod: nn.Module | None, described: str, source: str) -> Skip:
+    """A walk stopping before any activation: a layer right after the producer (a linear
+    bottleneck), or an op that does not commute with the ReLU."""
+    if isinstance(mod, PRODUCERS):
         return Skip(
             name,
             f"{source} feeds {described} with no activation in between (a "
             "linear bottleneck): there is no ReLU to compress across",
             refused=True,
         )
-    if what == "activation":  # before any ReLU only ops that commute with it may sit
-        return Skip(
-            name,
-            f"{described} directly after {source} comes before the ReLU, where "
-            "only max pools and dropout are allowed (they commute with it; avg "
-            "pools and flatten only after the ReLU)",
-            refused=True,
-        )
+    # before any ReLU only ops that commute with it may sit
     return Skip(
         name,
-        f"{described} after {name} is not supported on a block's path (allowed: "
-        "ReLU, max/avg/adaptive pools, dropout, flatten)",
+        f"{described} directly after {source} comes before the ReLU, where "
+        "only max pools and dropout are allowed (they commute with it; avg "
+        "pools and flatten only after the ReLU)",
         refused=True,
     )
