@@ -27,7 +27,6 @@ def _follow(
     """Walk from a producer node to its consumer, or say why the walk stops."""
     name = node.target
     producer = modules[name]
-    units = layer_width(producer)
     if calls[name] > 1:
         return Skip(name, f"{name} is called {calls[name]} times (shared weights)")
     if getattr(producer, "groups", 1) != 1:
@@ -44,29 +43,9 @@ def _follow(
     if isinstance(users, Skip):
         return users
     if users.op == "call_module" and isinstance(modules[users.target], BATCHNORMS):
-        bn_mod = modules[users.target]
-        if not bn_mod.track_running_stats or bn_mod.running_mean is None:
-            return Skip(
-                name,
-                f"{users.target} ({type(bn_mod).__name__}) after {name} has no "
-                "running statistics to fold",
-                refused=True,
-            )
-        if calls[users.target] > 1:
-            return Skip(
-                name,
-                f"{users.target} ({type(bn_mod).__name__}) after {name} is "
-                f"called {calls[users.target]} times: it cannot be folded",
-                refused=True,
-            )
-        if bn_mod.num_features != units:
-            return Skip(
-                name,
-                f"{users.target} ({type(bn_mod).__name__}) normalises "
-                f"{bn_mod.num_features} features, not the {units} units of "
-                f"{name}",
-                refused=True,
-            )
+        unfoldable = _unfoldable(name, producer, users.target, modules, calls)
+        if unfoldable is not None:
+            return unfoldable
         bn = users.target
         cur = users
         users = _single_user(cur, name, modules)
@@ -84,7 +63,58 @@ def _follow(
         users = _single_user(cur, name, modules)
         if isinstance(users, Skip):
             return users
-    cur = users
+    return _to_consumer(node, users, modules, calls, bn, between, activation)
+
+
+def _unfoldable(
+    name: str,
+    producer: nn.Module,
+    target: str,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+) -> Skip | None:
+    """Why the BatchNorm ``target`` right after producer ``name`` cannot be folded into it
+    (no running statistics, called more than once, another width), or None."""
+    bn_mod = modules[target]
+    units = layer_width(producer)
+    if not bn_mod.track_running_stats or bn_mod.running_mean is None:
+        return Skip(
+            name,
+            f"{target} ({type(bn_mod).__name__}) after {name} has no running statistics to fold",
+            refused=True,
+        )
+    if calls[target] > 1:
+        return Skip(
+            name,
+            f"{target} ({type(bn_mod).__name__}) after {name} is "
+            f"called {calls[target]} times: it cannot be folded",
+            refused=True,
+        )
+    if bn_mod.num_features != units:
+        return Skip(
+            name,
+            f"{target} ({type(bn_mod).__name__}) normalises "
+            f"{bn_mod.num_features} features, not the {units} units of "
+            f"{name}",
+            refused=True,
+        )
+    return None
+
+
+def _to_consumer(
+    node: fx.Node,
+    act: fx.Node,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    bn: str | None,
+    between: list[str],
+    activation: str,
+) -> BlockSpec | Skip:
+    """The rest of the walk from producer ``node``: from its activation ``act`` through
+    pass-through ops (ReLU, pools, dropout, flatten) to the consumer layer."""
+    name = node.target
+    between = list(between)
+    cur = act
     flatten = False
     while True:
         nxt = _single_user(cur, name, modules)
@@ -93,7 +123,7 @@ def _follow(
         if nxt.op == "call_module" and isinstance(modules[nxt.target], PRODUCERS):
             return _consumer(
                 name,
-                producer,
+                modules[name],
                 nxt.target,
                 modules[nxt.target],
                 calls,
