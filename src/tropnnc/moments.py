@@ -129,9 +129,8 @@ def block_statistics(
     """
     if bn is None and inputs is not None:  # products in the rows' dtype, as weight_gram's
         w = weight[:, :-1]  # (n, d)
-        cov = ((w @ inputs.cov.to(w.dtype)) @ w.T).double()  # (n, n)
         mean = (w @ inputs.mean.to(w.dtype)).double() + weight[:, -1].double()
-        return mean, 0.5 * (cov + cov.T)
+        return mean, _sandwich(w, inputs.cov)
     g = weight_gram(weight) if gram is None else gram.double()  # (n, n)
     if bn is None:
         return weight[:, -1].double().clone(), sigma * sigma * g
@@ -139,6 +138,36 @@ def block_statistics(
     norms = g.diagonal().clamp(min=0).sqrt()
     scale = torch.where(norms > 0, std / torch.where(norms > 0, norms, 1.0), 0.0)  # s_i/||w_i||
     return mean, scale[:, None] * g * scale[None, :]
+
+
+#: row blocks of the float32 W S W^T: only the blocks on and above the diagonal are
+#: multiplied, (1 + 1 / 8) / 2 of the second product
+_SANDWICH_BLOCKS = 8
+
+
+def _sandwich(w: Tensor, cov: Tensor) -> Tensor:
+    """W S W^T (n, n) in float64 for rows ``w`` (n, d) and a symmetric S (d, d), the
+    products in the rows' dtype.
+
+    float64 rows (small blocks): the full product, symmetrised. Otherwise (float32, large
+    blocks: fc7's chained input model on VGG-16) the second product is taken for the row
+    blocks on and above the diagonal only and mirrored, which saves almost half of it; the
+    diagonal blocks are symmetrised.
+    """
+    ws = w @ cov.to(w.dtype)  # (n, d) = W S
+    if w.dtype == torch.float64:
+        full = ws @ w.T  # (n, n)
+        return 0.5 * (full + full.T)
+    n = w.shape[0]
+    out = torch.empty(n, n, dtype=torch.float64)
+    step = max(1, -(-n // _SANDWICH_BLOCKS))
+    for s in range(0, n, step):  # row block [s, e): columns s.. only
+        e = min(n, s + step)
+        out[s:e, s:] = ws[s:e] @ w[s:].T  # (rows, n - s)
+        diag = out[s:e, s:e]
+        diag.copy_(0.5 * (diag + diag.T))
+        out[e:, s:e] = out[s:e, e:].T  # mirror below the diagonal
+    return out
 
 
 def member_maps(
