@@ -198,7 +198,8 @@ def _project_slices(block: Block, p: Tensor) -> tuple[Tensor, Tensor]:
     rows at a time on cache-sized transposed copies, and the result is a permuted view of a
     (m, K, r) tensor in the consumer's layout (adopted by :func:`tropnnc.surgery.apply`
     without a copy), as :func:`tropnnc.block.merge_by_shares` does: no contiguous copy of
-    the whole slices (fc6's are 400 MB on VGG-16). Each chunk's columns are a plain P @ out.
+    the whole slices (fc6's are 400 MB on VGG-16); an FC consumer (r = 1) is one product
+    C P^T in its own layout.
     """
     src = block.out
     n, m, r = src.shape
@@ -211,6 +212,9 @@ def _project_slices(block: Block, p: Tensor) -> tuple[Tensor, Tensor]:
         out = (pl @ flat).view(-1, m, r)  # (K, m, r)
         return out, flat.view(n, m, r).sum(dim=2).double().cpu()
     view = cols.view(m, n, r)
+    cbar = view.sum(dim=2).T.double().cpu()  # (n, m)
+    if r == 1:  # an FC consumer: one product straight into its layout, no transposed copies
+        return (cols @ pl.T).view(m, k, 1).permute(1, 0, 2), cbar  # (m, K) = C P^T
     new = torch.empty(m, k, r, **like)  # the consumer's layout
     step = _memory.rows_per_chunk(n * r * src.element_size(), _memory.SLICE_BYTES)
     t = torch.empty(n, min(step, m), r, **like)  # (n, rows, r) transposed chunk
@@ -219,7 +223,6 @@ def _project_slices(block: Block, p: Tensor) -> tuple[Tensor, Tensor]:
         tc = t[:, : e - s]
         tc.copy_(view[s:e].permute(1, 0, 2))
         new[s:e].copy_((pl @ tc.view(n, (e - s) * r)).view(k, e - s, r).permute(1, 0, 2))
-    cbar = view.sum(dim=2).T.double().cpu()  # (n, m)
     return new.permute(1, 0, 2), cbar
 
 
