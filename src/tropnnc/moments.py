@@ -95,9 +95,13 @@ def weight_gram(weight: Tensor, cosine: Tensor | None = None) -> Tensor:
     if cosine is not None:  # norms in the rows' dtype: no float64 copy of a large block
         norms = torch.linalg.vector_norm(weight, dim=1).double()  # of the full rows
         bias = weight[:, -1].double()
-        if bool((bias.abs() <= 0.9 * norms).all()):
-            g = norms[:, None] * cosine.to(device=norms.device, dtype=torch.float64)
-            return g.mul_(norms[None, :]).sub_(bias[:, None] * bias[None, :])
+        if bool((bias.abs() <= 0.9 * norms).all()):  # one (n, n) float64 tensor, in place
+            g = cosine.to(device=norms.device, dtype=torch.float64, copy=True)
+            g.mul_(norms[:, None]).mul_(norms[None, :])
+            step = _memory.rows_per_chunk(8 * g.shape[1], _memory.CACHE_BYTES)
+            for s in range(0, g.shape[0], step):  # b_i b_j a chunk of rows at a time
+                g[s : s + step].sub_(bias[s : s + step, None] * bias[None, :])
+            return g
     w = weight[:, :-1]
     return (w @ w.T).double()
 
@@ -132,8 +136,8 @@ def block_statistics(
         mean = (w @ inputs.mean.to(w.dtype)).double() + weight[:, -1].double()
         return mean, _sandwich(w, inputs.cov)
     g = weight_gram(weight) if gram is None else gram.double()  # (n, n)
-    if bn is None:
-        return weight[:, -1].double().clone(), sigma * sigma * g
+    if bn is None:  # (sigma = 1: the Gram itself, no (n, n) copy)
+        return weight[:, -1].double().clone(), g if sigma == 1.0 else sigma * sigma * g
     mean, std = (t.to(device=g.device, dtype=torch.float64) for t in bn_unit_stats(bn))
     norms = g.diagonal().clamp(min=0).sqrt()
     scale = torch.where(norms > 0, std / torch.where(norms > 0, norms, 1.0), 0.0)  # s_i/||w_i||
@@ -251,12 +255,17 @@ def unit_model(
     coef = torch.where(assignment >= 0, alpha, 0.0)
     # z~_k = e_k + sum_i alpha_i (z_i - b_i): linear in the members
     new_mean = rows[:, -1].double().clone().index_add_(0, a, coef * (mean - weight[:, -1].double()))
-    cross = torch.zeros(k, cov.shape[0], dtype=torch.float64).index_add_(
-        0, a, coef[:, None] * cov
-    )  # (k, n) = A S
-    new_cov = torch.zeros(k, k, dtype=torch.float64).index_add_(
-        0, a, coef[:, None] * cross.T
-    )  # (A S A^T)^T, rows gathered (a column index_add is slow on large matrices)
+    n = cov.shape[0]
+    cross = torch.zeros(k, n, dtype=torch.float64)  # (k, n) = A S
+    new_cov = torch.zeros(k, k, dtype=torch.float64)  # (A S A^T)^T
+    # rows gathered (a column index_add is slow on large matrices), a cache-sized chunk of
+    # members at a time: no (n, n) scaled copy of S (the sums keep their order)
+    step = _memory.rows_per_chunk(8 * max(n, k), _memory.CACHE_BYTES)
+    for s in range(0, n, step):
+        cross.index_add_(0, a[s : s + step], coef[s : s + step, None] * cov[s : s + step])
+    for s in range(0, n, step):
+        part = coef[s : s + step, None] * cross[:, s : s + step].T  # (rows, k)
+        new_cov.index_add_(0, a[s : s + step], part)
     return UnitModel(mean, cov, new_mean, cross, 0.5 * (new_cov + new_cov.T), assignment, coef)
 
 

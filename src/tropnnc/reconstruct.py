@@ -120,18 +120,30 @@ def least_squares_projection(
     factor, info = torch.linalg.cholesky_ex(cov + lam * eye)
     if int(info) != 0:
         return "the merged units' covariance is not positive definite"
-    share = _share_projection(merge, cov.shape[0], moments.cross.shape[1])
     # ridge toward the method's own projection (0 without shares): where that merge is
     # already exact (duplicates, keep = 1) it is also the least-squares optimum, so it stays
-    p = torch.cholesky_solve(moments.cross + lam * share, factor)  # (K, n)
+    p = torch.cholesky_solve(_ridged_cross(moments.cross, merge, lam), factor)  # (K, n)
     if not bool(torch.isfinite(p).all()):
         return "the least-squares projection is not finite"
     shrink = options.shrink
     if block.bn is not None and options.bn_shrink is not None:
         shrink = options.bn_shrink
     if shrink > 0:
-        p = (1.0 - shrink) * p + shrink * share
+        p = (1.0 - shrink) * p + shrink * _share_projection(merge, cov.shape[0], p.shape[1])
     return p, moments
+
+
+def _ridged_cross(cross: Tensor, merge: Merge, lam: float) -> Tensor:
+    """cross + lam P_share (K, n) without the dense share projection: P_share has one entry
+    per column (unit i's own merged unit), added in place to a copy of ``cross`` (adding
+    0.0 first turns -0.0 into 0.0 as the dense sum does, so the result is the same bits)."""
+    rhs = cross + 0.0  # (K, n)
+    if merge.shares is not None:
+        assignment = merge.assignment.cpu()
+        live = (assignment >= 0).nonzero().squeeze(1)
+        own = (assignment[live], live)
+        rhs[own] = rhs[own] + lam * merge.shares.cpu()[live].double()
+    return rhs
 
 
 def _share_projection(merge: Merge, k: int, n: int) -> Tensor:
