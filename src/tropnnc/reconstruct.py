@@ -110,7 +110,8 @@ def least_squares_projection(
         inputs if options.inputs == "chained" else None,
         cosine,
     )
-    moments = activation_moments(model, block.activation, options.samples, generator)
+    large = block.weight.dtype != torch.float64  # a float32 block: no bit-exact grouping
+    moments = activation_moments(model, block.activation, options.samples, generator, large)
     cov = moments.new_cov
     scale = float(cov.diagonal().mean())
     if not math.isfinite(scale) or scale <= 0:
