@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
+from tropnnc import moments
 from tropnnc.moments import (
     activation_moments,
     block_statistics,
@@ -214,3 +215,33 @@ def test_activation_moments_reject_unknown_activations():
     )
     with pytest.raises(ValueError, match="activation must be one of"):
         activation_moments(model, "tanh")
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 29])
+def test_float32_sandwich_is_the_symmetric_product(n):
+    """The float32 W S W^T, computed for the row blocks above the diagonal and mirrored,
+    is exactly symmetric and the plain product up to float32 rounding."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    root = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    s = root @ root.T
+    got = moments._sandwich(w.float(), s)
+    assert got.dtype == torch.float64 and torch.equal(got, got.T)
+    torch.testing.assert_close(got, w @ s @ w.T, atol=1e-4, rtol=1e-5)
+    assert torch.equal(moments._sandwich(w, s), 0.5 * ((w @ s) @ w.T + ((w @ s) @ w.T).T))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_one_exact_call_agrees_with_one_call_per_chunk(symmetric, monkeypatch):
+    """The exact pairs of all chunks in one relu_cross call: the same covariances up to the
+    last bits (many chunks, near-duplicate units so that some pairs are exact)."""
+    monkeypatch.setattr(moments, "_SERIES_CHUNK", 40)  # a few rows a chunk
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    w[6:] = w[:6] + 1e-3 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    cov = w @ w.T
+    m = torch.randn(12, generator=g, dtype=torch.float64)
+    s = cov.diagonal().sqrt()
+    per_chunk = moments.relu_cov_pairs(m, s, m, s, cov, symmetric)
+    one = moments.relu_cov_pairs(m, s, m, s, cov, symmetric, one_exact_call=True)
+    torch.testing.assert_close(one, per_chunk, atol=1e-14, rtol=1e-12)

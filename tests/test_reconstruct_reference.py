@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import random_block
 
+from tropnnc import _memory as memory
 from tropnnc.block import Block
 from tropnnc.cluster import cosine_gram
 from tropnnc.methods import get_method
@@ -58,3 +59,32 @@ def test_tropnnc_hands_over_the_cosines_of_its_rows():
     torch.testing.assert_close(merge.gram, cosine_gram(block.weight))
     two_steps = get_method("tropnnc", steps=2).merge(block, 7, torch.Generator().manual_seed(0))
     assert two_steps.gram is None  # a composed merge's rows are not the block's
+
+
+@pytest.mark.parametrize("reads", [1, 9])
+@pytest.mark.parametrize("chained", [False, True])
+def test_float32_consumer_view_equals_the_reference(reads, chained, monkeypatch):
+    """A large (float32) block whose slices are a view of the consumer weight: the new slices
+    come back in the consumer's layout, computed a few consumer rows at a time, and the
+    reordered bias correction (P^T E a~) agrees with the reference."""
+    monkeypatch.setattr(memory, "SLICE_BYTES", 64 * reads)  # a few consumer rows a chunk
+    base = random_block(60, 12, 5, seed=7, reads=reads)
+    consumer = base.out.permute(1, 0, 2).contiguous().float()  # (m, n, r): the consumer's
+    weight = base.weight.float()
+    block = Block("fc", weight, consumer.permute(1, 0, 2), base.consumer_bias.float(), 1.0)
+    assert block._consumer_layout() is not None
+    merge = get_method("tropnnc").merge(block, 21, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(8)
+    inputs = None
+    if chained:
+        root = torch.randn(12, 12, generator=g, dtype=F64)
+        inputs = Gaussian(torch.randn(12, generator=g, dtype=F64), root @ root.T / 12)
+    new, note, _ = reconstruct_merge(block, merge, None, None, inputs)
+    assert note is None and new.out.dtype == torch.float32
+    assert new.out.permute(1, 0, 2).is_contiguous()  # (m, K, r): adopted without a copy
+    out, bias, p = reconstruct_reference(block, merge, None, inputs)
+    torch.testing.assert_close(new.projection, p, atol=1e-5, rtol=1e-5)
+    plain = torch.einsum("kn,nmr->kmr", new.projection.float(), block.out)  # (K, m, r)
+    torch.testing.assert_close(new.out, plain, atol=1e-5, rtol=1e-5)  # float32 rounding
+    torch.testing.assert_close(new.out.double(), out, atol=1e-4, rtol=1e-4)  # float32 slices
+    torch.testing.assert_close(new.consumer_bias, bias, atol=1e-5, rtol=1e-5)

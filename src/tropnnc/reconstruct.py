@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from . import _memory
 from .block import Block, Merge
 from .moments import (
     ACTIVATIONS,
@@ -109,7 +110,8 @@ def least_squares_projection(
         inputs if options.inputs == "chained" else None,
         cosine,
     )
-    moments = activation_moments(model, block.activation, options.samples, generator)
+    large = block.weight.dtype != torch.float64  # a float32 block: no bit-exact grouping
+    moments = activation_moments(model, block.activation, options.samples, generator, large)
     cov = moments.new_cov
     scale = float(cov.diagonal().mean())
     if not math.isfinite(scale) or scale <= 0:
@@ -119,18 +121,30 @@ def least_squares_projection(
     factor, info = torch.linalg.cholesky_ex(cov + lam * eye)
     if int(info) != 0:
         return "the merged units' covariance is not positive definite"
-    share = _share_projection(merge, cov.shape[0], moments.cross.shape[1])
     # ridge toward the method's own projection (0 without shares): where that merge is
     # already exact (duplicates, keep = 1) it is also the least-squares optimum, so it stays
-    p = torch.cholesky_solve(moments.cross + lam * share, factor)  # (K, n)
+    p = torch.cholesky_solve(_ridged_cross(moments.cross, merge, lam), factor)  # (K, n)
     if not bool(torch.isfinite(p).all()):
         return "the least-squares projection is not finite"
     shrink = options.shrink
     if block.bn is not None and options.bn_shrink is not None:
         shrink = options.bn_shrink
     if shrink > 0:
-        p = (1.0 - shrink) * p + shrink * share
+        p = (1.0 - shrink) * p + shrink * _share_projection(merge, cov.shape[0], p.shape[1])
     return p, moments
+
+
+def _ridged_cross(cross: Tensor, merge: Merge, lam: float) -> Tensor:
+    """cross + lam P_share (K, n) without the dense share projection: P_share has one entry
+    per column (unit i's own merged unit), added in place to a copy of ``cross`` (adding
+    0.0 first turns -0.0 into 0.0 as the dense sum does, so the result is the same bits)."""
+    rhs = cross + 0.0  # (K, n)
+    if merge.shares is not None:
+        assignment = merge.assignment.cpu()
+        live = (assignment >= 0).nonzero().squeeze(1)
+        own = (assignment[live], live)
+        rhs[own] = rhs[own] + lam * merge.shares.cpu()[live].double()
+    return rhs
 
 
 def _share_projection(merge: Merge, k: int, n: int) -> Tensor:
@@ -164,18 +178,16 @@ def reconstruct_merge(
         return merge, solved + ": kept the method's consumer slices", None
     p, moments = solved
     mean, new_mean = moments.mean, moments.new_mean
-    src = block.out
-    n, m, r = src.shape
-    like = {"dtype": src.dtype, "device": src.device}
-    flat = src.reshape(n, m * r) if src.is_contiguous() else src.contiguous().view(n, m * r)
-    out = (p.to(**like) @ flat).view(-1, m, r)  # (K, m, r) = sum_i P_ki out[i]
+    out, cbar = _project_slices(block, p)
     # match the consumer's expected output: c~ = c0 + sum_i E a_i cbar_i - sum_k E a~_k cbar~_k
-    cbar = flat.view(n, m, r).sum(dim=2).double().cpu()  # (n, m), in the slices' dtype
-    delta = cbar.T @ mean - (p @ cbar).T @ new_mean
+    if block.out.dtype == torch.float64:  # small blocks: the order the result tables used
+        delta = cbar.T @ mean - (p @ cbar).T @ new_mean
+    else:  # cbar~ = P cbar, so sum_k E a~_k cbar~_k = cbar^T (P^T E a~): no (K, m) product
+        delta = cbar.T @ (mean - p.T @ new_mean)
     base = (
         block.consumer_bias.double().cpu()
         if block.consumer_bias is not None
-        else torch.zeros(m, dtype=torch.float64)
+        else torch.zeros(block.m, dtype=torch.float64)
     )
     return (
         replace(
@@ -189,6 +201,42 @@ def reconstruct_merge(
         None,
         Gaussian(new_mean, moments.new_cov),
     )
+
+
+def _project_slices(block: Block, p: Tensor) -> tuple[Tensor, Tensor]:
+    """The new slices out~[k] = sum_i P_ki out[i] (K, m, r) in the slices' dtype, and the
+    read-summed old slices cbar (n, m) in float64.
+
+    When ``block.out`` is a view of a consumer weight, the product runs a chunk of consumer
+    rows at a time on cache-sized transposed copies, and the result is a permuted view of a
+    (m, K, r) tensor in the consumer's layout (adopted by :func:`tropnnc.surgery.apply`
+    without a copy), as :func:`tropnnc.block.merge_by_shares` does: no contiguous copy of
+    the whole slices (fc6's are 400 MB on VGG-16); an FC consumer (r = 1) is one product
+    C P^T in its own layout.
+    """
+    src = block.out
+    n, m, r = src.shape
+    k = p.shape[0]
+    like = {"dtype": src.dtype, "device": src.device}
+    pl = p.to(**like)  # (K, n)
+    cols = block._consumer_layout()
+    if cols is None:
+        flat = src.reshape(n, m * r) if src.is_contiguous() else src.contiguous().view(n, m * r)
+        out = (pl @ flat).view(-1, m, r)  # (K, m, r)
+        return out, flat.view(n, m, r).sum(dim=2).double().cpu()
+    view = cols.view(m, n, r)
+    cbar = view.sum(dim=2).T.double().cpu()  # (n, m)
+    if r == 1:  # an FC consumer: one product straight into its layout, no transposed copies
+        return (cols @ pl.T).view(m, k, 1).permute(1, 0, 2), cbar  # (m, K) = C P^T
+    new = torch.empty(m, k, r, **like)  # the consumer's layout
+    step = _memory.rows_per_chunk(n * r * src.element_size(), _memory.SLICE_BYTES)
+    t = torch.empty(n, min(step, m), r, **like)  # (n, rows, r) transposed chunk
+    for s in range(0, m, step):  # consumer-row chunks: (n, rows, r) -> (K, rows, r)
+        e = min(m, s + step)
+        tc = t[:, : e - s]
+        tc.copy_(view[s:e].permute(1, 0, 2))
+        new[s:e].copy_((pl @ tc.view(n, (e - s) * r)).view(k, e - s, r).permute(1, 0, 2))
+    return new.permute(1, 0, 2), cbar
 
 
 def reconstruct_reference(
