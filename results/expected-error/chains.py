@@ -1,8 +1,8 @@
 """Chained against layer-local input models on deeper fully connected chains (issue 13).
 
 ``python results/expected-error/chains.py [--out-root results/expected-error]`` writes
-``chains-mlp4`` (MLP 784-500-300-100-10, every layer) and ``chains-lenet5`` (LeNet-5, its FC
-layers), 3 seeds each, on Fashion-MNIST; each sweep resumes from its ``results.csv``.
+``chains-mlp4`` (MLP 784-500-300-100-10, every layer, 5 seeds) and ``chains-lenet5`` (LeNet-5,
+its FC layers, 3 seeds), on Fashion-MNIST; each sweep resumes from its ``results.csv``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from tropnnc.experiments.sweep import run_sweep
 
 KEEPS = [0.5, 0.3, 0.2, 0.1, 0.05]
-SEEDS = [0, 1, 2]
+SEEDS = {"chains-mlp4": [0, 1, 2, 3, 4], "chains-lenet5": [0, 1, 2]}
 BASE = [
     "tropnnc+ls",
     "tropnnc+ls:ls.inputs=local",
@@ -43,7 +43,7 @@ def main() -> None:
                 run["networks"],
                 run["methods"],
                 KEEPS,
-                SEEDS,
+                SEEDS[name],
                 "fashion-mnist",
                 args.out_root / name,
                 layers=run["layers"],
