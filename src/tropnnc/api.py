@@ -26,7 +26,15 @@ from .bounds import block_radii, domain_std
 from .budget import Allocation, Budget, allocate
 from .calibration import as_batches, capture_reads, consumer_targets, refit
 from .counting import count_macs, count_params, infer_example_inputs
-from .graph import BlockSpec, GroupSpec, Skip, discover, input_readers, layer_width
+from .graph import (
+    BlockSpec,
+    GroupSpec,
+    Skip,
+    discover,
+    input_readers,
+    layer_width,
+    reads_directly,
+)
 from .methods import Method, get_method, method_class, methods
 from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
@@ -492,7 +500,7 @@ def _compress_one(
     merge, repair_note, recon_note, activations = _correct(
         block, merge, spec, run, generator, carried.pop(spec.producer, None)
     )
-    if activations is not None and _reads_directly(work, spec):
+    if activations is not None and reads_directly(work, spec):
         carried[spec.consumer] = activations  # the next block's input model
     apply(work, spec, merge)
     if run.refit:
@@ -555,29 +563,6 @@ def _correct(
             if recon_note is not None:
                 log.warning("%s: reconstruction skipped: %s", spec.producer, recon_note)
     return merge, repair_note, recon_note, activations
-
-
-_IDENTITIES = (nn.Dropout, nn.Identity)  # ops that are the identity at inference
-
-
-def _reads_directly(model: nn.Module, spec: BlockSpec | GroupSpec) -> bool:
-    """Whether the block's consumer is a Linear that reads the block's activations as they
-    are (no flatten, pooling or other op between), so that their modelled moments are its
-    input model when it is compressed next."""
-    return (
-        isinstance(spec, BlockSpec)
-        and not spec.flatten
-        and isinstance(get_module(model, spec.consumer), nn.Linear)
-        and all(isinstance(_module_or_none(model, name), _IDENTITIES) for name in spec.between)
-    )
-
-
-def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
-    """The submodule ``name``, or None for an op that is not a module (a functional call)."""
-    try:
-        return get_module(model, name)
-    except AttributeError:
-        return None
 
 
 def _reconstruction(value: str | Reconstruction | None) -> Reconstruction | None:

@@ -13,7 +13,7 @@ output layer).
 
 One job a file, in the order discovery runs:
 
-* :mod:`.tracing`: tracing with torch.fx, and the layers that read the network's input;
+* :mod:`.tracing`: tracing with torch.fx, and the layers that read an input as it is;
 * :mod:`.groups`: channel groups (residual streams, concatenations, depthwise chains,
   squeeze-and-excitation gates) over :mod:`.spaces` (union-find of channel spaces), turned
   into specs by :mod:`.group_specs`;
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from .discovery import discover
 from .specs import BlockSpec, Consumer, GroupSpec, Producer, Skip, layer_width
-from .tracing import TraceError, input_readers, trace
+from .tracing import TraceError, input_readers, reads_directly, trace
 
 __all__ = [
     "BlockSpec",
@@ -40,5 +40,6 @@ __all__ = [
     "discover",
     "input_readers",
     "layer_width",
+    "reads_directly",
     "trace",
 ]

@@ -13,6 +13,8 @@ from torch import nn
 PRODUCERS = (nn.Linear, nn.Conv2d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+#: modules that are the identity at inference
+IDENTITIES = DROPOUTS + (nn.Identity,)
 #: channel-wise ops that commute with ReLU (monotone, per channel): allowed before it too
 PRE_RELU_MODULES = DROPOUTS + (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Identity)
 PRE_RELU_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.max_pool2d, F.adaptive_max_pool2d}

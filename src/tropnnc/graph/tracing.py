@@ -1,11 +1,14 @@
-"""Tracing with torch.fx (:func:`trace`, :class:`TraceError`), and :func:`input_readers`,
-the layers that read the network's input as it is."""
+"""Tracing with torch.fx (:func:`trace`, :class:`TraceError`), and which layers read an input
+as it is: :func:`input_readers` (the network's input) and :func:`reads_directly` (a block's
+activations, for chained input models)."""
 
 from __future__ import annotations
 
 from torch import fx, nn
 
 from ._nodes import _is_flatten
+from ._ops import IDENTITIES, PRODUCERS
+from .specs import BlockSpec, GroupSpec
 
 
 class TraceError(TypeError):
@@ -39,8 +42,20 @@ def input_readers(model: nn.Module) -> set[str]:
     while frontier:
         for user in frontier.pop().users:
             module = modules.get(user.target) if user.op == "call_module" else None
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if isinstance(module, PRODUCERS):
                 readers.add(str(user.target))
-            elif isinstance(module, (nn.Dropout, nn.Identity)) or _is_flatten(user, modules):
+            elif isinstance(module, IDENTITIES) or _is_flatten(user, modules):
                 frontier.append(user)
     return readers
+
+
+def reads_directly(model: nn.Module, spec: BlockSpec | GroupSpec) -> bool:
+    """Whether the block's consumer is a Linear that reads the block's activations as they
+    are (no flatten, pooling or other op between; dropout and identities only), so that
+    their modelled moments are its input model when it is compressed next."""
+    if not isinstance(spec, BlockSpec) or spec.flatten:
+        return False
+    modules = dict(model.named_modules())  # a functional op on the path is no module
+    return isinstance(modules.get(spec.consumer), nn.Linear) and all(
+        isinstance(modules.get(name), IDENTITIES) for name in spec.between
+    )
