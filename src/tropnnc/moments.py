@@ -186,7 +186,8 @@ def member_maps(
 
     For each cluster c (members i with assignment[i] = c) the minimum-norm least-squares
     solution of sum_i alpha_i w_i = u_c (weights, bias excluded), from the members' Gram
-    matrix, batched over clusters padded to the largest one. Units with assignment -1 get 0.
+    matrix, batched over clusters of similar size (padded to the next power of two). Units
+    with assignment -1 get 0.
     """
     n = weight.shape[0]
     alpha = torch.zeros(n, dtype=torch.float64)

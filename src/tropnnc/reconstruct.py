@@ -90,6 +90,11 @@ class Reconstruction:
                 f"got {self.inputs!r}"
             )
 
+    @property
+    def isotropic_std(self) -> float:
+        """The std of the isotropic input model (``sigma``, 1 when None)."""
+        return 1.0 if self.sigma is None else self.sigma
+
 
 def least_squares_projection(
     block: Block,
@@ -106,7 +111,7 @@ def least_squares_projection(
         block.bn,
         merge.rows.cpu(),
         merge.assignment.cpu(),
-        1.0 if options.sigma is None else options.sigma,
+        options.isotropic_std,
         inputs if options.inputs == "chained" else None,
         cosine,
     )
@@ -254,8 +259,7 @@ def reconstruct_reference(
     n, k, assign = w.shape[0], u.shape[0], merge.assignment.cpu()
     # 1. z = W x + b: mean mu (n,), covariance S (n, n) (BN statistics, or x ~ N(m, C) when
     # given, or x ~ N(0, sigma^2 I))
-    sigma = 1.0 if options.sigma is None else options.sigma
-    mu, S = b, sigma**2 * (w @ w.T)
+    mu, S = b, options.isotropic_std**2 * (w @ w.T)
     if block.bn is None and inputs is not None and options.inputs == "chained":
         mu, S = w @ inputs.mean.double() + b, w @ inputs.cov.double() @ w.T
     if block.bn is not None:
