@@ -27,18 +27,21 @@ import argparse
 import csv
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from repair import test_subset  # noqa: E402  (the same seeded test subset)
 
 import tropnnc  # noqa: E402
 from tropnnc import budget as budget_mod  # noqa: E402
 from tropnnc.experiments.train import evaluate  # noqa: E402
-from tropnnc.experiments.train_cache import load_split, trained_model  # noqa: E402
+from tropnnc.experiments.train_cache import trained_model  # noqa: E402
 from tropnnc.graph import discover  # noqa: E402
 from tropnnc.surgery import get_module  # noqa: E402
 
@@ -58,14 +61,6 @@ FIELDS = [
     "widths",
     "seconds",
 ]
-
-
-def test_subset(size: int):
-    test = load_split("fashion-mnist", "test")
-    if size >= len(test):
-        return test
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(20_011))[:size]
-    return torch.utils.data.Subset(test, idx.tolist())
 
 
 def uniform_keep(model, unit: str, budget: float) -> float:
