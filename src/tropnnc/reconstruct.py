@@ -115,8 +115,8 @@ def least_squares_projection(
         inputs if options.inputs == "chained" else None,
         cosine,
     )
-    large = block.weight.dtype != torch.float64  # a float32 block: no bit-exact grouping
-    moments = activation_moments(model, block.activation, options.samples, generator, large)
+    one_call = block.weight.dtype != torch.float64  # float32: no float64 result bits to keep
+    moments = activation_moments(model, block.activation, options.samples, generator, one_call)
     cov = moments.new_cov
     scale = float(cov.diagonal().mean())
     if not math.isfinite(scale) or scale <= 0:
