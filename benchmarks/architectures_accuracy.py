@@ -65,11 +65,19 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--keeps", nargs="*", type=float, default=[0.9, 0.75, 0.5])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist-subset")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument(
+        "--attention",
+        choices=["on", "off", "both"],
+        default="on",
+        help="narrow attention heads (compress's default), leave them, or both (methods "
+        "then also appear as '<method>, heads kept')",
+    )
     parser.add_argument(
         "--merge", nargs="+", type=Path, help="only merge these results.csv files into --out"
     )
@@ -79,7 +87,7 @@ def main() -> None:
         return
     train_cache.train = _train_channels_last
     args.out.mkdir(parents=True, exist_ok=True)
-    test = load_split("fashion-mnist", "test")
+    test = load_split(args.dataset, "test")
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
     test = torch.utils.data.Subset(test, idx[: args.test_size].tolist())
     rows = []
@@ -87,7 +95,7 @@ def main() -> None:
         models = {
             seed: trained_model(
                 net,
-                "fashion-mnist",
+                args.dataset,
                 seed,
                 args.cache,
                 epochs=args.epochs,
@@ -112,17 +120,19 @@ def main() -> None:
                 }
             )
             print(f"{net} seed {seed}: {base:.4f}", flush=True)
-        for method in args.methods:
+        heads = {"on": [True], "off": [False], "both": [True, False]}[args.attention]
+        for method, attention in ((m, a) for m in args.methods for a in heads):
+            label = method if attention else f"{method}, heads kept"
             for keep in args.keeps:
                 for seed, model in models.items():
                     start = time.perf_counter()
                     chosen = None if method == "default" else method
-                    result = tropnnc.compress(model, keep, chosen, seed=seed)
+                    result = tropnnc.compress(model, keep, chosen, seed=seed, attention=attention)
                     seconds = time.perf_counter() - start
                     rows.append(
                         {
                             "net": net,
-                            "method": method,
+                            "method": label,
                             "keep": keep,
                             "seed": seed,
                             "accuracy": evaluate(result.model, test),
@@ -131,7 +141,7 @@ def main() -> None:
                         }
                     )
                 print(
-                    f"  {method} keep {keep}: "
+                    f"  {label} keep {keep}: "
                     f"{statistics.mean(r['accuracy'] for r in rows[-len(args.seeds) :]):.4f}",
                     flush=True,
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -339,8 +340,13 @@ def test_attention_left_alone():
         _, skips = discover(model)
         skip = next(s for s in skips if s.layer == "q")
         assert not skip.refused and name in skip.reason and "left alone" in skip.reason
-        result = tropnnc.compress(model, 0.5, strict=True, example_inputs=torch.zeros(1, 3, 6))
+        x = torch.zeros(1, 3, 6)
+        result = tropnnc.compress(model, 0.5, strict=True, example_inputs=x, attention=False)
         assert [b.layer for b in result.blocks] == ["mid"]
+    # by default the heads are narrowed too; uncertified: their input is no norm's output
+    result = tropnnc.compress(Attn(False), 0.5, strict=True, example_inputs=x)
+    assert [b.layer for b in result.blocks] == ["mid", "attn"]
+    assert math.isnan(result.blocks[1].certificate) and result.blocks[1].units_after == 4
 
 
 def test_batchnorm_after_relu_and_unfoldable_batchnorm_refused():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import attention as heads_math
 from .block import Block, Merge, certificate, homogeneous, rescale_units, select
 from .bounds import block_radii, domain_std
 from .budget import Allocation, Budget, allocate
@@ -35,6 +36,8 @@ from .graph import (
     layer_width,
     reads_directly,
 )
+from .graph.attention import AttentionSpec, find_attention
+from .heads import apply_heads, extract_heads, input_norm
 from .methods import Method, get_method, method_class, methods
 from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
@@ -153,6 +156,7 @@ def compress(
     budget: float | Budget | None = None,
     repair: str | None = None,
     reconstruct: str | Reconstruction | None = "auto",
+    attention: bool = True,
     **options: object,
 ) -> CompressionResult:
     """Compress every compressible hidden layer of ``model`` without data.
@@ -198,11 +202,20 @@ def compress(
     a Gaussian model of the block's input (from BatchNorm statistics when the producer had
     BN; data-free; the certificate covers the result). Exclusive with ``repair``; replaced
     by the refit when ``calibration`` is given.
+    ``attention``: also narrow the heads of attention modules (timm ``Attention``,
+    ``nn.MultiheadAttention`` as self-attention) to a fraction ``keep`` of their query/key
+    and value width by truncated SVD of each head's two circuits (:mod:`tropnnc.attention`;
+    data-free, certified when the input comes from a LayerNorm/RMSNorm); a float ``keep``
+    or a mapping naming the module (value: fraction or per-head width) applies, an int
+    ``keep`` or a budget leaves attention alone.
     """
     run = _settings(model, method, options, seed, budget, repair, reconstruct, calibration)
     _check_finite(model)
     _check_dtypes(model)
-    specs, skipped = _blocks(model, run, strict)
+    sites, site_skips = find_attention(model) if attention else ([], [])
+    keep, ranks = _split_keep(keep, sites, run)
+    specs, skipped = _blocks(model, run, strict, bool(ranks))
+    skipped += site_skips
     widths, allocation = _plan_widths(model, specs, keep, run, example_inputs)
     _check_domain(radius, input_range, input_stats)
     if run.recon is not None and run.recon.sigma is None:  # the input domain's std
@@ -217,6 +230,7 @@ def compress(
         else lambda layer: radius
     )
     reports = _compress_blocks(work, specs, widths, unchanged, run, radius_of)
+    reports += [_narrow_heads(work, s, ranks[s.path], radius) for s in sites if s.path in ranks]
     return CompressionResult(
         work,
         run.method,
@@ -335,8 +349,11 @@ def _check_domain(
         )
 
 
-def _blocks(model: nn.Module, run: _Settings, strict: bool) -> tuple[list[BlockSpec], list[Skip]]:
-    """The blocks of ``model`` this run can compress, and the layers it skips (logged)."""
+def _blocks(
+    model: nn.Module, run: _Settings, strict: bool, heads: bool = False
+) -> tuple[list[BlockSpec], list[Skip]]:
+    """The blocks of ``model`` this run can compress, and the layers it skips (logged);
+    ValueError when there is none (and no attention to narrow: ``heads``)."""
     specs, skipped = discover(model)
     if run.budget is not None or run.batches is not None:  # groups: data-free, keep only
         why = "a budget" if run.budget is not None else "calibration data"
@@ -364,7 +381,7 @@ def _blocks(model: nn.Module, run: _Settings, strict: bool) -> tuple[list[BlockS
         log.log(
             logging.WARNING if s.refused else logging.INFO, "skipping %s: %s", s.layer, s.reason
         )
-    if not specs:
+    if not specs and not heads:
         raise ValueError(
             f"compress: {type(model).__name__} has no compressible block "
             f"(producer -> ReLU -> consumer); {_skip_summary(skipped)}"
@@ -641,6 +658,65 @@ def _working_copy(model: nn.Module, specs: list[BlockSpec], changed: set[str]) -
             used_elsewhere.update(id(t) for t in tensors)
     memo = {key: t for key, t in shared.items() if key not in used_elsewhere}
     return copy.deepcopy(model, memo)
+
+
+def _split_keep(
+    keep: KeepSpec | None, sites: list[AttentionSpec], run: _Settings
+) -> tuple[KeepSpec | None, dict[str, int]]:
+    """``keep`` without the attention modules it names, and the per-head width of every
+    attention module to narrow: a float keep narrows all, a mapping those it names; an
+    int keep (a block width) or a budget none."""
+    by_path = {s.path: s for s in sites}
+    if isinstance(keep, Mapping):
+        named = {p: k for p, k in keep.items() if p in by_path}
+        rest = {p: k for p, k in keep.items() if p not in by_path}
+        keep = rest if rest or not named else None
+        if keep is None and run.budget is None:  # only attention named: no block changes
+            keep = {}
+    elif run.budget is None and not isinstance(keep, int):
+        named = dict.fromkeys(by_path, 0.5 if keep is None else keep)
+    else:
+        named = {}
+    ranks = {p: _width(f"{p} (per-head width)", by_path[p].head_dim, k) for p, k in named.items()}
+    return keep, ranks
+
+
+def _narrow_heads(
+    work: nn.Module, spec: AttentionSpec, rank: int, radius: float | None
+) -> BlockReport:
+    """Narrow the heads of one attention module of ``work`` to ``rank`` (a report like a
+    block's: units are the attention width, heads x per-head width)."""
+    start = time.perf_counter()
+    heads = extract_heads(work, spec)
+    e_out = heads.wo.shape[0]
+    gamma, beta = input_norm(work, spec)
+    if spec.norm is not None:  # the normalised input has norm <= sqrt(E) for any input
+        rho = math.sqrt(heads.wq.shape[-1])
+        reach = rho * (1.0 if gamma is None else float(gamma.abs().max()))
+        x_radius = reach + (0.0 if beta is None else float(beta.norm()))
+    else:
+        rho = x_radius = math.nan if radius is None else radius
+    if rank == spec.head_dim:
+        bound = 0.0
+    else:
+        narrowed = heads_math.narrow(heads, rank, gamma, beta)
+        apply_heads(work, spec, narrowed.heads)
+        bound = heads_math.certificate(narrowed, rho)
+    log.info("%s: heads %d -> %d wide, certificate %.4g", spec.path, spec.head_dim, rank, bound)
+    return BlockReport(
+        spec.path,
+        spec.path,
+        spec.heads * spec.head_dim,
+        spec.heads * rank,
+        bound,
+        bound * math.sqrt(e_out),  # l1 <= sqrt(E_out) l2 over the outputs
+        x_radius,
+        "svd",
+        time.perf_counter() - start,
+        False,
+        [],
+        None,
+    )
 
 
 def _generator(seed: int, layer: str) -> torch.Generator:

@@ -19,7 +19,16 @@ def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
     BatchNorm without running statistics rejects a batch of one), on the meta device (shapes
     without arithmetic: a VGG-16 forward at 224 px in milliseconds) unless that fails.
     """
+    return _observe(model, example_inputs)[0]
+
+
+def _observe(
+    model: nn.Module, example_inputs: torch.Tensor
+) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """:func:`output_positions`, and the (query, key) tokens per sample of every
+    ``nn.MultiheadAttention`` (whose projections are not Linear modules it calls)."""
     found: dict[str, int] = {}
+    tokens: dict[str, tuple[int, int]] = {}
 
     def hook(name: str):
         def record(
@@ -30,10 +39,25 @@ def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
 
         return record
 
+    def attention_hook(name: str):
+        def record(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> None:
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            axis = 1 if module.batch_first and query.dim() == 3 else 0  # the token axis
+            lq, lk = tokens.get(name, (0, 0))
+            tokens[name] = (lq + query.shape[axis], lk + key.shape[axis])
+
+        return record
+
     handles = [
         mod.register_forward_hook(hook(name))
         for name, mod in model.named_modules()
         if isinstance(mod, (nn.Linear, nn.Conv2d))
+    ]
+    handles += [
+        mod.register_forward_hook(attention_hook(name), with_kwargs=True)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.MultiheadAttention)
     ]
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
@@ -48,32 +72,40 @@ def output_positions(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
                 torch.func.functional_call(model, meta, (sample.to("meta"),))
             except (RuntimeError, NotImplementedError, TypeError, ValueError):
                 found.clear()  # an op without a meta kernel, or data-dependent code
+                tokens.clear()
                 model(sample)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return found
+    return found, tokens
 
 
 def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per Linear and Conv2d layer (by module name), for one sample:
     output elements times the inputs each one reads (bias adds and element-wise ops are
-    not counted)."""
+    not counted); an ``nn.MultiheadAttention`` counts its four projections (its attention
+    products are not counted, as anywhere else)."""
     macs = {}
     modules = dict(model.named_modules())
-    for name, positions in output_positions(model, example_inputs).items():
+    positions, tokens = _observe(model, example_inputs)
+    for name, count in positions.items():
         mod = modules[name]
         if isinstance(mod, nn.Linear):
-            macs[name] = positions * mod.out_features * mod.in_features
+            macs[name] = count * mod.out_features * mod.in_features
         else:
             kh, kw = mod.kernel_size
-            macs[name] = positions * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
+            macs[name] = count * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
+    for name, (lq, lk) in tokens.items():
+        mod = modules[name]
+        e = mod.embed_dim
+        macs[name] = 2 * lq * e * e + lk * e * (mod.kdim + mod.vdim)
     return macs
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of all Linear and Conv2d layers for one input sample."""
+    """Multiply-accumulates of all Linear and Conv2d layers (and attention projections) for
+    one input sample."""
     return sum(layer_macs(model, example_inputs).values())
 
 

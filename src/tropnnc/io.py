@@ -46,6 +46,7 @@ from torch import nn
 
 from . import zoo
 from .api import CompressionResult
+from .modules import CompactAttention, CompactMultiheadAttention
 from .surgery import set_module
 
 log = logging.getLogger(__name__)
@@ -435,8 +436,15 @@ def _reshape(
     return model
 
 
+#: the attention layers compress writes (:mod:`tropnnc.modules`), by record class
+_ATTENTION = {cls.__name__: cls for cls in (CompactAttention, CompactMultiheadAttention)}
+
+
 def _layer_record(module: nn.Module) -> dict[str, Any] | None:
-    """The JSON description of a Linear, Conv2d or Identity layer (None for other modules)."""
+    """The JSON description of a Linear, Conv2d, Identity or compact attention layer (None
+    for other modules)."""
+    if type(module) in _ATTENTION.values():
+        return {"class": type(module).__name__, **module.config()}
     if type(module) is nn.Linear:
         return {
             "class": "Linear",
@@ -468,7 +476,11 @@ def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module
     sizes = {
         k: v
         for k, v in record.items()
-        if k in ("in_features", "out_features", "in_channels", "out_channels", "groups")
+        if k
+        in (
+            *("in_features", "out_features", "in_channels", "out_channels", "groups"),
+            *("dim", "heads", "qk_dim", "v_dim", "dim_out"),  # compact attention
+        )
     }
     bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
@@ -497,6 +509,9 @@ def _empty_layer(record: dict[str, Any], manifest: Path, path: str) -> nn.Module
             )
         if kind == "Identity":
             return nn.Identity()
+        if kind in _ATTENTION:
+            config = {k: v for k, v in record.items() if k != "class"}
+            return _ATTENTION[kind](**config)  # its q, k, v, proj records follow
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelFileError(
             f"{manifest}: bad record for layer {path!r} ({type(exc).__name__}: {exc})"

@@ -1,0 +1,152 @@
+"""Attention modules whose heads can be narrowed (:func:`find_attention`): timm's
+``Attention`` and ``torch.nn.MultiheadAttention`` used as self-attention, with the
+LayerNorm or RMSNorm their input comes from (it bounds that input, so the narrowed heads get
+a certificate; :mod:`tropnnc.attention`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .specs import Skip
+from .tracing import TraceError, trace
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where one attention module lives and what it reads."""
+
+    path: str
+    style: str  # "timm" (Attention) or "mha" (nn.MultiheadAttention)
+    heads: int
+    head_dim: int  # query/key and value width per head
+    norm: str | None  # the LayerNorm/RMSNorm every input token comes from (None: unknown)
+
+
+def find_attention(model: nn.Module) -> tuple[list[AttentionSpec], list[Skip]]:
+    """The attention modules of ``model`` that can be narrowed, and those left alone (and
+    why), in module order."""
+    specs, skipped = [], []
+    norms = _input_norms(model)
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            why = _mha_problem(mod)
+            style, heads, dim = "mha", mod.num_heads, mod.head_dim
+        elif _is_timm_attention(mod):
+            why = _timm_problem(mod)
+            style, heads, dim = "timm", mod.num_heads, mod.head_dim
+        else:
+            continue
+        if why is None and norms.get(path) == "cross":
+            why = "query, key and value are different tensors (cross-attention)"
+        if why is not None:
+            skipped.append(Skip(path, f"attention left alone: {why}"))
+            continue
+        norm = norms.get(path)
+        specs.append(AttentionSpec(path, style, heads, dim, norm))
+    return specs, skipped
+
+
+def _is_timm_attention(mod: nn.Module) -> bool:
+    """timm's ``Attention`` (recognised by class name and its qkv/proj layout)."""
+    return (
+        type(mod).__name__ == "Attention"
+        and isinstance(getattr(mod, "qkv", None), nn.Linear)
+        and isinstance(getattr(mod, "proj", None), nn.Linear)
+        and isinstance(getattr(mod, "num_heads", None), int)
+        and isinstance(getattr(mod, "head_dim", None), int)
+        and isinstance(getattr(mod, "scale", None), float)
+    )
+
+
+def _timm_problem(mod: nn.Module) -> str | None:
+    """Why a timm Attention cannot be narrowed (None: it can)."""
+    width = mod.num_heads * mod.head_dim
+    if mod.qkv.out_features != 3 * width or mod.proj.in_features != width:
+        return f"qkv/proj widths do not match {mod.num_heads} heads of {mod.head_dim}"
+    for name in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(mod, name, nn.Identity()), nn.Identity):
+            return f"it normalises inside the heads ({name})"
+    if getattr(mod, "gate", None) is not None:
+        return "it gates the heads' output"
+    return None
+
+
+def _mha_problem(mod: nn.MultiheadAttention) -> str | None:
+    """Why a MultiheadAttention cannot be narrowed (None: it can)."""
+    if not mod._qkv_same_embed_dim:
+        return "key/value widths differ from embed_dim"
+    if mod.bias_k is not None or mod.add_zero_attn:
+        return "it adds key/value biases or zero attention"
+    return None
+
+
+def _input_norms(model: nn.Module) -> dict[str, str]:
+    """For each attention module (by path) the LayerNorm/RMSNorm its query, key and value
+    all come from, or "cross" when they are different tensors. Empty when ``model`` cannot
+    be traced."""
+    try:
+        gm = trace(model)
+    except TraceError:
+        return {}
+    modules = dict(gm.named_modules())
+    originals = dict(model.named_modules())  # the graph keeps traced-through modules as stubs
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = modules[node.target]
+        if isinstance(mod, nn.MultiheadAttention):
+            path = node.target
+            inputs = _mha_inputs(node)
+        elif node.target.endswith(".qkv") and _is_timm_attention(
+            originals.get(node.target.rsplit(".", 1)[0])
+        ):
+            path = node.target.rsplit(".", 1)[0]
+            inputs = [node.args[0]]
+        else:
+            continue
+        if any(i is not inputs[0] for i in inputs):
+            found[path] = "cross"
+            continue
+        norm = _norm_module(inputs[0], originals)
+        if norm is not None:
+            found[path] = norm
+    return found
+
+
+def _norm_module(source: object, modules: dict[str, nn.Module]) -> str | None:
+    """The path of the LayerNorm/RMSNorm module whose output ``source`` is: a call of the
+    module, or of F.layer_norm / F.rms_norm on its weight (a subclass traced through, as
+    timm's LayerNorm)."""
+    if not isinstance(source, fx.Node):
+        return None
+    if source.op == "call_module":
+        return source.target if _is_token_norm(modules.get(source.target)) else None
+    if source.op != "call_function" or source.target not in _NORM_FUNCTIONS:
+        return None
+    weight = source.args[2] if len(source.args) > 2 else source.kwargs.get("weight")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    path = weight.target.rpartition(".")[0]
+    return path if _is_token_norm(modules.get(path)) else None
+
+
+#: functional norms a norm module's subclass may be traced into
+_NORM_FUNCTIONS = {F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])}
+
+
+def _mha_inputs(node: fx.Node) -> list[object]:
+    """The query, key and value arguments of a MultiheadAttention call."""
+    names = ("query", "key", "value")
+    return [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names)]
+
+
+def _is_token_norm(mod: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm over the last dimension only: its output, before the affine,
+    has norm at most sqrt(features) whatever its input."""
+    rms = getattr(nn, "RMSNorm", None)
+    kinds = (nn.LayerNorm,) if rms is None else (nn.LayerNorm, rms)
+    return isinstance(mod, kinds) and len(mod.normalized_shape) == 1
