@@ -1284,3 +1284,32 @@ def test_console_script_compress_then_evaluate(tmp_path, lenet_files):
         done.stderr == f"tropnnc: error: output {out} already exists (pass --overwrite to "
         "replace it)\n"
     )
+
+
+def test_compress_narrows_attention_unless_told_not_to(tmp_path, capsys):
+    """vit-mini's heads are narrowed by --keep (saved, loadable, in the plan);
+    --no-attention leaves them as nn.MultiheadAttention."""
+    torch.manual_seed(0)
+    save_file(zoo.build("vit-mini").state_dict(), str(tmp_path / "vit.safetensors"))
+    for flags, kind in (
+        ((), "CompactMultiheadAttention"),
+        (("--no-attention",), "MultiheadAttention"),
+    ):
+        out = tmp_path / f"out{len(flags)}"
+        code, _, err = run(
+            capsys,
+            "compress",
+            "vit-mini",
+            "--weights",
+            tmp_path / "vit.safetensors",
+            "-o",
+            out,
+            "--keep",
+            "0.5",
+            *flags,
+        )
+        assert code == 0, err
+        assert type(io.load(out).blocks[0].attn).__name__ == kind
+        plan = json.loads((out / "manifest.json").read_text())["compression"]
+        assert plan["attention"] is (not flags)
+        assert ("blocks.0.attn" in plan["widths"]) is (not flags)

@@ -24,6 +24,7 @@ FLAG_OPTIONS = (
     "reconstruct",
     "seed",
     "strict",
+    "attention",
     "radius",
     "calibration",
     "method",

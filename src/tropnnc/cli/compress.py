@@ -50,6 +50,7 @@ COMPRESS_SETTINGS: dict[str, Any] = {
     "method": None,
     "seed": 0,
     "strict": False,
+    "attention": True,
     "radius": None,
     "input_range": None,
     "input_mean": None,
@@ -98,6 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="fail on a block with an op the method cannot reason about",
+    )
+    p.add_argument(
+        "--no-attention",
+        dest="attention",
+        action="store_false",
+        default=None,
+        help="leave attention heads as they are (default: narrow them by --keep too)",
     )
     p.add_argument(
         "--input-range",
@@ -254,7 +262,7 @@ def _check_config_types(s: dict[str, Any], config: str | None) -> None:
     for key, kind in numbers.items():
         if s[key] is not None and (isinstance(s[key], bool) or not isinstance(s[key], kind)):
             raise UsageError(f"{where}{key} must be a number, got {s[key]!r}")
-    for key in ("strict", "overwrite", "trust_pickle", "trust_code"):
+    for key in ("strict", "attention", "overwrite", "trust_pickle", "trust_code"):
         if not isinstance(s[key], bool):
             raise UsageError(f"{where}{key} must be true or false, got {s[key]!r}")
     if isinstance(s["device"], str):
@@ -323,7 +331,12 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(
         s["model"], s["weights"], s["zoo_config"], s["trust_pickle"], s["trust_code"], s["device"]
     )
-    kwargs: dict[str, Any] = {"method": s["method"], "seed": s["seed"], "strict": s["strict"]}
+    kwargs: dict[str, Any] = {
+        "method": s["method"],
+        "seed": s["seed"],
+        "strict": s["strict"],
+        "attention": s["attention"],
+    }
     if s["radius"] is not None:
         kwargs["radius"] = s["radius"]
     if s["input_range"] is not None:
@@ -357,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         "keep": s["keep"],
         "strict": s["strict"],
+        "attention": s["attention"],
         "radius": s["radius"],
         "input_range": s["input_range"],
         "input_mean": s["input_mean"],
