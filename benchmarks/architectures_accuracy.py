@@ -169,6 +169,9 @@ def write(rows: list[dict], out: Path) -> None:
                 runs = [
                     r for r in rows if (r["net"], r["method"], r["keep"]) == (net, method, keep)
                 ]
+                if not runs:  # a keep this network was not run at
+                    cells.append("")
+                    continue
                 acc = [100 * r["accuracy"] for r in runs]
                 sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 macs = "" if method == "uncompressed" else f" ({100 * runs[0]['macs']:.0f}% MACs)"
@@ -191,7 +194,15 @@ def merge(paths: list[Path], out: Path) -> None:
                 rows.append(r)
     order = {"uncompressed": -1, **{m: i for i, m in enumerate(METHODS)}}
     nets = {n: i for i, n in enumerate(dict.fromkeys(r["net"] for r in rows))}
-    rows.sort(key=lambda r: (nets[r["net"]], order.get(r["method"], 99), -r["keep"], r["seed"]))
+    rows.sort(
+        key=lambda r: (
+            nets[r["net"]],
+            order.get(r["method"].split(",")[0], 99),
+            "heads kept" in r["method"],
+            -r["keep"],
+            r["seed"],
+        )
+    )
     write(rows, out)
 
 
