@@ -356,3 +356,41 @@ def test_default_pipeline_folds_batchnorm_streams_with_model_folding():
         ref = get_method(expected).merge(block, k, torch.Generator().manual_seed(1))
         torch.testing.assert_close(got.rows, ref.rows)
         torch.testing.assert_close(got.assignment, ref.assignment)
+
+
+class GatedMLP(nn.Module):
+    """A LLaMA-style pre-norm gated MLP in a residual: x + down(silu(gate(h)) * up(h))."""
+
+    def __init__(self, dim: int = 16, hidden: int = 48) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, T, dim)
+        h = self.norm(x)
+        return self.head(x + self.down(F.silu(self.gate(h)) * self.up(h)))
+
+
+def test_gated_mlp_gate_and_up_merge_together():
+    """gate and up are one group read by down: both narrow to the same width, keep 1.0 is
+    the identity, and units duplicated in both gate and up collapse exactly."""
+    torch.manual_seed(0)
+    model = GatedMLP().eval()
+    (group,), _ = discover(model)
+    assert [p.layer for p in group.producers] == ["gate", "up"]
+    assert group.consumer == "down" and group.activation == "silu+gated+sum"
+    x = torch.randn(4, 5, 16)
+    same = tropnnc.compress(model, 1.0, example_inputs=x[:1])
+    torch.testing.assert_close(same.model(x), model(x))
+    with torch.no_grad():  # 24 distinct units, each twice
+        model.gate.weight[24:] = model.gate.weight[:24]
+        model.up.weight[24:] = model.up.weight[:24]
+    for method in (None, "tropnnc"):
+        result = tropnnc.compress(model, 0.5, method, example_inputs=x[:1])
+        new = result.model
+        assert new.gate.out_features == new.up.out_features == new.down.in_features == 24
+        assert result.params_before - result.params_after == 3 * 24 * 16
+        torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)

@@ -325,6 +325,8 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
         part = merge.rows[:, col : col + width]
         col += width
         like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
+        # a member without bias stays without one unless BN folding or the merge needs it
+        bias = mod.bias is not None or p.bn is not None or bool(part[:, -1].any())
         if depthwise:
             new: nn.Module = skip_init(
                 nn.Conv2d,
@@ -335,11 +337,12 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
                 mod.padding,
                 mod.dilation,
                 groups=k,
+                bias=bias,
                 padding_mode=mod.padding_mode,
                 **like,
             )
         elif isinstance(mod, nn.Linear):
-            new = skip_init(nn.Linear, mod.in_features, k, **like)
+            new = skip_init(nn.Linear, mod.in_features, k, bias=bias, **like)
         else:
             new = skip_init(
                 nn.Conv2d,
@@ -349,6 +352,7 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
                 mod.stride,
                 mod.padding,
                 mod.dilation,
+                bias=bias,
                 padding_mode=mod.padding_mode,
                 **like,
             )
@@ -405,8 +409,10 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
 
 
 def _write(new: nn.Module, old: nn.Module, rows: Tensor) -> None:
-    """Copy merged rows (k, d+1) into ``new`` (weights, then bias) and the train mode."""
+    """Copy merged rows (k, d+1) into ``new`` (weights, then bias: zero when ``new`` has
+    none) and the train mode."""
     with torch.no_grad():
         new.weight.view(rows.shape[0], -1).copy_(rows[:, :-1])
-        new.bias.copy_(rows[:, -1])
+        if new.bias is not None:
+            new.bias.copy_(rows[:, -1])
     new.train(old.training)
