@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tropnnc
-from tropnnc.bounds import BoundsError, IntervalBounds, input_domain, norm_bound
-from tropnnc.graph import discover
+from tropnnc.bounds import BoundsError, IntervalBounds, block_radii, input_domain, norm_bound
+from tropnnc.graph import discover, norm_readers
 
 F64 = torch.float64
 
@@ -393,3 +393,31 @@ def test_cli_input_domain_flags_and_manifest(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"input_range": [0, "x"]}))
     code, _, err = run("compress", "--config", tmp_path / "bad.json")
     assert code == 2 and "input_range: expected numbers separated by commas" in err
+
+
+def test_layers_reading_a_layernorm_get_its_bound():
+    """A Linear reading a LayerNorm (module or a subclass traced into F.layer_norm) or an
+    RMSNorm is bounded by max|gamma| sqrt(E) + ||beta|| whatever the network input; every
+    output of the norm stays inside it."""
+
+    class TracedThrough(nn.LayerNorm):  # like timm's LayerNorm: forward calls F.layer_norm
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    norms = [nn.LayerNorm(12), TracedThrough(12)]
+    if hasattr(nn, "RMSNorm"):
+        norms.append(nn.RMSNorm(12))
+    for norm in norms:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 12), norm, nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 2))
+        with torch.no_grad():
+            norm.weight.uniform_(-2, 2)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.normal_()
+        assert norm_readers(model) == {"2": "1"}, type(norm).__name__
+        bound = block_radii(model, None)("2")  # no input shape needed
+        beta = float(norm.bias.norm()) if getattr(norm, "bias", None) is not None else 0.0
+        assert bound == pytest.approx(float(norm.weight.abs().max()) * 12**0.5 + beta)
+        x = torch.randn(4096, 5) * torch.logspace(-3, 3, 4096)[:, None]
+        with torch.no_grad():
+            assert float(norm(model[0](x)).norm(dim=1).max()) <= bound

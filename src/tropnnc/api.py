@@ -34,6 +34,7 @@ from .graph import (
     discover,
     input_readers,
     layer_width,
+    norm_radius,
     reads_directly,
 )
 from .graph.attention import AttentionSpec, find_attention
@@ -692,8 +693,7 @@ def _narrow_heads(
     gamma, beta = input_norm(work, spec)
     if spec.norm is not None:  # the normalised input has norm <= sqrt(E) for any input
         rho = math.sqrt(heads.wq.shape[-1])
-        reach = rho * (1.0 if gamma is None else float(gamma.abs().max()))
-        x_radius = reach + (0.0 if beta is None else float(beta.norm()))
+        x_radius = norm_radius(get_module(work, spec.norm))
     else:
         rho = x_radius = math.nan if radius is None else radius
     if rank == spec.head_dim:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import _memory
-from .graph import TraceError, trace
+from .graph import TraceError, norm_radius, norm_readers, trace
 
 log = logging.getLogger(__name__)
 
@@ -651,6 +651,8 @@ def block_radii(
 ) -> Callable[[str], float]:
     """``radius(layer)``: the norm bound of ``layer``'s inputs over the input domain, read
     on ``model`` as it is at each call (so on a network being compressed block by block).
+    A Linear layer reading a LayerNorm/RMSNorm output gets that norm's bound instead, which
+    holds for any input (:func:`tropnnc.graph.norm_radius`).
 
     NaN, with a warning saying why, where the domain cannot be propagated: no known input
     shape (``example_inputs`` None), an untraceable model, or an op without an interval
@@ -668,7 +670,11 @@ def block_radii(
         except TraceError as exc:
             why = str(exc)
 
+    readers = norm_readers(model)  # layers reading a LayerNorm/RMSNorm: bounded by it
+
     def radius(layer: str) -> float:
+        if layer in readers:
+            return norm_radius(model.get_submodule(readers[layer]))
         if bounds is not None:
             try:
                 return bounds.radius(layer)

@@ -21,12 +21,15 @@ One job a file, in the order discovery runs:
   why a walk stops;
 * :mod:`.discovery`: :func:`discover`, groups first, then blocks;
 * :mod:`.specs`: what it returns (BlockSpec, GroupSpec, Producer, Consumer, Skip);
+* :mod:`.norms`: token norms (LayerNorm/RMSNorm) and the Linear layers reading them, whose
+  input they bound; :mod:`.attention`: attention modules whose heads can be narrowed;
 * helpers: :mod:`._ops` (the op tables), :mod:`._nodes` (what one fx node does).
 """
 
 from __future__ import annotations
 
 from .discovery import discover
+from .norms import norm_radius, norm_readers
 from .specs import BlockSpec, Consumer, GroupSpec, Producer, Skip, layer_width
 from .tracing import TraceError, input_readers, reads_directly, trace
 
@@ -40,6 +43,8 @@ __all__ = [
     "discover",
     "input_readers",
     "layer_width",
+    "norm_radius",
+    "norm_readers",
     "reads_directly",
     "trace",
 ]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import fx, nn
 
+from .norms import norm_module
 from .specs import Skip
 from .tracing import TraceError, trace
 
@@ -111,42 +111,13 @@ def _input_norms(model: nn.Module) -> dict[str, str]:
         if any(i is not inputs[0] for i in inputs):
             found[path] = "cross"
             continue
-        norm = _norm_module(inputs[0], originals)
+        norm = norm_module(inputs[0], originals)
         if norm is not None:
             found[path] = norm
     return found
-
-
-def _norm_module(source: object, modules: dict[str, nn.Module]) -> str | None:
-    """The path of the LayerNorm/RMSNorm module whose output ``source`` is: a call of the
-    module, or of F.layer_norm / F.rms_norm on its weight (a subclass traced through, as
-    timm's LayerNorm)."""
-    if not isinstance(source, fx.Node):
-        return None
-    if source.op == "call_module":
-        return source.target if _is_token_norm(modules.get(source.target)) else None
-    if source.op != "call_function" or source.target not in _NORM_FUNCTIONS:
-        return None
-    weight = source.args[2] if len(source.args) > 2 else source.kwargs.get("weight")
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return None
-    path = weight.target.rpartition(".")[0]
-    return path if _is_token_norm(modules.get(path)) else None
-
-
-#: functional norms a norm module's subclass may be traced into
-_NORM_FUNCTIONS = {F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])}
 
 
 def _mha_inputs(node: fx.Node) -> list[object]:
     """The query, key and value arguments of a MultiheadAttention call."""
     names = ("query", "key", "value")
     return [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names)]
-
-
-def _is_token_norm(mod: nn.Module) -> bool:
-    """A LayerNorm or RMSNorm over the last dimension only: its output, before the affine,
-    has norm at most sqrt(features) whatever its input."""
-    rms = getattr(nn, "RMSNorm", None)
-    kinds = (nn.LayerNorm,) if rms is None else (nn.LayerNorm, rms)
-    return isinstance(mod, kinds) and len(mod.normalized_shape) == 1
