@@ -12,7 +12,7 @@ from torch import nn
 
 import tropnnc
 from tropnnc import zoo
-from tropnnc.block import Block, Merge, certificate, rescale_units
+from tropnnc.block import SMOOTH, Block, Merge, certificate, rescale_units
 from tropnnc.graph import GroupSpec, discover
 from tropnnc.methods import get_method
 from tropnnc.methods.adaptive import has_batchnorm
@@ -110,12 +110,43 @@ def test_piecewise_linear_activation_certificates(act, method):
     assert 0 < err <= report.certificate * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Hardswish()])
-def test_smooth_activations_compress_without_certificate(act):
+SMOOTH_ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish()]
+
+
+@pytest.mark.parametrize("act", SMOOTH_ACTS)
+@pytest.mark.parametrize("method", [None, "tropnnc", "model-folding", "l1"])
+def test_smooth_activation_certificates(act, method):
+    """GELU, SiLU and hard-swish blocks are certified (s = relu - r, 0 <= r <= R): the
+    error never exceeds the certificate, for share merges and the default's projection."""
     model = activation_net(act)
-    result = tropnnc.compress(model, 0.5)
-    assert math.isnan(result.blocks[0].certificate)
+    x = ball(4000, 4, 3.0)
+    result = tropnnc.compress(model, 0.5, method, radius=3.0)
+    report = result.blocks[0]
     assert result.model[0].out_features == 8
+    err = (model(x) - result.model(x)).abs().max().item()
+    assert 0 < err <= report.certificate < math.inf
+    assert tropnnc.compress(model, 1.0, method, radius=3.0).blocks[0].certificate == 0
+
+
+def test_smooth_constants_bound_the_activations():
+    """The Lipschitz constant and the gap R to ReLU of every smooth activation the
+    certificate covers, checked on a fine grid."""
+    z = torch.linspace(-30, 30, 600_001, dtype=torch.float64, requires_grad=True)
+    functions = {
+        "gelu": [F.gelu, lambda t: F.gelu(t, approximate="tanh")],
+        "silu": [F.silu],
+        "hardswish": [F.hardswish],
+    }
+    for name, fns in functions.items():
+        lip, gap = SMOOTH[name]
+        for fn in fns:
+            y = fn(z)
+            (slope,) = torch.autograd.grad(y.sum(), z)
+            r = (F.relu(z) - y).detach()
+            tol = 1e-12  # float rounding of the exact hard-swish values
+            assert slope.abs().max() <= lip + tol and r.max() <= gap + tol, name
+            assert r.min() >= -tol, name
+            assert slope.abs().max() > lip - 1e-3 and r.max() > gap - 1e-3, name  # tight
 
 
 def test_relu6_clipping_term_and_rescale():

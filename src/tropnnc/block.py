@@ -346,13 +346,22 @@ def rescale_units(merge: Merge) -> Merge:
     )
 
 
+#: smooth activations s = relu - r with 0 <= r <= R: (Lipschitz constant of s, R), rounded up
+#: from their exact values (GELU, erf or tanh form: 1.12899, 0.17004; SiLU: 1.09984, 0.27846;
+#: hard-swish: 1.5, 0.375; tests/test_groups.py checks them on a fine grid)
+SMOOTH = {"gelu": (1.1290, 0.1701), "silu": (1.0999, 0.2785), "hardswish": (1.5, 0.375)}
+
+
 def lipschitz(activation: str) -> float | None:
-    """The Lipschitz constant of a positively homogeneous piecewise-linear activation (ReLU,
-    identity, LeakyReLU) or of ReLU6; None for any other (no certificate)."""
+    """The Lipschitz constant of an activation the certificate covers: positively
+    homogeneous piecewise-linear ones (ReLU, identity, LeakyReLU), ReLU6, and the smooth
+    ones of :data:`SMOOTH`; None for any other (no certificate)."""
     if activation in ("relu", "identity", "relu6"):
         return 1.0
     if activation.startswith("leaky_relu:"):
         return max(1.0, abs(float(activation.partition(":")[2])))
+    if activation in SMOOTH:
+        return SMOOTH[activation][0]
     return None
 
 
@@ -361,11 +370,14 @@ def certificate(block: Block, merge: Merge) -> Tensor:
 
     Unit i merged with share lambda_i into row u errs by at most
     L ||w_i - lambda_i u|| rho when its activation s is positively homogeneous with Lipschitz
-    constant L (s(lambda z) = lambda s(z)). ReLU6 is 1-Lipschitz but clips at 6, and
-    |relu6(lambda z) - lambda relu6(z)| <= 6 |1 - lambda|, which is added per unit (a
-    dropped unit errs by at most min(6, ||w_i|| rho)). Merges with a ``projection`` P (a
-    reconstruction) use :func:`projection_errors` per unit instead (homogeneous activations
-    only). Other activations: NaN. Plus the change of the consumer bias.
+    constant L (s(lambda z) = lambda s(z)). Otherwise s(w.x) - lambda s(u.x) is split into
+    s(w.x) - s(lambda u.x) (at most L ||w - lambda u|| rho) and the failure of homogeneity
+    s(lambda z) - lambda s(z), added per unit: at most 6 |1 - lambda| for ReLU6 (it clips at
+    6; a dropped unit errs by at most min(6, ||w_i|| rho)); at most R max(1, lambda), and 0
+    at lambda 0 or 1, for s = relu - r with 0 <= r <= R (GELU, SiLU, hard-swish:
+    :data:`SMOOTH`). Merges with a ``projection`` P (a reconstruction) use
+    :func:`projection_errors` per unit instead, with lambda = P's own coefficient (not for
+    ReLU6). Other activations: NaN. Plus the change of the consumer bias.
     """
     factor = lipschitz(block.activation)
     nan = torch.full((block.m,), math.nan, dtype=torch.float64, device=block.out.device)
@@ -373,14 +385,19 @@ def certificate(block: Block, merge: Merge) -> Tensor:
         return nan
     if merge.shares is not None:
         err = share_errors(block.weight, merge.assignment, merge.shares, merge.rows)  # (n,)
+        own = torch.where(merge.assignment >= 0, merge.shares.to(err.dtype), 0.0)
     elif merge.projection is not None and block.activation != "relu6":
         err = projection_errors(block.weight, merge.assignment, merge.projection, merge.rows)
+        own = own_coefficients(merge.assignment, merge.projection)
     else:
         return nan
     err = err * (block.rho * factor)
     if block.activation == "relu6":
         lam = merge.shares.to(err.dtype)
         err = torch.where(merge.assignment >= 0, err + 6.0 * (1.0 - lam).abs(), err.clamp(max=6.0))
+    if block.activation in SMOOTH:
+        r = SMOOTH[block.activation][1]
+        err = err + torch.where((own == 0) | (own == 1), 0.0, r * own.clamp(min=1.0))
     bound = block.weighted_out_abs(err)
     if merge.consumer_bias is not None:  # plus |beta_j - beta~_j| (no consumer bias: 0)
         base = (
@@ -390,6 +407,16 @@ def certificate(block: Block, merge: Merge) -> Tensor:
         )
         bound = bound + (merge.consumer_bias.to(bound.dtype) - base.to(bound.dtype)).abs()
     return bound
+
+
+def own_coefficients(assignment: Tensor, projection: Tensor) -> Tensor:
+    """Per unit (n,), float64: P[a(i), i], the coefficient of unit i's own new unit in the
+    projection, where it is >= 0 (0 for dropped units and negative coefficients: the
+    bound of :func:`projection_errors` then treats the unit as dropped)."""
+    p = projection.to(torch.float64)
+    a = assignment.to(p.device)
+    diag = torch.where(a >= 0, p[a.clamp(min=0), torch.arange(p.shape[1], device=p.device)], 0.0)
+    return diag.clamp(min=0.0)
 
 
 def projection_errors(
@@ -406,10 +433,8 @@ def projection_errors(
     """
     p = projection.to(torch.float64)
     a = assignment.to(p.device)
-    own = a >= 0
-    diag = torch.where(own, p[a.clamp(min=0), torch.arange(p.shape[1], device=p.device)], 0.0)
-    use = own & (diag >= 0)
+    own = own_coefficients(a, p)  # p = P_ai where used, else 0
     u_norms = torch.linalg.vector_norm(rows.to(torch.float64), dim=1)  # (K,)
     spread = p.abs().T @ u_norms  # (n,) sum_k |P_ki| ||u_k||
-    err = share_errors(weight, torch.where(use, a, -1), torch.where(use, diag, 0.0), rows)
-    return err + spread - torch.where(use, diag * u_norms[a.clamp(min=0)], 0.0)
+    err = share_errors(weight, torch.where(own > 0, a, -1), own, rows)
+    return err + spread - own * u_norms[a.clamp(min=0)]
