@@ -670,10 +670,7 @@ def _split_keep(
     by_path = {s.path: s for s in sites}
     if isinstance(keep, Mapping):
         named = {p: k for p, k in keep.items() if p in by_path}
-        rest = {p: k for p, k in keep.items() if p not in by_path}
-        keep = rest if rest or not named else None
-        if keep is None and run.budget is None:  # only attention named: no block changes
-            keep = {}
+        keep = {p: k for p, k in keep.items() if p not in by_path}
     elif run.budget is None and not isinstance(keep, int):
         named = dict.fromkeys(by_path, 0.5 if keep is None else keep)
     else:
