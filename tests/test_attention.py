@@ -230,9 +230,15 @@ def test_compress_narrows_vit_heads_and_counts_them():
     same = tropnnc.compress(model, 1.0)
     torch.testing.assert_close(same.model(x), model(x))
     assert isinstance(same.model.blocks[0].attn, nn.MultiheadAttention)
-    for kw in ({"keep": 0.5, "attention": False}, {"keep": 8}, {"budget": 0.5}):
+    for kw, why in (
+        ({"keep": 0.5, "attention": False}, None),
+        ({"keep": 8}, "an int keep (a block width) sizes blocks only"),
+        ({"budget": 0.5}, "a budget sizes blocks only"),
+    ):
         kept = tropnnc.compress(model, **kw)
         assert isinstance(kept.model.blocks[0].attn, nn.MultiheadAttention), kw
+        reasons = [s.reason for s in kept.skipped if s.layer == "blocks.0.attn"]
+        assert reasons == ([] if why is None else [f"attention left alone: {why}; pass a fraction"])
     only = tropnnc.compress(model, {"blocks.1.attn": 2})
     assert [(b.layer, b.units_after) for b in only.blocks] == [("blocks.1.attn", 4)]
     assert isinstance(only.model.blocks[0].attn, nn.MultiheadAttention)

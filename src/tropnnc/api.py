@@ -217,6 +217,13 @@ def compress(
     keep, ranks = _split_keep(keep, sites, run)
     specs, skipped = _blocks(model, run, strict, bool(ranks))
     skipped += site_skips
+    if not isinstance(keep, Mapping):  # a budget or an int keep sizes blocks only
+        why = "a budget" if run.budget is not None else "an int keep (a block width)"
+        skipped += [
+            Skip(s.path, f"attention left alone: {why} sizes blocks only; pass a fraction")
+            for s in sites
+            if s.path not in ranks
+        ]
     widths, allocation = _plan_widths(model, specs, keep, run, example_inputs)
     _check_domain(radius, input_range, input_stats)
     if run.recon is not None and run.recon.sigma is None:  # the input domain's std
