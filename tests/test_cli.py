@@ -1313,3 +1313,18 @@ def test_compress_narrows_attention_unless_told_not_to(tmp_path, capsys):
         plan = json.loads((out / "manifest.json").read_text())["compression"]
         assert plan["attention"] is (not flags)
         assert ("blocks.0.attn" in plan["widths"]) is (not flags)
+
+
+def test_info_lists_attention(capsys):
+    """info shows an nn.MultiheadAttention as one row with its parameters and MACs, and
+    counts the attention modules whose heads can be narrowed."""
+    code, stdout, _ = run(capsys, "info", "vit-mini", "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    rows = {r["layer"]: r for r in data["layers"]}
+    attn = rows["blocks.0.attn"]
+    assert attn["type"] == "MultiheadAttention" and attn["status"] == "heads narrowable (2 x 8)"
+    assert attn["params"] == 4 * 16 * 16 + 4 * 16 and attn["macs"] == 16 * 4 * 16 * 16
+    assert "blocks.0.attn.out_proj" not in rows and data["attention"] == 2
+    code, stdout, _ = run(capsys, "info", "vit-mini")
+    assert "2 attention modules with narrowable heads" in stdout

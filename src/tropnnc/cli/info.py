@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     """Print each layer's widths, parameters, MACs and whether it is compressible."""
     from ..counting import count_params
     from ..graph import TraceError, discover
+    from ..graph.attention import find_attention
 
     model = model_from_args(args, random_init=True)
     try:
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         untraced = None
     except TraceError as exc:
         specs, skipped, untraced = [], [], str(exc)
+    sites, site_skips = find_attention(model)
+    heads = {s.path: f"heads narrowable ({s.heads} x {s.head_dim})" for s in sites}
+    heads.update({s.layer: f"no: {s.reason}" for s in site_skips})
     members = {
         p.layer: (s, p)
         for s in specs  # every producer and depthwise member
@@ -54,11 +58,19 @@ def run(args: argparse.Namespace) -> int:
             ) from None
     rows = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        owner = name.rpartition(".")[0]
+        if isinstance(mod, nn.MultiheadAttention):
+            rows.append(_attention_row(name, mod, macs.get(name), heads[name]))
+            continue
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(
+            model.get_submodule(owner) if owner else None, nn.MultiheadAttention
+        ):  # an attention's own projection: in the attention's row
             continue
         linear = isinstance(mod, nn.Linear)
         spec = blocks.get(name)
-        if spec is not None:
+        if owner in heads and name.rpartition(".")[2] in ("qkv", "proj"):
+            status = heads[owner].replace("heads narrowable", f"heads of {owner} narrowable")
+        elif spec is not None:
             status = (
                 f"compressible -> {spec.consumer}"
                 if not hasattr(spec, "channelwise")
@@ -94,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         "macs": total_macs,
         "layers": rows,
         "compressible_blocks": len(specs),
+        "attention": len(sites),
     }
     if args.weights is None and not Path(args.model).exists():
         data["weights"] = "random initialization (no --weights)"
@@ -104,13 +117,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention_row(
+    name: str, mod: nn.MultiheadAttention, macs: int | None, status: str
+) -> dict[str, Any]:
+    """The row of an ``nn.MultiheadAttention`` (its projections are not Linear calls)."""
+    return {
+        "layer": name,
+        "type": "MultiheadAttention",
+        "in": mod.embed_dim,
+        "out": mod.embed_dim,
+        "kernel": None,
+        "params": sum(p.numel() for p in mod.parameters()),
+        "macs": macs,
+        "compressible": status.startswith("heads"),
+        "consumer": None,
+        "batchnorm": None,
+        "status": status,
+    }
+
+
 def _dtype(model: nn.Module) -> str | None:
     param = next(model.parameters(), None)
     return None if param is None else str(param.dtype)
 
 
 def _info_text(data: Mapping[str, Any]) -> str:
-    head = f"{'layer':<24}{'type':<8}{'in':>7}{'out':>7}{'kernel':>8}{'params':>11}{'MACs':>12}"
+    tw = max([8] + [len(r["type"]) + 1 for r in data["layers"]])  # the type column's width
+    head = f"{'layer':<24}{'type':<{tw}}{'in':>7}{'out':>7}{'kernel':>8}{'params':>11}{'MACs':>12}"
     lines = [
         f"{data['model']} ({data['class']}, {data['dtype']}, input {data['input_shape']})",
         head,
@@ -119,13 +152,18 @@ def _info_text(data: Mapping[str, Any]) -> str:
         kernel = "x".join(map(str, r["kernel"])) if r["kernel"] else "-"
         macs = "-" if r["macs"] is None else str(r["macs"])
         lines.append(
-            f"{r['layer']:<24}{r['type']:<8}{r['in']:>7}{r['out']:>7}{kernel:>8}"
+            f"{r['layer']:<24}{r['type']:<{tw}}{r['in']:>7}{r['out']:>7}{kernel:>8}"
             f"{r['params']:>11}{macs:>12}  {r['status']}"
         )
     macs = "-" if data["macs"] is None else data["macs"]
     lines.append(
         f"total: {data['params']} parameters, {macs} MACs, "
         f"{data['compressible_blocks']} compressible blocks"
+        + (
+            f", {data['attention']} attention modules with narrowable heads"
+            if data["attention"]
+            else ""
+        )
     )
     if "weights" in data:
         lines.append(f"weights: {data['weights']}")
