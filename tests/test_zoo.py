@@ -161,3 +161,37 @@ def test_torchvision_models_compress():
         ours.load_state_dict(theirs.state_dict())
         x = torch.rand(1, 3, 64, 64)
         torch.testing.assert_close(ours(x), theirs(x))
+
+
+#: torchvision (and timm) models of issue 14's table, with the MACs compress(keep=0.5) must
+#: remove at 224 px (regnet: its grouped convolutions stay; the README table has the rest)
+REAL_MODELS = {
+    "resnet18": 0.4,
+    "resnet50": 0.4,
+    "densenet121": 0.4,
+    "googlenet": 0.4,
+    "squeezenet1_0": 0.4,
+    "mobilenet_v2": 0.4,
+    "efficientnet_b0": 0.4,
+    "regnet_y_400mf": 0.3,
+    "vit_tiny_patch16_224": 0.4,
+    "convnext_tiny": 0.4,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_real_architectures_compress(name):
+    """Random-weight torchvision/timm models compress at keep 0.5 (the fast paper method),
+    run, and lose at least the MACs of the README table; skipped without the packages."""
+    if name in ("vit_tiny_patch16_224", "convnext_tiny"):
+        model = pytest.importorskip("timm").create_model(name, pretrained=False)
+    else:
+        models = pytest.importorskip("torchvision.models")
+        kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        model = getattr(models, name)(weights=None, **kwargs)
+    torch.manual_seed(0)
+    model.eval()
+    x = torch.rand(2, 3, 224, 224)
+    result = tropnnc.compress(model, 0.5, "tropnnc", example_inputs=x[:1])
+    assert result.model(x).shape == (2, 1000)
+    assert 1 - result.macs_after / result.macs_before >= REAL_MODELS[name]
