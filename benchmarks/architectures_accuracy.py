@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import time
@@ -66,6 +67,12 @@ def main() -> None:
     parser.add_argument("--keeps", nargs="*", type=float, default=[0.9, 0.75, 0.5])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist-subset")
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default=None,
+        help="zoo overrides, e.g. '{\"widths\": [24, 48]}'",
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-size", type=int, default=None)
@@ -98,6 +105,7 @@ def main() -> None:
                 args.dataset,
                 seed,
                 args.cache,
+                config=args.config,
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 train_size=args.train_size,
