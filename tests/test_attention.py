@@ -256,3 +256,16 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.blocks[1].attn.config() == result.model.blocks[1].attn.config()
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_attention_without_biases():
+    """An nn.MultiheadAttention without biases narrows at full width to the same function
+    (the compact layer carries the biases the LayerNorm's shift makes necessary)."""
+    block = _block(True)
+    torch.manual_seed(1)
+    block.attn = nn.MultiheadAttention(12, 3, bias=False, batch_first=True).double().eval()
+    spec = find_attention(block)[0][0]
+    before = block.attn
+    apply_heads(block, spec, narrow(extract_heads(block, spec), 4, *input_norm(block, spec)).heads)
+    h = block.norm1(torch.randn(2, 6, 12, dtype=torch.float64))
+    torch.testing.assert_close(block.attn(h, h, h)[0], before(h, h, h)[0], rtol=1e-10, atol=1e-10)

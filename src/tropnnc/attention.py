@@ -66,13 +66,16 @@ def narrow(
 ) -> Narrowed:
     """The heads of ``heads`` with query/key and value width ``rank`` each, by truncated
     SVD of both circuits, reading inputs x = diag(gamma) n + beta (``gamma``, ``beta``: the
-    input norm's affine, (E,); None: x = n). Computed in float64; the result has the input's
-    dtype."""
+    input norm's affine, (E,); None: x = n). Computed in float64 on the CPU; the result
+    has the input's dtype."""
     dtype = heads.wq.dtype
-    h = {name: getattr(heads, name).double() for name in ("wq", "bq", "wk", "bk", "wv", "bv", "wo")}
+    f64 = {"device": "cpu", "dtype": torch.float64}
+    h = {
+        name: getattr(heads, name).to(**f64) for name in ("wq", "bq", "wk", "bk", "wv", "bv", "wo")
+    }
     e = h["wq"].shape[-1]
-    g = torch.ones(e, dtype=torch.float64) if gamma is None else gamma.double()
-    b = torch.zeros(e, dtype=torch.float64) if beta is None else beta.double()
+    g = torch.ones(e, **f64) if gamma is None else gamma.to(**f64)
+    b = torch.zeros(e, **f64) if beta is None else beta.to(**f64)
     g_inv = torch.where(g != 0, 1 / torch.where(g != 0, g, 1), 0)  # D^+: a 0 gain reads nothing
 
     # QK: G = [Q^T; q0^T] K, (H, E + 1, E)
@@ -96,7 +99,7 @@ def narrow(
     wv = root.unsqueeze(-1) * vh[:, :rank] * g_inv  # (H, r, E)
     bv = -(wv @ b)
     constant = (wo_h @ (h["wv"] @ b + h["bv"]).unsqueeze(-1)).squeeze(-1).sum(0)  # (E_out,)
-    bo = heads.bo.double() + constant
+    bo = heads.bo.to(**f64) + constant
 
     new = Heads(
         *(t.to(dtype) for t in (wq, bq, wk, bk, wv, bv, wo, bo)),

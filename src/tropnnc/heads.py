@@ -27,12 +27,13 @@ def extract_heads(model: nn.Module, spec: AttentionSpec) -> Heads:
         proj, scale = mod.out_proj, 1 / math.sqrt(d)
     e = w.shape[1]
     w = w.detach().reshape(3, h, d, e)  # output feature s * H * d + head * d + i
-    b = torch.zeros(3, h, d, dtype=w.dtype) if b is None else b.detach().reshape(3, h, d)
-    bo = proj.bias.detach() if proj.bias is not None else torch.zeros(proj.out_features)
+    like = {"dtype": w.dtype, "device": w.device}
+    b = torch.zeros(3, h, d, **like) if b is None else b.detach().reshape(3, h, d)
+    bo = proj.bias.detach() if proj.bias is not None else torch.zeros(proj.out_features, **like)
     return Heads(
         w[0], b[0], w[1], b[1], w[2], b[2],
         proj.weight.detach().reshape(proj.out_features, h, d),
-        bo.to(w.dtype),
+        bo.to(**like),
         float(scale),
     )  # fmt: skip
 
