@@ -539,7 +539,8 @@ def allocate(
     or a :class:`ThresholdRule`), or None: ``own`` when given, ``'tropnnc'`` otherwise.
     ``norm``: the norm of the output slices in the curves' unit masses (the method's
     :meth:`~tropnnc.methods.Method.curve_norm`). The curves are computed on the original
-    weights of each block.
+    weights of each block (a channel group: the one block of all its members that
+    :func:`~tropnnc.surgery.extract_group` makes, as the methods merge it).
     """
     rule = _rule(budget.allocator, own)
     unit, min_width, round_to = budget.unit, budget.min_width, budget.round_to
