@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.cluster.hierarchy import linkage
 from torch import nn
 
@@ -23,8 +24,8 @@ from tropnnc.budget import (
     compressible_count,
 )
 from tropnnc.cluster import cosine_residual
-from tropnnc.counting import count_macs
-from tropnnc.graph import discover
+from tropnnc.counting import count_macs, count_params, layer_macs
+from tropnnc.graph import BlockSpec, GroupSpec, discover, layer_width
 from tropnnc.methods.cup import features
 from tropnnc.surgery import extract, get_module
 
@@ -254,6 +255,163 @@ def test_cup_global_threshold(name):
         assert layer.width == expected
     # one merge fewer (the next smaller height) would miss the budget
     assert alloc.target - alloc.achieved < alloc.max_step_saving * 2 + 1
+
+
+# -------------------------------------------------------------------------------------------
+# budgets over channel groups (residual streams, concatenations, depthwise chains)
+# -------------------------------------------------------------------------------------------
+
+
+class Concat(nn.Module):
+    """Two groups read together with the input's channels (c), and c read together with b
+    through a flatten (fc): every reader reads several groups."""
+
+    input_shape = (3, 6, 6)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.c = nn.Conv2d(6 + 5 + 3, 8, 3, padding=1)
+        self.fc = nn.Linear((8 + 5) * 36, 10)
+
+    def forward(self, x):
+        a = F.relu(self.bn(self.a(x)))
+        b = F.relu(self.b(x))
+        c = F.relu(self.c(torch.cat([a, b, x], 1)))
+        return self.fc(torch.flatten(torch.cat([c, b], 1), 1))
+
+
+def concat_count(ka: int, kb: int, kc: int, unit: str) -> int:
+    """The count of Concat's layers, written out (a's folded BatchNorm: its bias)."""
+    if unit == "params":
+        return (
+            (27 * ka + ka)
+            + (3 * kb + kb)
+            + (9 * kc * (ka + kb + 3) + kc)
+            + (10 * 36 * (kc + kb) + 10)
+        )
+    return 36 * (27 * ka + 3 * kb + 9 * kc * (ka + kb + 3)) + 10 * 36 * (kc + kb)
+
+
+def build_grouped(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = Concat() if name == "concat" else zoo.build(name)
+    with torch.no_grad():  # BatchNorm statistics of a trained net
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.25, 1.75)
+                mod.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def members(spec: BlockSpec | GroupSpec) -> tuple[list, list[str]]:
+    """The producers (and depthwise members) of a block or group, and its readers."""
+    if isinstance(spec, GroupSpec):
+        return list(spec.producers + spec.channelwise), [c.layer for c in spec.consumers]
+    return list(spec.producers), [spec.consumer]
+
+
+def member_count(model: nn.Module, specs: list, unit: str) -> int:
+    """The params (count_params of each member layer, plus the bias a BatchNorm still in the
+    model folds into a producer without one) or MACs (layer_macs) of the member layers."""
+    names, folded = {}, 0
+    for spec in specs:
+        writers, readers = members(spec)
+        names.update(dict.fromkeys([p.layer for p in writers] + readers))
+        for p in writers:
+            mod = get_module(model, p.layer)
+            if p.bn and isinstance(get_module(model, p.bn), nn.BatchNorm2d) and mod.bias is None:
+                folded += mod.out_channels
+    if unit == "macs":
+        macs = layer_macs(model, torch.zeros((1,) + tuple(model.input_shape)))
+        return sum(macs[name] for name in names)
+    return sum(count_params(get_module(model, name)) for name in names) + folded
+
+
+def check_widths(model: nn.Module, small: nn.Module, specs: list, widths: dict) -> None:
+    """Every member of every block and group has its allocated width; every reader's input
+    shrinks by what its groups lost (times the positions a flatten reads per channel)."""
+    for spec in specs:
+        writers, readers = members(spec)
+        for p in writers:
+            mod = get_module(small, p.layer)
+            assert layer_width(mod) == widths[spec.producer], p.layer
+            if p in getattr(spec, "channelwise", ()):
+                assert mod.groups == mod.in_channels == widths[spec.producer]
+        for reader in readers:
+            old, new = get_module(model, reader), get_module(small, reader)
+            segments = ((spec.producer, None),)
+            if isinstance(spec, GroupSpec):
+                segments = next(c for c in spec.consumers if c.layer == reader).segments
+            read = [name for name, _ in segments if name is not None]
+            lost = sum(layer_width(get_module(model, n)) - widths[n] for n in read)
+            if isinstance(old, nn.Linear):  # a flatten reads every segment's width
+                units = [layer_width(get_module(model, n)) if n else w for n, w in segments]
+                per = 1 if None in units else old.in_features // sum(units)
+                assert new.in_features == old.in_features - per * lost, reader
+            else:
+                assert new.in_channels == old.in_channels - lost, reader
+
+
+GROUPED = ["resnet-mini", "mobilenetv2-mini", "densenet-mini", "concat"]
+
+
+@pytest.mark.parametrize("name", GROUPED)
+@pytest.mark.parametrize("unit", ["params", "macs"])
+def test_budget_compresses_channel_groups(name, unit):
+    model = build_grouped(name)
+    specs, _ = discover(model)
+    assert any(isinstance(s, GroupSpec) for s in specs)
+    total = member_count(model, specs, unit)
+    for fraction in (0.3, 0.5, 0.8):
+        result = tropnnc.compress(model, budget=Budget(fraction, unit))
+        alloc = result.allocation
+        assert alloc.total == total == compressible_count(model, specs, unit)
+        assert alloc.target == pytest.approx(fraction * total)
+        assert 0 <= alloc.target - alloc.achieved <= alloc.max_step_saving
+        small = result.model
+        assert alloc.achieved == compressible_count(small, specs, unit)
+        assert alloc.achieved == member_count(small, specs, unit)
+        if unit == "params":  # the rest of the net loses only the folded BatchNorms
+            folded = [get_module(model, p.bn) for s in specs for p in members(s)[0] if p.bn]
+            lost = sum(count_params(bn) - bn.num_features for bn in folded)
+            assert count_params(model) - count_params(small) == total - alloc.achieved + lost
+        assert all("output layer" in r.reason for r in result.skipped)
+        assert [b.layer for b in result.blocks] == list(alloc.widths)
+        assert [b.units_after for b in result.blocks] == list(alloc.widths.values())
+        check_widths(model, small, specs, alloc.widths)
+        x = torch.rand(2, *model.input_shape)
+        assert small(x).shape == model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("unit", ["params", "macs"])
+def test_budget_counts_a_concatenation_as_written_out(unit):
+    model = build_grouped("concat")
+    specs, _ = discover(model)
+    assert [s.producer for s in specs] == ["a", "b", "c"]
+    result = tropnnc.compress(model, budget=Budget(0.4, unit))
+    widths = result.allocation.widths
+    assert result.allocation.total == concat_count(6, 5, 8, unit)
+    assert result.allocation.achieved == concat_count(widths["a"], widths["b"], widths["c"], unit)
+    a = 27 * widths["a"]  # the layers writing group a: a alone, with its folded bias
+    assert result.allocation.layers[0].count == (a + widths["a"] if unit == "params" else 36 * a)
+
+
+def test_cup_threshold_on_channel_groups():
+    model = build_grouped("resnet-mini")
+    specs, _ = discover(model)
+    result = tropnnc.compress(model, budget=Budget(0.5, allocator="method"), method="cup")
+    alloc = result.allocation
+    assert alloc.allocator == "cup-threshold" and alloc.achieved <= alloc.target
+    assert alloc.achieved == compressible_count(result.model, specs)
+    for spec, layer in zip(specs, alloc.layers, strict=True):
+        block = extract(model, spec)  # a group: every member's rows and slices
+        heights = linkage(features(block, False).numpy(), method="ward")[:, 2]
+        assert layer.width == max(1, block.n - int((heights <= alloc.threshold).sum()))
+    check_widths(model, result.model, specs, alloc.widths)
 
 
 # -------------------------------------------------------------------------------------------

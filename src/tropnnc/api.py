@@ -168,8 +168,9 @@ def compress(
     ``budget`` is given. ``budget``: instead of ``keep``, a :class:`~tropnnc.budget.Budget`
     (or just its fraction): keep that fraction in (0, 1] of the parameters
     (``unit='params'``) or MACs (``'macs'``) of the compressible layers (every
-    Linear/Conv2d that is a producer or consumer of a block; all blocks are then
-    compressed); per-block widths are chosen by :func:`tropnnc.budget.allocate`
+    Linear/Conv2d that is a producer or consumer of a block or a member of a channel
+    group; all blocks and groups are then compressed); per-block widths are chosen by
+    :func:`tropnnc.budget.allocate`
     (``allocator``: 'tropnnc' certificate curves with per-block floors, 'tropnnc-log',
     'tropnnc-sum' (no floors), or 'method': the method's own, e.g. CUP's global
     threshold; every width >= ``min_width`` and a multiple of ``round_to`` or the full
@@ -190,11 +191,12 @@ def compress(
     ``calibration``: unlabeled inputs (a tensor or an iterable of batches). Data-driven
     methods (``thinet``) need them; with any other method they trigger a least-squares
     refit of the consumer after the data-free merge (reported as data-driven, no
-    certificate). ``repair="bn"``: after each share-form merge, shift the consumer's bias
-    so its expected pre-activation is unchanged, modelling each unit's pre-activation as
-    Gaussian with its BatchNorm's beta and |gamma| (:mod:`tropnnc.repair`; data-free; the
-    shift is added to the certificate); a no-op, noted in the block's report, without BN
-    statistics, for merges without shares, or when a calibration refit runs.
+    certificate); channel groups are then left alone (reported). ``repair="bn"``: after
+    each share-form merge, shift the consumer's bias so its expected pre-activation is
+    unchanged, modelling each unit's pre-activation as Gaussian with its BatchNorm's beta
+    and |gamma| (:mod:`tropnnc.repair`; data-free; the shift is added to the
+    certificate); a no-op, noted in the block's report, without BN statistics, for merges
+    without shares, or when a calibration refit runs.
     ``repair="bn-var"`` also rescales each merged unit's consumer slices to keep the
     variance it feeds the consumer (same model; see :mod:`tropnnc.repair`).
     ``reconstruct="ls"`` (or a :class:`~tropnnc.reconstruct.Reconstruction` with its
@@ -363,13 +365,12 @@ def _blocks(
     """The blocks of ``model`` this run can compress, and the layers it skips (logged);
     ValueError when there is none (and no attention to narrow: ``heads``)."""
     specs, skipped = discover(model)
-    if run.budget is not None or run.batches is not None:  # groups: data-free, keep only
-        why = "a budget" if run.budget is not None else "calibration data"
+    if run.batches is not None:  # calibration reads and refits: blocks only
         skipped += [
             Skip(
                 s.producer,
                 f"channel group {', '.join(s.layers)} is not compressed "
-                f"with {why} (groups take keep only)",
+                "with calibration data (calibration reads and refits take blocks only)",
             )
             for s in specs
             if isinstance(s, GroupSpec)
@@ -487,15 +488,16 @@ def _compress_blocks(
 def _unchanged(
     model: nn.Module, specs: list[BlockSpec], widths: dict[str, int], run: _Settings
 ) -> set[str]:
-    """The blocks left as they are: kept at full width, with no BatchNorm to fold and no
-    calibration or repair (the merge would be the identity), so no copy of their layers and
-    no consumer rewrite."""
+    """The blocks left as they are: kept at full width, with no BatchNorm to fold (in any
+    producer or depthwise member of a group) and no calibration or repair (the merge would
+    be the identity), so no copy of their layers and no consumer rewrite."""
     if run.batches is not None or run.repair is not None:
         return set()
     return {
         s.producer
         for s in specs
-        if s.bn is None and widths.get(s.producer) == layer_width(get_module(model, s.producer))
+        if all(p.bn is None for p in s.producers + getattr(s, "channelwise", ()))
+        and widths.get(s.producer) == layer_width(get_module(model, s.producer))
     }
 
 

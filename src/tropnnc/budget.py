@@ -1,13 +1,18 @@
 """Budgeted non-uniform compression: choose every block's width from a parameter/MAC budget.
 
 The budget is a fraction of the *compressible layers*: every Linear/Conv2d layer that is the
-producer or the consumer of a compressed block (with ``budget=...`` every discovered block is
-compressed). Their parameters are weights plus biases, a BatchNorm folded into a producer
-counting as that producer's bias (as in the compressed model); their MACs are counted
-analytically like :func:`tropnnc.counting.count_macs`. Layer counts are bilinear in the widths:
-removing one unit of block l saves its producer row (whose length depends on the width of the
-block before) and its consumer slice (whose height depends on the width of the block after),
-and every saving is computed exactly from the shapes at the current widths.
+producer or the consumer of a compressed block, or a member of a compressed channel group
+(its producers, depthwise members and readers; with ``budget=...`` every discovered block and
+group is compressed). Their parameters are weights plus biases, a BatchNorm folded into a
+producer counting as that producer's bias (as in the compressed model); their MACs are
+counted analytically like :func:`tropnnc.counting.count_macs`. Layer counts are bilinear in
+the widths: a layer's output width is a block's width or fixed, its input width a sum of
+the widths of the blocks it reads (several for a reader of a concatenation) plus fixed
+channels, so removing one unit of block l saves its producer rows (whose length depends on
+the width of the blocks they read) and its consumer slices (whose height depends on the
+width of the block they write), and every saving is computed exactly from the shapes at the
+current widths. A depthwise member holds one kernel per unit, whatever the width. Below,
+"block" means a block or a channel group.
 
 A :class:`Budget` names the fraction, the unit, the allocator and the width constraints.
 Two kinds of allocator:
@@ -67,8 +72,8 @@ from torch import Tensor, nn
 from .block import Block
 from .cluster import cosine_gram
 from .counting import infer_example_inputs, output_positions
-from .graph import BlockSpec, layer_width
-from .surgery import extract, get_module
+from .graph import BlockSpec, Consumer, GroupSpec, layer_width
+from .surgery import extract, get_module, read_range
 
 __all__ = [
     "Allocation",
@@ -132,13 +137,15 @@ class ThresholdRule:
 
 @dataclass(frozen=True)
 class LayerAllocation:
-    """The width chosen for one block (named by its producer layer)."""
+    """The width chosen for one block or channel group (named by its (first) producer)."""
 
     layer: str
     units: int  # width before compression
     width: int  # width chosen
     certificate: float  # normalised certificate curve e_l(width), in [0, 1]
-    count: int  # params or MACs of the producer layer at the chosen widths
+    #: params or MACs of the layers writing its units at the chosen widths (a block's
+    #: producer; a group's producers and depthwise members)
+    count: int
     share: float  # count / Allocation.achieved (the output layer is no block's producer)
     floor: int  # smallest width the allocator could give this block (see Allocation)
 
@@ -349,52 +356,75 @@ def _lower_hull(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Layout:
-    """The compressible layers as arrays: count(K) = sum coef*out*in + bias*out."""
+    """The compressible layers as arrays, linear in the block widths k (B,) on each side:
+    out = out_fixed + writes @ k units, in = in_fixed + reads @ k inputs per output unit,
+    count = coef * out * in + bias * out per layer."""
 
-    names: list[str]
-    out_block: np.ndarray  # (L,) block whose producer the layer is, -1 if none
-    in_block: np.ndarray  # (L,) block whose consumer the layer is, -1 if none
-    out_dim: np.ndarray  # (L,) full output units
-    in_dim: np.ndarray  # (L,) full input features (Linear after flatten: units * reads)
-    reads: np.ndarray  # (L,) inputs per unit of in_block (H*W after flatten, else 1)
+    names: list[str]  # every member layer once, in the order of the specs
+    out_fixed: np.ndarray  # (L,) output units of no block (0 for a layer that writes one)
+    writes: np.ndarray  # (L, B) 1 where the layer writes block b (producer, depthwise member)
+    in_fixed: np.ndarray  # (L,) inputs per output unit from no block (a depthwise member: 1)
+    reads: np.ndarray  # (L, B) inputs per unit of block b (H*W after flatten, else 1; 0: none)
     coef: np.ndarray  # (L,) kernel size (params) or kernel size * output positions (MACs)
     bias: np.ndarray  # (L,) 1 when the layer carries a bias (params only)
 
-    def counts(self, widths: np.ndarray) -> np.ndarray:
-        """(L,) per-layer counts at block widths ``widths`` (B,)."""
-        k = np.append(np.asarray(widths, dtype=np.int64), 0)  # index -1 -> unused
-        out = np.where(self.out_block >= 0, k[self.out_block], self.out_dim)
-        inn = np.where(self.in_block >= 0, k[self.in_block] * self.reads, self.in_dim)
-        return self.coef * out * inn + self.bias * out
+    def counts(self, widths: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Counts at block widths ``widths`` (B,) of the layers ``rows`` (default: all,
+        (L,))."""
+        k = np.asarray(widths, dtype=np.int64)
+        out = self.out_fixed[rows] + self.writes[rows] @ k
+        inn = self.in_fixed[rows] + self.reads[rows] @ k
+        return self.coef[rows] * out * inn + self.bias[rows] * out
 
     def count(self, widths: np.ndarray) -> int:
         return int(self.counts(widths).sum())
 
+    def touches(self) -> np.ndarray:
+        """(L, B) whether the layer's count depends on block b's width."""
+        return (self.writes != 0) | (self.reads != 0)
 
-def _layout(model: nn.Module, specs: list[BlockSpec], unit: str, inputs: Tensor | None) -> _Layout:
-    names: list[str] = []
-    for s in specs:
-        for name in (s.producer, s.consumer):
-            if name not in names:
-                names.append(name)
+
+def _layout(
+    model: nn.Module, specs: list[BlockSpec | GroupSpec], unit: str, inputs: Tensor | None
+) -> _Layout:
+    """The layout of the member layers of ``specs`` in ``model`` at the widths it has now:
+    a block's producer and consumer; a group's producers, depthwise members and readers (a
+    reader of a concatenation reads several groups, and fixed channels besides them). A
+    layer in several specs (a block's producer reading a residual stream) is listed once."""
+    members: list[str] = []  # every member layer, in the order of the specs
+    wrote: list[tuple[str, int, bool]] = []  # (layer, block, BatchNorm folded into it)
+    read: list[tuple[str, int, int]] = []  # (layer, block, inputs per unit of the block)
+    for b, s in enumerate(specs):
+        writers = s.producers + (s.channelwise if isinstance(s, GroupSpec) else ())
+        if isinstance(s, GroupSpec):
+            readers = [(c.layer, b, _reads_per_unit(model, c)) for c in s.consumers]
+        else:
+            consumer = get_module(model, s.consumer)
+            units = layer_width(get_module(model, s.producer))
+            per = consumer.in_features // units if isinstance(consumer, nn.Linear) else 1
+            readers = [(s.consumer, b, per)]
+        wrote += [(p.layer, b, p.bn is not None) for p in writers]
+        read += readers
+        members += [p.layer for p in writers] + [name for name, _, _ in readers]
+    names = list(dict.fromkeys(members))
     index = {name: i for i, name in enumerate(names)}
     size = len(names)
-    out_block = np.full(size, -1, dtype=np.int64)
-    in_block = np.full(size, -1, dtype=np.int64)
-    reads = np.ones(size, dtype=np.int64)
-    folded = np.zeros(size, dtype=bool)
-    for b, s in enumerate(specs):
-        out_block[index[s.producer]] = b
-        in_block[index[s.consumer]] = b
-        folded[index[s.producer]] = s.bn is not None
-        units = layer_width(get_module(model, s.producer))
-        consumer = get_module(model, s.consumer)
-        if isinstance(consumer, nn.Linear):
-            reads[index[s.consumer]] = consumer.in_features // units
+    writes = np.zeros((size, len(specs)), dtype=np.int64)  # (L, B)
+    reads = np.zeros((size, len(specs)), dtype=np.int64)  # (L, B)
+    folded = np.zeros(size, dtype=bool)  # (L,)
+    for name, b, bn in wrote:
+        writes[index[name], b] = 1
+        folded[index[name]] |= bn
+    for name, b, per in read:
+        reads[index[name], b] = per
     mods = [get_module(model, name) for name in names]
+    width = np.array([layer_width(get_module(model, s.producer)) for s in specs], dtype=np.int64)
     out_dim = np.array([layer_width(mod) for mod in mods], dtype=np.int64)
-    in_dim = np.array(
-        [mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels for mod in mods],
+    in_dim = np.array(  # inputs per output unit (a depthwise convolution's: 1)
+        [
+            mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels // mod.groups
+            for mod in mods
+        ],
         dtype=np.int64,
     )
     kernel = np.array(
@@ -410,7 +440,17 @@ def _layout(model: nn.Module, specs: list[BlockSpec], unit: str, inputs: Tensor 
         positions = output_positions(model, inputs)
         coef = kernel * np.array([positions[name] for name in names], dtype=np.int64)
         bias = np.zeros(size, dtype=np.int64)
-    return _Layout(names, out_block, in_block, out_dim, in_dim, reads, coef, bias)
+    return _Layout(
+        names, out_dim - writes @ width, writes, in_dim - reads @ width, reads, coef, bias
+    )
+
+
+def _reads_per_unit(model: nn.Module, consumer: Consumer) -> int:
+    """Inputs per output unit that ``consumer`` reads from each channel of its group: the
+    positions of a flatten for a Linear (else 1); a convolution's kernel is in its coef."""
+    if isinstance(get_module(model, consumer.layer), nn.Linear):
+        return read_range(model, consumer)[2]
+    return 1
 
 
 def _inputs_for(model: nn.Module, unit: str, example_inputs: Tensor | None) -> Tensor | None:
@@ -428,13 +468,14 @@ def _inputs_for(model: nn.Module, unit: str, example_inputs: Tensor | None) -> T
 
 def compressible_count(
     model: nn.Module,
-    specs: list[BlockSpec],
+    specs: list[BlockSpec | GroupSpec],
     unit: str = "params",
     example_inputs: Tensor | None = None,
 ) -> int:
     """Params or MACs of the compressible layers of ``model`` (the producers and consumers
-    of ``specs``), at the widths the model has now (works on a compressed copy too: module
-    paths are unchanged). A producer followed by a BatchNorm counts its folded bias."""
+    of ``specs``, every member of a channel group), at the widths the model has now (works
+    on a compressed copy too: module paths are unchanged). A producer (or depthwise member)
+    followed by a BatchNorm counts its folded bias."""
     _check_unit(unit)
     layout = _layout(model, specs, unit, _inputs_for(model, unit, example_inputs))
     widths = np.array([layer_width(get_module(model, s.producer)) for s in specs], dtype=np.int64)
@@ -480,7 +521,7 @@ def _allowed(n: int, min_width: int, round_to: int) -> np.ndarray:
 
 def allocate(
     model: nn.Module,
-    specs: list[BlockSpec],
+    specs: list[BlockSpec | GroupSpec],
     budget: Budget,
     *,
     norm: str = "l2",
@@ -498,7 +539,8 @@ def allocate(
     or a :class:`ThresholdRule`), or None: ``own`` when given, ``'tropnnc'`` otherwise.
     ``norm``: the norm of the output slices in the curves' unit masses (the method's
     :meth:`~tropnnc.methods.Method.curve_norm`). The curves are computed on the original
-    weights of each block.
+    weights of each block (a channel group: the one block of all its members that
+    :func:`~tropnnc.surgery.extract_group` makes, as the methods merge it).
     """
     rule = _rule(budget.allocator, own)
     unit, min_width, round_to = budget.unit, budget.min_width, budget.round_to
@@ -534,15 +576,15 @@ def allocate(
         name = f"{rule}-curves"
     counts = layout.counts(widths)
     achieved = int(counts.sum())
-    index = {n: i for i, n in enumerate(layout.names)}
+    written = layout.writes.T @ counts  # (B,) counts of the layers writing each block
     layers = [
         LayerAllocation(
             s.producer,
             int(full[b]),
             int(widths[b]),
             float(curves[b][widths[b] - 1]),
-            int(counts[index[s.producer]]),
-            float(counts[index[s.producer]]) / max(achieved, 1),
+            int(written[b]),
+            float(written[b]) / max(achieved, 1),
             int(floors[b]),
         )
         for b, s in enumerate(specs)
@@ -634,35 +676,19 @@ def _greedy(
     widths = np.array([a[0] for a in allowed], dtype=np.int64)
     pos = np.zeros(len(allowed), dtype=np.int64)
     version = np.zeros(len(allowed), dtype=np.int64)
-    touching: list[list[int]] = [[] for _ in allowed]  # blocks sharing a layer with block b
-    layer_of: list[np.ndarray] = []
-    for b in range(len(allowed)):
-        lay = np.nonzero((layout.out_block == b) | (layout.in_block == b))[0]
-        layer_of.append(lay)
-        for other in np.concatenate([layout.in_block[lay], layout.out_block[lay]]):
-            if other >= 0 and other != b and other not in touching[b]:
-                touching[b].append(int(other))
-    k_ext = np.append(widths, 0)
-
-    def layer_count(lay: np.ndarray) -> int:
-        out = np.where(
-            layout.out_block[lay] >= 0, k_ext[layout.out_block[lay]], layout.out_dim[lay]
-        )
-        inn = np.where(
-            layout.in_block[lay] >= 0,
-            k_ext[layout.in_block[lay]] * layout.reads[lay],
-            layout.in_dim[lay],
-        )
-        return int((layout.coef[lay] * out * inn + layout.bias[lay] * out).sum())
+    touches = layout.touches()  # (L, B)
+    layer_of = [np.nonzero(touches[:, b])[0] for b in range(len(allowed))]
+    # blocks sharing a layer with block b: their savings change when b shrinks
+    touching = [np.nonzero(touches[lay].any(axis=0))[0] for lay in layer_of]
 
     def delta(b: int, width: int) -> int:
         """Change of the count when block b moves to ``width`` (the others unchanged)."""
-        lay = layer_of[b]
-        before = layer_count(lay)
-        k_ext[b] = width
-        after = layer_count(lay)
-        k_ext[b] = widths[b]
-        return after - before
+        lay, now = layer_of[b], widths[b]
+        before = layout.counts(widths, lay).sum()
+        widths[b] = width
+        after = layout.counts(widths, lay).sum()
+        widths[b] = now
+        return int(after - before)
 
     def saving(b: int) -> int:
         return -delta(b, allowed[b][pos[b] + 1])
@@ -684,11 +710,11 @@ def _greedy(
         if ver != version[b]:
             continue
         pos[b] += 1
-        widths[b] = k_ext[b] = allowed[b][pos[b]]
+        widths[b] = allowed[b][pos[b]]
         count += neg_save
-        for c in [b, *touching[b]]:
+        for c in touching[b]:  # b itself among them
             version[c] += 1
-            push(c)
+            push(int(c))
     # The last step may overshoot by up to one (large) unit: give steps back while they fit,
     # the largest certificate decrease per unit of count first (O(blocks) per step).
     while True:
@@ -706,13 +732,13 @@ def _greedy(
         if best < 0:
             return widths
         pos[best] -= 1
-        widths[best] = k_ext[best] = allowed[best][pos[best]]
+        widths[best] = allowed[best][pos[best]]
         count += best_grow
 
 
 def _threshold_widths(
     model: nn.Module,
-    specs: list[BlockSpec],
+    specs: list[BlockSpec | GroupSpec],
     allowed: list[np.ndarray],
     layout: _Layout,
     target: float,

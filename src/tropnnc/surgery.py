@@ -222,7 +222,7 @@ def _rows(model: nn.Module, layer: str, bn: str | None, to: dict) -> Tensor:
     return torch.cat([w.flatten(1), b[:, None]], dim=1)
 
 
-def _read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
+def read_range(model: nn.Module, consumer: Consumer) -> tuple[int, int, int]:
     """(first channel, channels, reads per channel) of the group in ``consumer``'s input,
     from the widths the model has now (earlier groups of a concatenation may have shrunk)."""
     mod = get_module(model, consumer.layer)
@@ -283,7 +283,7 @@ def extract_group(
     slices, biases = [], []
     for consumer in spec.consumers:
         mod = get_module(model, consumer.layer)
-        start, width, reads = _read_range(model, consumer)
+        start, width, reads = read_range(model, consumer)
         wc = mod.weight.detach().to(**to)
         m = wc.shape[0]
         if isinstance(mod, nn.Linear):
@@ -316,7 +316,7 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
     producers (their BatchNorm becomes an Identity) and depthwise members get the merged
     rows, consumers the merged slices in the group's input range."""
     k = merge.k
-    ranges = [_read_range(model, c) for c in spec.consumers]  # before the widths change
+    ranges = [read_range(model, c) for c in spec.consumers]  # before the widths change
     col = 0
     members = [(p, False) for p in spec.producers] + [(p, True) for p in spec.channelwise]
     for p, depthwise in members:  # each member's columns of the joined rows, in order
