@@ -13,7 +13,7 @@ from torch import nn
 
 import tropnnc
 from tropnnc import zoo
-from tropnnc.attention import certificate, narrow
+from tropnnc.attention import certificate, narrow, split_width
 from tropnnc.graph.attention import find_attention
 from tropnnc.heads import apply_heads, extract_heads, input_norm
 from tropnnc.io import load, save
@@ -81,7 +81,9 @@ def test_full_rank_is_the_same_function(mha):
     block = _block(mha)
     spec = find_attention(block)[0][0]
     assert spec.norm == "norm1" and spec.style == ("mha" if mha else "timm")
-    narrowed = narrow(extract_heads(block, spec), spec.head_dim, *input_norm(block, spec))
+    narrowed = narrow(
+        extract_heads(block, spec), spec.head_dim, spec.head_dim, *input_norm(block, spec)
+    )
     before = block.attn
     apply_heads(block, spec, narrowed.heads)
     assert type(block.attn) is (CompactMultiheadAttention if mha else CompactAttention)
@@ -102,7 +104,7 @@ def test_low_rank_circuits_narrow_exactly():
         w[:, :, 2:] = w[:, :, :2]  # each head: 2 distinct rows, each twice
         block.attn.qkv.bias.view(3, 3, 4)[:, :, 2:] = block.attn.qkv.bias.view(3, 3, 4)[:, :, :2]
     spec = find_attention(block)[0][0]
-    narrowed = narrow(extract_heads(block, spec), 2, *input_norm(block, spec))
+    narrowed = narrow(extract_heads(block, spec), 2, 2, *input_norm(block, spec))
     assert certificate(narrowed, math.sqrt(12)) < 1e-9
     before = block.attn
     apply_heads(block, spec, narrowed.heads)
@@ -111,13 +113,24 @@ def test_low_rank_circuits_narrow_exactly():
     assert block.attn.q.out_features == block.attn.v.out_features == 3 * 2
 
 
+def test_split_width():
+    """A quarter of the width budget to query/key, values capped at the head width, and
+    the MACs of the four projections are those of the average width."""
+    assert split_width(4, 8) == (2, 6) and split_width(7, 8) == (6, 8)
+    assert split_width(1, 8) == (1, 1) and split_width(32, 64) == (16, 48)
+    for d in (1, 8, 64):
+        for w in range(1, d + 1):
+            qk, v = split_width(w, d)
+            assert qk + v == 2 * w and 1 <= qk <= d and 1 <= v <= d and v >= qk
+
+
 def test_value_circuit_is_the_best_rank_r_map():
     """Eckart-Young: each head's new value-output map differs from the old one by exactly
     its (r + 1)-th singular value in spectral norm, the least any rank-r map can."""
     block = _block(False)
     spec = find_attention(block)[0][0]
     heads = extract_heads(block, spec)
-    narrowed = narrow(heads, 2)  # no norm: the circuits of x itself
+    narrowed = narrow(heads, 2, 2)  # no norm: the circuits of x itself
     new = narrowed.heads
     for h in range(3):
         old_map = heads.wo[:, h] @ heads.wv[h]
@@ -134,7 +147,7 @@ def test_certificate_holds_for_any_input(mha, rank):
     original's, for inputs of any scale (the LayerNorm bounds what the heads read)."""
     block = _block(mha, seed=rank)
     spec = find_attention(block)[0][0]
-    narrowed = narrow(extract_heads(block, spec), rank, *input_norm(block, spec))
+    narrowed = narrow(extract_heads(block, spec), rank, rank, *input_norm(block, spec))
     bound = certificate(narrowed, math.sqrt(12))
     before = block.attn
     apply_heads(block, spec, narrowed.heads)
@@ -162,7 +175,7 @@ def test_compact_multihead_attention_matches_torch_conventions():
     assert spec.norm is None  # never called in a traced forward
     compact = nn.Module()
     compact.attn = mha
-    apply_heads(compact, spec, narrow(extract_heads(model, spec), 4).heads)
+    apply_heads(compact, spec, narrow(extract_heads(model, spec), 4, 4).heads)
     new = compact.attn
     q = torch.randn(5, 3, 8, dtype=torch.float64)
     kv = torch.randn(6, 3, 8, dtype=torch.float64)
@@ -219,11 +232,14 @@ def test_compress_narrows_vit_heads_and_counts_them():
     assert all(0 < b.certificate < math.inf and b.radius > 0 for b in heads)
     attn = result.model.blocks[0].attn
     assert type(attn) is CompactMultiheadAttention and attn.batch_first
-    assert (attn.q.out_features, attn.v.out_features, attn.proj.in_features) == (8, 8, 8)
-    # per block: MHA 4 * 16 * 16 + 4 biases * 16 = 1088 -> q, k, v 3 * (16 * 8 + 8), proj
-    # 8 * 16 + 16: 552; MLP 16 -> 32 -> 16: 1072 -> 544 (fc1 16 * 16 + 16, fc2 16 * 16 + 16)
-    assert result.params_before - result.params_after == 2 * ((1088 - 552) + (1072 - 544))
-    # MACs per block: MHA 16 tokens * (4 * 16 * 16) -> 16 * 4 * 16 * 8; MLP 16 * 2 * 512 -> half
+    # average width 4 of 8 per head: query/key 2, values 6 (split_width), 2 heads
+    assert (attn.q.out_features, attn.v.out_features, attn.proj.in_features) == (4, 12, 12)
+    # per block: MHA 4 * 16 * 16 + 4 biases * 16 = 1088 -> q, k 2 * (16 * 4 + 4), v 16 * 12
+    # + 12, proj 12 * 16 + 16: 548; MLP 16 -> 32 -> 16: 1072 -> 544 (fc1 16 * 16 + 16, fc2
+    # 16 * 16 + 16)
+    assert result.params_before - result.params_after == 2 * ((1088 - 548) + (1072 - 544))
+    # MACs per block: MHA 16 tokens * (4 * 16 * 16) -> 16 * 16 * (4 + 4 + 12 + 12) (half);
+    # MLP 16 * 2 * 512 -> half
     per_block = 16 * 4 * 16 * 8 + 16 * 512
     assert result.macs_before - result.macs_after == 2 * per_block
     assert result.model(x).shape == (4, 10)
@@ -266,6 +282,8 @@ def test_attention_without_biases():
     block.attn = nn.MultiheadAttention(12, 3, bias=False, batch_first=True).double().eval()
     spec = find_attention(block)[0][0]
     before = block.attn
-    apply_heads(block, spec, narrow(extract_heads(block, spec), 4, *input_norm(block, spec)).heads)
+    apply_heads(
+        block, spec, narrow(extract_heads(block, spec), 4, 4, *input_norm(block, spec)).heads
+    )
     h = block.norm1(torch.randn(2, 6, 12, dtype=torch.float64))
     torch.testing.assert_close(block.attn(h, h, h)[0], before(h, h, h)[0], rtol=1e-10, atol=1e-10)

@@ -691,8 +691,9 @@ def _split_keep(
 def _narrow_heads(
     work: nn.Module, spec: AttentionSpec, rank: int, radius: float | None
 ) -> BlockReport:
-    """Narrow the heads of one attention module of ``work`` to ``rank`` (a report like a
-    block's: units are the attention width, heads x per-head width)."""
+    """Narrow the heads of one attention module of ``work`` to average width ``rank``,
+    split between query/key and values by :func:`tropnnc.attention.split_width` (a report
+    like a block's: units are the attention width, heads x average per-head width)."""
     start = time.perf_counter()
     heads = extract_heads(work, spec)
     e_out = heads.wo.shape[0]
@@ -705,7 +706,8 @@ def _narrow_heads(
     if rank == spec.head_dim:
         bound = 0.0
     else:
-        narrowed = heads_math.narrow(heads, rank, gamma, beta)
+        qk_rank, v_rank = heads_math.split_width(rank, spec.head_dim)
+        narrowed = heads_math.narrow(heads, qk_rank, v_rank, gamma, beta)
         apply_heads(work, spec, narrowed.heads)
         bound = heads_math.certificate(narrowed, rho)
     log.info("%s: heads %d -> %d wide, certificate %.4g", spec.path, spec.head_dim, rank, bound)
