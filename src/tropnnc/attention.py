@@ -118,8 +118,8 @@ def split_width(width: int, head_dim: int) -> tuple[int, int]:
     projections keep their MACs at ``width / head_dim``): a quarter of the 2 * width to
     query/key, the rest to values, values capped at ``head_dim``. The value circuit
     carries the output, the query-key one only steers the softmax: on vit-mini (2 datasets,
-    3 seeds; results/architectures/README.md) this split beat the even one by 0.3-8.6
-    points at keep 0.9-0.5."""
+    3 seeds, heads alone; results/architectures/README.md) this split beat the even one by
+    0.0-1.1 points at keep 0.9 and 0.75 and by 8.6-9.6 at keep 0.5."""
     total = 2 * width
     v = min(head_dim, total - max(1, round(total / 4)))
     return total - v, v
