@@ -14,10 +14,11 @@ reads, n its normalised output, ||n|| <= rho; without a norm D = I, beta = 0):
   weighted mean of the inputs: M = Wo Wv D n_bar ((E_out, E)) plus a constant, which moves
   into the output bias exactly. Truncated: Wo' = U_r S_r^(1/2), value rows S_r^(1/2) V_r^T.
 
-Certificate (every token, every input with ||n_j|| <= rho): the logits move by at most
-eps = scale sigma_{r+1}(G) sqrt(rho^2 + 1) rho, so the attention weights by at most
+The two circuits get their own ranks r_qk and r_v (:func:`split_width`). Certificate (every
+token, every input with ||n_j|| <= rho): the logits move by at most
+eps = scale sigma_{r_qk+1}(G) sqrt(rho^2 + 1) rho, so the attention weights by at most
 min(2, exp(2 eps) - 1) in l1, and the output moves by at most
-sum_h rho (sigma_{r+1}(M_h) + sigma_1(M_h) min(2, exp(2 eps_h) - 1)) in l2. A LayerNorm or
+sum_h rho (sigma_{r_v+1}(M_h) + sigma_1(M_h) min(2, exp(2 eps_h) - 1)) in l2. A LayerNorm or
 RMSNorm gives rho = sqrt(E) for any input. docs/method.md, "Attention heads".
 """
 
