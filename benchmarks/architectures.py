@@ -28,6 +28,7 @@ TORCHVISION = [
     "mobilenet_v2",
     "efficientnet_b0",
     "regnet_y_400mf",
+    "vit_b_16",
 ]
 TIMM = ["vit_tiny_patch16_224", "convnext_tiny"]
 
