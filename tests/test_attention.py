@@ -262,6 +262,15 @@ def test_compress_narrows_vit_heads_and_counts_them():
         tropnnc.compress(model, {"blocks.1.attn": 9})
 
 
+def test_narrowed_heads_are_not_narrowed_again():
+    """Compressing a compressed ViT leaves its compact attention alone, and says why."""
+    model = zoo.build("vit-mini").eval()
+    again = tropnnc.compress(tropnnc.compress(model, 0.5).model, 0.5)
+    assert not [b for b in again.blocks if b.method == "svd"]
+    reasons = [s.reason for s in again.skipped if s.layer == "blocks.0.attn"]
+    assert reasons and "narrowed already (CompactMultiheadAttention)" in reasons[0]
+
+
 def test_save_and_load_round_trip(tmp_path):
     """A model with narrowed heads saves without pickle and loads to the same function."""
     model = zoo.build("vit-mini").eval()

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules import CompactAttention, CompactMultiheadAttention
+
 PRODUCERS = (nn.Linear, nn.Conv2d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -108,11 +110,14 @@ ATTENTION_OPS = {
     torch.baddbmm,
 }
 ATTENTION_METHODS = {"mul", "mul_", "matmul", "bmm"}
+#: the attention layers compress writes: traced as leaves, like torch.nn's (tracing.trace)
+COMPACT_MODULES = (CompactAttention, CompactMultiheadAttention)
 ATTENTION_MODULES = (
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
     nn.Transformer,
+    *COMPACT_MODULES,
 )
 #: ops that move values between channels (or between samples and channels)
 RESHAPE_FUNCTIONS = {

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from ._ops import COMPACT_MODULES
 from .norms import norm_module
 from .specs import Skip
 from .tracing import TraceError, trace
@@ -37,6 +38,16 @@ def find_attention(model: nn.Module) -> tuple[list[AttentionSpec], list[Skip]]:
         elif _is_timm_attention(mod):
             why = _timm_problem(mod)
             style, heads, dim = "timm", mod.num_heads, mod.head_dim
+        elif isinstance(mod, COMPACT_MODULES):
+            skipped.append(
+                Skip(
+                    path,
+                    f"attention left alone: its heads were narrowed already "
+                    f"({type(mod).__name__}); to narrow them further, compress the "
+                    "original model with a smaller keep",
+                )
+            )
+            continue
         else:
             continue
         if why is None and norms.get(path) == "cross":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ._nodes import _is_flatten
-from ._ops import IDENTITIES, PRODUCERS
+from ._ops import COMPACT_MODULES, IDENTITIES, PRODUCERS
 from .specs import BlockSpec, GroupSpec
 
 
@@ -15,10 +15,20 @@ class TraceError(TypeError):
     """The model cannot be traced by torch.fx."""
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the layers compress writes (:mod:`tropnnc.modules`) kept as
+    leaves like torch.nn's own: a compressed model traces again."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, COMPACT_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; TraceError naming the model on failure."""
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types for untraceable control flow
         raise TraceError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
