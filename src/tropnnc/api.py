@@ -52,7 +52,7 @@ from .methods import Method, get_method, method_class, methods
 from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
 from .repair import bn_repair, check_repair
-from .surgery import apply, apply_group_slices, extract, get_module
+from .surgery import apply, apply_consumer_slices, extract, get_module, read_range
 
 log = logging.getLogger(__name__)
 
@@ -592,12 +592,19 @@ def _refit(
     outputs = [get_module(work, c.layer).weight.shape[0] for c in spec.consumers]
     targets = group_targets(block, reads, outputs)  # (S_c, m_c) per consumer
     merged = merge.out.split(outputs, dim=1)  # (k, m_c, most): the ridge's prior
-    new_reads, _ = capture_group(work, spec, batches, positions, generator)
-    slices = [
-        least_squares(x, t, prior=c0[:, :, : x.shape[2]])
-        for x, t, c0 in zip(new_reads, targets, merged, strict=True)
-    ]
-    apply_group_slices(work, spec, slices)
+    slices = []
+    # in forward order, each read after the earlier ones are rewritten: a consumer may feed
+    # (through a residual branch) a producer of the group that a later consumer reads
+    for consumer, target, prior, places in zip(
+        spec.consumers, targets, merged, positions, strict=True
+    ):
+        channels = read_range(work, consumer)
+        new_reads, _ = capture_reads(
+            work, consumer.layer, batches, places, generator, channels=channels
+        )  # (S_c, k, r_c)
+        part = least_squares(new_reads, target, prior=prior[:, :, : channels[2]])
+        apply_consumer_slices(work, consumer, part)
+        slices.append(part)
     most = max(part.shape[2] for part in slices)  # joined like extract_group's slices
     out = torch.cat([F.pad(part, (0, most - part.shape[2])) for part in slices], dim=1)
     return Merge(merge.rows, out, merge.assignment, None, merge.kept)

@@ -368,12 +368,11 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
         row += m
 
 
-def apply_group_slices(model: nn.Module, spec: GroupSpec, slices: list[Tensor]) -> None:
-    """Rewrite, in place, only the columns each consumer of an already merged group reads
-    it through: ``slices`` (k, m_c, r_c) per consumer, in order (a calibration refit);
-    producers, depthwise members, biases and every other input column stay as they are."""
-    for consumer, part in zip(spec.consumers, slices, strict=True):
-        _rewrite_consumer(model, consumer.layer, read_range(model, consumer), part, None)
+def apply_consumer_slices(model: nn.Module, consumer: Consumer, slices: Tensor) -> None:
+    """Rewrite, in place, only the columns through which ``consumer`` reads an already
+    merged group: ``slices`` (k, m, r) (a calibration refit); the group's producers and
+    depthwise members, the consumer's bias and its other input columns stay as they are."""
+    _rewrite_consumer(model, consumer.layer, read_range(model, consumer), slices, None)
 
 
 def _rewrite_consumer(
