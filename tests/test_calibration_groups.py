@@ -132,3 +132,16 @@ def test_budget_with_calibration_sizes_and_refits_groups():
     assert [b.layer for b in result.blocks] == every
     assert all(b.data_driven for b in result.blocks)
     assert result.model(x).shape == (32, 10)
+
+
+def test_token_mlp_refit_reads_every_token():
+    """A Linear on (B, T, C) tokens reads each token as one sample (it failed before:
+    the reads were shaped (B, C, T))."""
+    torch.manual_seed(0)
+    model = zoo.build("vit-mini").eval()
+    x = torch.rand(64, *model.input_shape)
+    held_out = torch.rand(64, *model.input_shape)
+    refit = tropnnc.compress(model, {"blocks.0.fc1": 0.5, "blocks.1.fc1": 0.5}, calibration=x)
+    free = tropnnc.compress(model, {"blocks.0.fc1": 0.5, "blocks.1.fc1": 0.5})
+    assert [b.data_driven for b in refit.blocks] == [True, True]
+    assert mse(refit.model, model, held_out) < mse(free.model, model, held_out)
