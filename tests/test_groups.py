@@ -285,19 +285,17 @@ def test_vit_attention_and_stream_left_alone():
     assert not any(s.refused for s in skips)
 
 
-def test_calibration_leaves_groups_and_a_budget_compresses_them():
+def test_calibration_refits_groups_and_a_budget_compresses_them():
     torch.manual_seed(0)
     model = zoo.build("resnet-mini").eval()
     x = torch.rand(4, *model.input_shape)
+    every = ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer2.0.conv1"]
     result = tropnnc.compress(model, 0.5, "l1", calibration=x)
-    names = [s.layer for s in result.skipped]
-    assert "conv1" in names and "layer2.0.downsample.0" in names
-    why = "with calibration data (calibration reads and refits take blocks only)"
-    assert sum(why in s.reason for s in result.skipped) == 2
-    assert [b.layer for b in result.blocks] == ["layer1.0.conv1", "layer2.0.conv1"]
+    assert [s.layer for s in result.skipped] == ["fc"]
+    assert [b.layer for b in result.blocks] == every
+    assert all(b.data_driven and math.isnan(b.certificate) for b in result.blocks)
     result = tropnnc.compress(model, budget=0.5)
     assert [s.layer for s in result.skipped] == ["fc"]
-    every = ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer2.0.conv1"]
     assert [b.layer for b in result.blocks] == every
     assert result.model(x).shape == (4, 10)
 

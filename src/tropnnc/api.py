@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,7 +26,15 @@ from . import attention as heads_math
 from .block import Block, Merge, certificate, homogeneous, rescale_units, select
 from .bounds import block_radii, domain_std
 from .budget import Allocation, Budget, allocate
-from .calibration import as_batches, capture_reads, consumer_targets, refit
+from .calibration import (
+    as_batches,
+    capture_group,
+    capture_reads,
+    consumer_targets,
+    group_targets,
+    least_squares,
+    refit,
+)
 from .counting import count_macs, count_params, infer_example_inputs
 from .graph import (
     BlockSpec,
@@ -43,7 +52,7 @@ from .methods import Method, get_method, method_class, methods
 from .moments import Gaussian
 from .reconstruct import Reconstruction, reconstruct_merge
 from .repair import bn_repair, check_repair
-from .surgery import apply, extract, get_module
+from .surgery import apply, apply_consumer_slices, extract, get_module, read_range
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +200,13 @@ def compress(
     ``calibration``: unlabeled inputs (a tensor or an iterable of batches). Data-driven
     methods (``thinet``) need them; with any other method they trigger a least-squares
     refit of the consumer after the data-free merge (reported as data-driven, no
-    certificate); channel groups are then left alone (reported). ``repair="bn"``: after
-    each share-form merge, shift the consumer's bias so its expected pre-activation is
-    unchanged, modelling each unit's pre-activation as Gaussian with its BatchNorm's beta
-    and |gamma| (:mod:`tropnnc.repair`; data-free; the shift is added to the
-    certificate); a no-op, noted in the block's report, without BN statistics, for merges
-    without shares, or when a calibration refit runs.
+    certificate): for a channel group, of the columns through which each of its
+    consumers reads its channels (a data-driven method leaves groups alone, reported).
+    ``repair="bn"``: after each share-form merge, shift the consumer's bias so its
+    expected pre-activation is unchanged, modelling each unit's pre-activation as
+    Gaussian with its BatchNorm's beta and |gamma| (:mod:`tropnnc.repair`; data-free; the
+    shift is added to the certificate); a no-op, noted in the block's report, without BN
+    statistics, for merges without shares, or when a calibration refit runs.
     ``repair="bn-var"`` also rescales each merged unit's consumer slices to keep the
     variance it feeds the consumer (same model; see :mod:`tropnnc.repair`).
     ``reconstruct="ls"`` (or a :class:`~tropnnc.reconstruct.Reconstruction` with its
@@ -365,12 +375,13 @@ def _blocks(
     """The blocks of ``model`` this run can compress, and the layers it skips (logged);
     ValueError when there is none (and no attention to narrow: ``heads``)."""
     specs, skipped = discover(model)
-    if run.batches is not None:  # calibration reads and refits: blocks only
+    if run.batches is not None and run.algo.data_driven:  # it selects from one consumer's reads
         skipped += [
             Skip(
                 s.producer,
-                f"channel group {', '.join(s.layers)} is not compressed "
-                "with calibration data (calibration reads and refits take blocks only)",
+                f"channel group {', '.join(s.layers)} is not compressed by {run.method} "
+                "(a data-driven method selects units from one consumer's reads; a group "
+                "has several consumers)",
             )
             for s in specs
             if isinstance(s, GroupSpec)
@@ -517,10 +528,12 @@ def _compress_one(
     generator = _generator(run.seed, spec.producer)
     block_radius = radius_of(spec.producer)
     block = extract(work, spec, block_radius, device=device)
-    positions = None
-    if run.batches is not None:
-        reads, positions = capture_reads(work, spec, run.batches, None, generator)
-        block = replace(block, reads=reads)
+    before = None  # the reads before merging (and their positions), for the refit
+    if isinstance(spec, GroupSpec) and run.refit:
+        before = capture_group(work, spec, run.batches, None, generator)
+    elif run.batches is not None:
+        before = capture_reads(work, spec, run.batches, None, generator)
+        block = replace(block, reads=before[0])
     merge = compress_block(run.algo, block, k, generator)
     if not homogeneous(block.activation):  # keep merged units at their members' scale
         merge = rescale_units(merge)
@@ -531,9 +544,7 @@ def _compress_one(
         carried[spec.consumer] = activations  # the next block's input model
     apply(work, spec, merge)
     if run.refit:
-        new_reads, _ = capture_reads(work, spec, run.batches, positions, generator)
-        merge = refit(merge, new_reads, consumer_targets(block, block.reads))
-        apply(work, spec, merge)
+        merge = _refit(work, spec, block, merge, run.batches, generator, before)
     bound = certificate(block, merge)
     worst = float(bound.max())
     log.info("%s: %d -> %d units, certificate %.4g", spec.producer, block.n, merge.k, worst)
@@ -555,6 +566,48 @@ def _compress_one(
         run.recon is not None and recon_note is None,
         recon_note,
     )
+
+
+def _refit(
+    work: nn.Module,
+    spec: BlockSpec | GroupSpec,
+    block: Block,
+    merge: Merge,
+    batches: list[torch.Tensor],
+    generator: torch.Generator,
+    before: tuple,
+) -> Merge:
+    """Refit by least squares the consumer slices of the merged units (of every consumer of
+    a group) of ``work`` so each consumer reproduces, from what it reads now at the same
+    samples, what the original slices gave on the reads ``before`` the merge; write them
+    back and return the merge with them (no shares: no certificate). A group's slices are
+    shrunk towards the merged ones (a stream's consumers read channels that calibration
+    inputs may hardly excite); a block's towards zero, as they always were."""
+    if not isinstance(spec, GroupSpec):
+        new_reads, _ = capture_reads(work, spec, batches, before[1], generator)
+        merge = refit(merge, new_reads, consumer_targets(block, before[0]))
+        apply(work, spec, merge)
+        return merge
+    reads, positions = before
+    outputs = [get_module(work, c.layer).weight.shape[0] for c in spec.consumers]
+    targets = group_targets(block, reads, outputs)  # (S_c, m_c) per consumer
+    merged = merge.out.split(outputs, dim=1)  # (k, m_c, most): the ridge's prior
+    slices = []
+    # in forward order, each read after the earlier ones are rewritten: a consumer may feed
+    # (through a residual branch) a producer of the group that a later consumer reads
+    for consumer, target, prior, places in zip(
+        spec.consumers, targets, merged, positions, strict=True
+    ):
+        channels = read_range(work, consumer)
+        new_reads, _ = capture_reads(
+            work, consumer.layer, batches, places, generator, channels=channels
+        )  # (S_c, k, r_c)
+        part = least_squares(new_reads, target, prior=prior[:, :, : channels[2]])
+        apply_consumer_slices(work, consumer, part)
+        slices.append(part)
+    most = max(part.shape[2] for part in slices)  # joined like extract_group's slices
+    out = torch.cat([F.pad(part, (0, most - part.shape[2])) for part in slices], dim=1)
+    return Merge(merge.rows, out, merge.assignment, None, merge.kept)
 
 
 def _correct(

@@ -361,51 +361,73 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
         if p.bn is not None:
             set_module(model, p.bn, nn.Identity())
     row = 0
-    for consumer, (start, width, reads) in zip(spec.consumers, ranges, strict=True):
-        mod = get_module(model, consumer.layer)
-        m = mod.weight.shape[0]
-        like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
-        merged = merge.out[:, row : row + m, :reads].permute(1, 0, 2).to(**like)  # (m, k, r)
+    for consumer, channels in zip(spec.consumers, ranges, strict=True):
+        m = get_module(model, consumer.layer).weight.shape[0]
         bias = None if merge.consumer_bias is None else merge.consumer_bias[row : row + m]
+        _rewrite_consumer(model, consumer.layer, channels, merge.out[:, row : row + m], bias)
         row += m
-        has_bias = mod.bias is not None or bias is not None
-        if isinstance(mod, nn.Linear):
-            old = mod.weight.detach()
-            w = torch.cat(
-                [
-                    old[:, : start * reads],
-                    merged.reshape(m, k * reads),
-                    old[:, (start + width) * reads :],
-                ],
-                dim=1,
-            )
-            new = skip_init(nn.Linear, w.shape[1], m, bias=has_bias, **like)
-        else:
-            old = mod.weight.detach()
-            w = torch.cat(
-                [old[:, :start], merged.reshape(m, k, *mod.kernel_size), old[:, start + width :]],
-                dim=1,
-            )
-            new = skip_init(
-                nn.Conv2d,
-                w.shape[1],
-                m,
-                mod.kernel_size,
-                mod.stride,
-                mod.padding,
-                mod.dilation,
-                bias=has_bias,
-                padding_mode=mod.padding_mode,
-                **like,
-            )
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if bias is not None:
-                new.bias.copy_(bias)
-            elif has_bias:
-                new.bias.copy_(mod.bias)
-        new.train(mod.training)
-        set_module(model, consumer.layer, new)
+
+
+def apply_consumer_slices(model: nn.Module, consumer: Consumer, slices: Tensor) -> None:
+    """Rewrite, in place, only the columns through which ``consumer`` reads an already
+    merged group: ``slices`` (k, m, r) (a calibration refit); the group's producers and
+    depthwise members, the consumer's bias and its other input columns stay as they are."""
+    _rewrite_consumer(model, consumer.layer, read_range(model, consumer), slices, None)
+
+
+def _rewrite_consumer(
+    model: nn.Module,
+    layer: str,
+    channels: tuple[int, int, int],
+    out: Tensor,
+    bias: Tensor | None,
+) -> None:
+    """Replace ``layer`` by a copy whose input channels ``channels`` = (start, width, reads
+    per channel) become the k channels of slices ``out`` (k, m, >= reads: zero padding past
+    the reads is dropped); ``bias`` (m,) replaces its bias (None: kept)."""
+    start, width, reads = channels
+    mod = get_module(model, layer)
+    m = mod.weight.shape[0]
+    k = out.shape[0]
+    like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
+    merged = out[:, :, :reads].permute(1, 0, 2).to(**like)  # (m, k, r)
+    has_bias = mod.bias is not None or bias is not None
+    old = mod.weight.detach()
+    if isinstance(mod, nn.Linear):
+        w = torch.cat(
+            [
+                old[:, : start * reads],
+                merged.reshape(m, k * reads),
+                old[:, (start + width) * reads :],
+            ],
+            dim=1,
+        )
+        new: nn.Module = skip_init(nn.Linear, w.shape[1], m, bias=has_bias, **like)
+    else:
+        w = torch.cat(
+            [old[:, :start], merged.reshape(m, k, *mod.kernel_size), old[:, start + width :]],
+            dim=1,
+        )
+        new = skip_init(
+            nn.Conv2d,
+            w.shape[1],
+            m,
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            bias=has_bias,
+            padding_mode=mod.padding_mode,
+            **like,
+        )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if bias is not None:
+            new.bias.copy_(bias)
+        elif has_bias:
+            new.bias.copy_(mod.bias)
+    new.train(mod.training)
+    set_module(model, layer, new)
 
 
 def _write(new: nn.Module, old: nn.Module, rows: Tensor) -> None:
