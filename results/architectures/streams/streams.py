@@ -4,8 +4,9 @@ For resnet-mini and mobilenetv2-mini (the trained networks of ``benchmarks/
 architectures_accuracy.py``, from its cache), compress with a keep mapping that names
 ``all`` blocks and groups, ``inner`` (plain blocks and groups that do not cross a residual
 addition: the residual branches' hidden layers, MobileNetV2's expansions) or ``streams``
-(only the groups that cross an addition), with the default pipeline and Model Folding, at
-each keep; accuracy on the 2,000-image test subset of that script, 3 seeds.
+(only the groups that cross an addition), with the default pipeline, Model Folding and
+the default with its groups merged by tropnnc instead of Model Folding, at each keep;
+accuracy on the 2,000-image test subset of that script, 3 seeds.
 
     OMP_NUM_THREADS=1 .venv/bin/python results/architectures/streams/streams.py \
         --cache <dir> --out results/architectures/streams
@@ -18,6 +19,7 @@ import csv
 import json
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -25,8 +27,17 @@ import tropnnc
 from tropnnc.experiments.train import evaluate
 from tropnnc.experiments.train_cache import load_split, trained_model
 from tropnnc.graph import GroupSpec, discover
+from tropnnc.methods import adaptive
 
 PARTS = ("all", "inner", "streams")
+#: the default pipeline with its groups merged by tropnnc instead of Model Folding (the
+#: adaptive method's choice for all-BatchNorm ReLU groups), blocks as in the default
+GROUPS_BY_TROPNNC = "default, groups by tropnnc"
+
+
+def _plain_blocks_only(block) -> bool:
+    """adaptive.has_batchnorm for blocks; False for channel groups."""
+    return block.members is None and block.bn is not None
 
 
 def part_of(spec) -> str:
@@ -39,7 +50,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--nets", nargs="*", default=["resnet-mini", "mobilenetv2-mini"])
-    parser.add_argument("--methods", nargs="*", default=["default", "model-folding"])
+    parser.add_argument(
+        "--methods", nargs="*", default=["default", "model-folding", GROUPS_BY_TROPNNC]
+    )
     parser.add_argument("--keeps", nargs="*", type=float, default=[0.9, 0.75, 0.5])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--config", type=json.loads, default=None, help="zoo overrides (JSON)")
@@ -60,12 +73,14 @@ def main() -> None:
                 for part in PARTS:
                     names = [s.producer for s in specs if part in ("all", part_of(s))]
                     for keep in args.keeps:
-                        result = tropnnc.compress(
-                            model,
-                            dict.fromkeys(names, keep),
-                            None if method == "default" else method,
-                            seed=seed,
-                        )
+                        chosen = None if method in ("default", GROUPS_BY_TROPNNC) else method
+                        rule = _plain_blocks_only if method == GROUPS_BY_TROPNNC else None
+                        with mock.patch.object(
+                            adaptive, "has_batchnorm", rule or adaptive.has_batchnorm
+                        ):
+                            result = tropnnc.compress(
+                                model, dict.fromkeys(names, keep), chosen, seed=seed
+                            )
                         acc = evaluate(result.model, test)
                         macs = result.macs_after / result.macs_before
                         rows.append([net, method, part, keep, seed, acc, macs])
