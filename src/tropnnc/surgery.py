@@ -136,30 +136,11 @@ def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
         return
     producer = get_module(model, spec.producer)
     consumer = get_module(model, spec.consumer)
-    like = {"dtype": producer.weight.dtype, "device": producer.weight.device}
     k = merge.k
     rows = merge.rows
     needs_bias = producer.bias is not None or spec.bn is not None or bool(rows[:, -1].any())
-    if isinstance(producer, nn.Linear):  # skip_init: no random init of weights we overwrite
-        new_p: nn.Module = skip_init(nn.Linear, producer.in_features, k, bias=needs_bias, **like)
-    else:
-        new_p = skip_init(
-            nn.Conv2d,
-            producer.in_channels,
-            k,
-            producer.kernel_size,
-            producer.stride,
-            producer.padding,
-            producer.dilation,
-            bias=needs_bias,
-            padding_mode=producer.padding_mode,
-            **like,
-        )
-    with torch.no_grad():
-        new_p.weight.view(k, -1).copy_(rows[:, :-1])
-        if needs_bias:
-            new_p.bias.copy_(rows[:, -1])
-    new_p.train(producer.training)
+    new_p = _resized(producer, _in_width(producer), k, needs_bias)
+    _write(new_p, producer, rows)
     _keep_requires_grad(new_p, producer)
     set_module(model, spec.producer, new_p)
     if spec.bn is not None:
@@ -168,22 +149,8 @@ def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
     like = {"dtype": consumer.weight.dtype, "device": consumer.weight.device}
     m = merge.out.shape[1]
     has_bias = consumer.bias is not None or merge.consumer_bias is not None
-    if isinstance(consumer, nn.Linear):
-        reads = merge.out.shape[2]
-        new_c: nn.Module = skip_init(nn.Linear, k * reads, m, bias=has_bias, **like)
-    else:
-        new_c = skip_init(
-            nn.Conv2d,
-            k,
-            m,
-            consumer.kernel_size,
-            consumer.stride,
-            consumer.padding,
-            consumer.dilation,
-            bias=has_bias,
-            padding_mode=consumer.padding_mode,
-            **like,
-        )
+    reads = merge.out.shape[2] if isinstance(consumer, nn.Linear) else 1
+    new_c = _resized(consumer, k * reads, m, has_bias)
     with torch.no_grad():
         slices = merge.out.permute(1, 0, 2)  # (m, k, reads)
         if (
@@ -201,6 +168,34 @@ def apply(model: nn.Module, spec: BlockSpec | GroupSpec, merge: Merge) -> None:
     new_c.train(consumer.training)
     _keep_requires_grad(new_c, consumer)
     set_module(model, spec.consumer, new_c)
+
+
+def _in_width(mod: nn.Module) -> int:
+    """Input features of a Linear, input channels of a Conv2d."""
+    return mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+
+
+def _resized(
+    mod: nn.Module, in_width: int, out_width: int, bias: bool, groups: int = 1
+) -> nn.Module:
+    """An uninitialised Linear or Conv2d like ``mod`` (kernel, stride, padding, dtype,
+    device) with other widths (skip_init: no random init of weights that are overwritten)."""
+    like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
+    if isinstance(mod, nn.Linear):
+        return skip_init(nn.Linear, in_width, out_width, bias=bias, **like)
+    return skip_init(
+        nn.Conv2d,
+        in_width,
+        out_width,
+        mod.kernel_size,
+        mod.stride,
+        mod.padding,
+        mod.dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=mod.padding_mode,
+        **like,
+    )
 
 
 def _keep_requires_grad(new: nn.Module, old: nn.Module) -> None:
@@ -324,38 +319,12 @@ def apply_group(model: nn.Module, spec: GroupSpec, merge: Merge) -> None:
         width = mod.weight[0].numel() + 1
         part = merge.rows[:, col : col + width]
         col += width
-        like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
         # a member without bias stays without one unless BN folding or the merge needs it
         bias = mod.bias is not None or p.bn is not None or bool(part[:, -1].any())
         if depthwise:
-            new: nn.Module = skip_init(
-                nn.Conv2d,
-                k,
-                k,
-                mod.kernel_size,
-                mod.stride,
-                mod.padding,
-                mod.dilation,
-                groups=k,
-                bias=bias,
-                padding_mode=mod.padding_mode,
-                **like,
-            )
-        elif isinstance(mod, nn.Linear):
-            new = skip_init(nn.Linear, mod.in_features, k, bias=bias, **like)
+            new = _resized(mod, k, k, bias, groups=k)
         else:
-            new = skip_init(
-                nn.Conv2d,
-                mod.in_channels,
-                k,
-                mod.kernel_size,
-                mod.stride,
-                mod.padding,
-                mod.dilation,
-                bias=bias,
-                padding_mode=mod.padding_mode,
-                **like,
-            )
+            new = _resized(mod, _in_width(mod), k, bias)
         _write(new, mod, part)
         set_module(model, p.layer, new)
         if p.bn is not None:
@@ -402,24 +371,12 @@ def _rewrite_consumer(
             ],
             dim=1,
         )
-        new: nn.Module = skip_init(nn.Linear, w.shape[1], m, bias=has_bias, **like)
     else:
         w = torch.cat(
             [old[:, :start], merged.reshape(m, k, *mod.kernel_size), old[:, start + width :]],
             dim=1,
         )
-        new = skip_init(
-            nn.Conv2d,
-            w.shape[1],
-            m,
-            mod.kernel_size,
-            mod.stride,
-            mod.padding,
-            mod.dilation,
-            bias=has_bias,
-            padding_mode=mod.padding_mode,
-            **like,
-        )
+    new = _resized(mod, w.shape[1], m, has_bias)
     with torch.no_grad():
         new.weight.copy_(w)
         if bias is not None:
