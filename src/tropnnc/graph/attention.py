@@ -102,14 +102,12 @@ def _input_norms(model: nn.Module) -> dict[str, str]:
         gm = trace(model)
     except TraceError:
         return {}
-    modules = dict(gm.named_modules())
     originals = dict(model.named_modules())  # the graph keeps traced-through modules as stubs
     found: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
-        mod = modules[node.target]
-        if isinstance(mod, nn.MultiheadAttention):
+        if isinstance(originals.get(node.target), nn.MultiheadAttention):
             path = node.target
             inputs = _mha_inputs(node)
         elif node.target.endswith(".qkv") and _is_timm_attention(
